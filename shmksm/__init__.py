@@ -1,0 +1,15 @@
+"""shmksm: Linux KSM and MMU notifiers, emulated with real processes and real shared memory."""
+
+from .errors import (AddressError, CheckError, DataTypeError, InternalError, KnobBusyError, KnobError,
+                     OutOfFrames, ProcessDied, SegmentationFault, ShmksmError, UsageError)
+from .frames import PAGE_SIZE
+from .guest import MADV_MERGEABLE, MADV_UNMERGEABLE, GuestView
+from .machine import Death, Guest, Machine, Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AddressError", "CheckError", "DataTypeError", "Death", "Guest", "GuestView", "InternalError",
+    "KnobBusyError", "KnobError", "MADV_MERGEABLE", "MADV_UNMERGEABLE", "Machine", "OutOfFrames",
+    "PAGE_SIZE", "ProcessDied", "SegmentationFault", "ShmksmError", "UsageError", "Worker",
+]

@@ -1,0 +1,181 @@
+"""The accounting checker and the recovery after a death.
+
+Invariants (DESIGN.md, "Accounting"):
+
+* every frame but the zero page is free, waiting, or mapped by exactly
+  ``mapcount`` PTEs, and is on the free list, on the waiting list, or flagged
+  in use accordingly;
+* the zero page is all zeros;
+* no PTE maps a free or waiting frame, nor a frame outside the pool;
+* a writable PTE maps a frame nobody else maps and that is not a KSM page;
+* a KSM PTE maps a KSM page (or, with ZERO, the zero page).
+
+:func:`check` reports the first violation.  :func:`recover` rebuilds the
+metadata from the page tables — the truth — after a process died in the
+middle of an update, and tears down the address spaces of dead guests.
+Both run with every lock of the machine held (:func:`locks.stop_the_world`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import CheckError
+from .frames import INUSE, KSM as FRAME_KSM, WAITING, ZERO_PFN
+from .locks import stop_the_world
+from .pagetable import KSM, PFN_MASK, PRESENT, UNMAPPED, WRITE, ZERO, describe
+from .system import System
+
+
+def _walk(nxt: npt.NDArray[np.int32], head: int, limit: int, what: str) -> list[int]:
+    out = []
+    while head >= 0:
+        out.append(head)
+        if len(out) > limit:
+            raise CheckError(f"the {what} list has a cycle")
+        head = int(nxt[head])
+    return out
+
+
+def _mapcounts(system: System) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+    """How many PTEs map each frame, and which frames a KSM PTE maps."""
+    n = system.frames.nframes
+    counts = np.zeros(n, np.int64)
+    ksm = np.zeros(n, np.bool_)
+    for gid in system.live_guests():
+        ptes = system.table(gid).ptes
+        mapped = (ptes & np.uint64(PRESENT | ZERO | UNMAPPED)) == np.uint64(PRESENT)
+        pfns = (ptes[mapped] & np.uint64(PFN_MASK)).astype(np.int64)
+        if len(pfns) and int(pfns.max()) >= n:
+            bad = int(np.flatnonzero(mapped)[int(np.argmax(pfns >= n))])
+            raise CheckError(f"guest {gid} page {bad:#x}: PTE maps frame {int(ptes[bad]) & PFN_MASK} outside the pool of {n}")
+        counts += np.bincount(pfns, minlength=n)
+        ksm_pfns = (ptes[mapped & ((ptes & np.uint64(KSM)) != 0)] & np.uint64(PFN_MASK)).astype(np.int64)
+        ksm[ksm_pfns] = True
+    return counts, ksm
+
+
+def check_locked(system: System) -> None:
+    """check() for a caller that holds every lock (or a stopped machine)."""
+    frames = system.frames
+    n = frames.nframes
+    if frames.pool[ZERO_PFN].any():
+        raise CheckError("the zero page (frame 0) is not all zeros")
+    counts, ksm = _mapcounts(system)
+    flags = frames.flags
+    for gid in system.live_guests():
+        ptes = system.table(gid).ptes
+        zero = (ptes & np.uint64(PRESENT | ZERO)) == np.uint64(PRESENT | ZERO)
+        bad = np.flatnonzero(zero & ((ptes & np.uint64(PFN_MASK | WRITE)) != 0))
+        if len(bad):
+            raise CheckError(f"guest {gid} page {int(bad[0]):#x}: zero-page PTE is writable or has a pfn ({describe(int(ptes[bad[0]]))})")
+        mapped = (ptes & np.uint64(PRESENT | ZERO | UNMAPPED)) == np.uint64(PRESENT)
+        pfn = (ptes & np.uint64(PFN_MASK)).astype(np.int64)
+        writable = mapped & ((ptes & np.uint64(WRITE)) != 0)
+        shared = writable & ((counts[pfn] > 1) | ((flags[pfn] & FRAME_KSM) != 0))
+        if shared.any():
+            page = int(np.flatnonzero(shared)[0])
+            raise CheckError(f"guest {gid} page {page:#x}: writable PTE maps frame {pfn[page]} that is shared "
+                             f"(mapcount {counts[pfn[page]]}) or a KSM page")
+        ksm_pte = mapped & ((ptes & np.uint64(KSM)) != 0) & ((flags[pfn] & FRAME_KSM) == 0)
+        if ksm_pte.any():
+            page = int(np.flatnonzero(ksm_pte)[0])
+            raise CheckError(f"guest {gid} page {page:#x}: KSM PTE maps frame {pfn[page]}, which is not a KSM page")
+    mapcount = frames.mapcount
+    inuse = (flags & INUSE) != 0
+    inuse[ZERO_PFN] = False
+    unmapped_inuse = np.flatnonzero(inuse & (counts == 0))
+    unmapped_inuse = unmapped_inuse[unmapped_inuse != ZERO_PFN]
+    if len(unmapped_inuse):
+        f = int(unmapped_inuse[0])
+        raise CheckError(f"frame {f} is in use but no PTE maps it (leaked)")
+    wrong = np.flatnonzero(inuse & (mapcount != counts))
+    if len(wrong):
+        f = int(wrong[0])
+        raise CheckError(f"frame {f}: mapcount {int(mapcount[f])} but {int(counts[f])} PTEs map it")
+    notinuse_mapped = np.flatnonzero(~inuse & (counts > 0))
+    notinuse_mapped = notinuse_mapped[notinuse_mapped != ZERO_PFN]
+    if len(notinuse_mapped):
+        f = int(notinuse_mapped[0])
+        state = "waiting" if flags[f] & WAITING else "free"
+        raise CheckError(f"frame {f} is {state} but {int(counts[f])} PTEs map it")
+    free = _walk(frames.next, system.get("free_head"), n, "free")
+    waiting = _walk(frames.next, system.get("wait_head"), n, "waiting")
+    if len(free) != system.get("free_count"):
+        raise CheckError(f"the free list holds {len(free)} frames, free_count says {system.get('free_count')}")
+    if len(waiting) != system.get("wait_count"):
+        raise CheckError(f"the waiting list holds {len(waiting)} frames, wait_count says {system.get('wait_count')}")
+    if free and (flags[free] != 0).any():
+        raise CheckError(f"frame {free[int(np.argmax(flags[free] != 0))]} is on the free list but not free")
+    if waiting and (flags[waiting] != WAITING).any():
+        raise CheckError(f"frame {waiting[int(np.argmax(flags[waiting] != WAITING))]} is on the waiting list but not waiting")
+    nfree = int((flags[1:] == 0).sum())
+    nwait = int((flags[1:] == WAITING).sum())
+    if nfree != len(free) or nwait != len(waiting):
+        raise CheckError(f"{nfree} free and {nwait} waiting frames, but the lists hold {len(free)} and {len(waiting)}")
+    stray = np.flatnonzero(((flags & FRAME_KSM) != 0) & ~inuse)
+    if len(stray):
+        raise CheckError(f"frame {int(stray[0])} is flagged KSM but not in use")
+
+
+def check(system: System) -> None:
+    """Verify every accounting invariant; raise CheckError naming the first violation.
+
+    Takes every lock of the machine for the duration (a live machine pauses).
+    """
+    with stop_the_world(system.locks):
+        check_locked(system)
+
+
+def recover(system: System, dead_guests: list[int]) -> int:
+    """Rebuild frame metadata from the page tables after a death; return frames reclaimed.
+
+    Tears down the address spaces of ``dead_guests`` (exit_mmap) first.
+    Takes every lock, taking over those a dead process held.
+    """
+    with stop_the_world(system.locks):
+        for gid in dead_guests:
+            table = system.table(gid)
+            if table.notifier is not None:
+                table.notifier.invalidate_range(gid, 0, table.pages)
+            table.ptes[:] = 0
+        return rebuild_locked(system)
+
+
+def rebuild_locked(system: System) -> int:
+    """Recompute mapcounts and both frame lists from the PTEs; return frames newly dropped."""
+    frames = system.frames
+    counts, ksm = _mapcounts(system)
+    flags, mapcount, nxt = frames.flags, frames.mapcount, frames.next
+    was_inuse = (flags & INUSE) != 0
+    mapped = counts > 0
+    mapped[ZERO_PFN] = True
+    dropped = np.flatnonzero(~mapped & was_inuse)
+    waiting = np.flatnonzero(~mapped & ~was_inuse & ((flags & WAITING) != 0))
+    epoch = system.get("epoch")
+    # Old waiting frames keep their order (by the epoch they were dropped in);
+    # frames this recovery drops follow, tagged with the current epoch.
+    waiting = waiting[np.argsort(mapcount[waiting], kind="stable")]
+    frames.gen[dropped] += np.uint32(1)
+    mapcount[dropped] = epoch
+    wait_all = np.concatenate([waiting, dropped])
+    free = np.flatnonzero(~mapped & ~was_inuse & ((flags & WAITING) == 0))
+    keep_ksm = ksm | ((flags & FRAME_KSM) != 0)
+    flags[mapped] = np.where(keep_ksm[mapped], INUSE | FRAME_KSM, INUSE).astype(np.uint8)
+    flags[ZERO_PFN] = INUSE
+    mapcount[mapped] = counts[mapped]
+    mapcount[ZERO_PFN] = 0
+    flags[wait_all] = WAITING
+    flags[free] = 0
+    mapcount[free] = 0
+    for lst, head_field, count_field in ((free, "free_head", "free_count"), (wait_all, "wait_head", "wait_count")):
+        if len(lst):
+            nxt[lst[:-1]] = lst[1:]
+            nxt[lst[-1]] = -1
+            system.set(head_field, int(lst[0]))
+        else:
+            system.set(head_field, -1)
+        system.set(count_field, len(lst))
+    system.set("wait_tail", int(wait_all[-1]) if len(wait_all) else -1)
+    return len(dropped)

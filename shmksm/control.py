@@ -1,0 +1,85 @@
+"""The control segment: knobs, counters, allocator heads and process tables.
+
+The segment is one array of int64 words, shared by every process of a machine.
+It is organized as follows (word offsets)::
+
+    [0, NFIELDS)                      named fields, see FIELDS below
+    [PART_BASE, +2*MAX_PARTICIPANTS)  reclamation participants: (pid, acked epoch)
+    [GUEST_BASE, +4*MAX_GUESTS)       guest table: (state, pages, pid, merge_any)
+
+A knob has exactly one writer at a time (the host, under the stat lock) and
+is read without a lock: a word-sized store is atomic on every platform numpy
+runs on.  The KSM counters are written by the scanner alone.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Knobs of /sys/kernel/mm/ksm with the kernel's defaults.
+KNOB_DEFAULTS: Final[dict[str, int]] = {
+    "run": 0,
+    "pages_to_scan": 100,
+    "sleep_millisecs": 20,
+    "max_page_sharing": 256,
+    "use_zero_pages": 0,
+    "merge_across_nodes": 1,
+    "smart_scan": 1,
+    "stable_node_chains_prune_millisecs": 2000,
+    "advisor_mode": 0,  # 0 = "none", 1 = "scan-time"
+    "advisor_target_scan_time": 200,
+    "advisor_max_cpu": 70,
+    "advisor_min_pages_to_scan": 500,
+    "advisor_max_pages_to_scan": 30000,
+}
+ADVISOR_MODES: Final = ("none", "scan-time")
+
+# Counters of /sys/kernel/mm/ksm, written by the scanner.
+COUNTERS: Final = (
+    "pages_shared",
+    "pages_sharing",
+    "pages_unshared",
+    "pages_volatile",
+    "pages_scanned",
+    "pages_skipped",
+    "full_scans",
+    "stable_node_chains",
+    "stable_node_dups",
+    "ksm_zero_pages",
+    "general_profit",
+)
+
+_INTERNAL: Final = (
+    "rmap_items",  # the scanner's rmap items, for pages_volatile and general_profit
+    "cow_ksm",  # copies made by writes into KSM pages (the kernel's vmstat cow_ksm)
+    "cow_faults",  # every copy-on-write fault, KSM or not
+    "free_head",  # allocator: first free frame, -1 if none
+    "free_count",
+    "wait_head",  # frames dropped but maybe still reachable by a participant
+    "wait_tail",
+    "wait_count",
+    "epoch",  # reclamation epoch, bumped by every reclaim pass
+    "scanner_pid",
+    "scanner_batches",  # batches done: a heartbeat
+    "scanner_cpu_ns",  # the scanner's CPU time since its first batch
+    "scanner_startup_ns",  # the scanner's start-up: process start to first batch
+    "scanner_rss_kb",  # the scanner's resident set at its last full scan
+    "notifier_era",
+)
+
+FIELDS: Final[tuple[str, ...]] = tuple(KNOB_DEFAULTS) + COUNTERS + _INTERNAL
+INDEX: Final[dict[str, int]] = {name: i for i, name in enumerate(FIELDS)}
+
+MAX_PARTICIPANTS: Final = 32
+MAX_GUESTS: Final = 64
+PART_BASE: Final = 128
+GUEST_BASE: Final = PART_BASE + 2 * MAX_PARTICIPANTS
+GUEST_WORDS: Final = 4
+WORDS: Final = GUEST_BASE + GUEST_WORDS * MAX_GUESTS
+
+# Guest table states.
+GUEST_FREE: Final = 0
+GUEST_LIVE: Final = 1
+GUEST_GONE: Final = 2  # slots are never reused: workers cache page tables by id
+
+assert len(FIELDS) <= PART_BASE

@@ -1,0 +1,225 @@
+"""The frame pool, frame metadata, the allocator and deferred reclamation.
+
+The pool is ``uint8[nframes, 4096]`` in one segment; frame 0 is the zero page.
+The metadata segment is organized as follows (``n`` = nframes)::
+
+    int32[n]   mapcount   PTEs mapping the frame; while WAITING, the epoch it was dropped in
+    uint32[n]  gen        bumped every time the frame is freed
+    int32[n]   next       link of the free list or of the waiting list, -1 ends a list
+    uint8[n]   flags      INUSE, WAITING, KSM
+
+13 bytes per frame; with the 8-byte PTE, 21 bytes of metadata per 4 KiB page.
+
+**Reclamation.**  A frame dropped by a copy-on-write, a merge or an unmap is
+not free at once: a secondary MMU (a shadow worker) may still read it through
+an entry it has not yet invalidated.  It goes to the tail of the waiting list,
+tagged with the current epoch.  A *participant* (a reader outside the
+page-table locks) acknowledges an epoch when it holds nothing older; a
+reclaim pass bumps the epoch and moves every waiting frame older than the
+oldest acknowledgment to the free list.  With no participant, frames are
+reusable at the next pass: the scheme of RCU and the kernel's mmu_gather.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from . import control
+from .errors import InternalError, OutOfFrames
+
+PAGE_SIZE: Final = 4096
+PAGE_SHIFT: Final = 12
+ZERO_PFN: Final = 0
+
+# Frame flags.
+INUSE: Final = 1
+WAITING: Final = 2
+KSM: Final = 4
+
+META_BYTES_PER_FRAME: Final = 13
+NO_EPOCH_ACK: Final = 1 << 62
+
+
+def meta_size(nframes: int) -> int:
+    return META_BYTES_PER_FRAME * nframes
+
+
+class FramesPending(Exception):
+    """No free frame now, but some wait for acknowledgments: retry unlocked."""
+
+
+class Frames:
+    """The pool, its metadata and the allocator, as seen from one process."""
+
+    def __init__(self, pool_buf: memoryview, meta_buf: memoryview,
+                 ctl: npt.NDArray[np.int64], locks: object) -> None:
+        n = len(pool_buf) // PAGE_SIZE
+        self.nframes = n
+        self.pool: npt.NDArray[np.uint8] = np.ndarray((n, PAGE_SIZE), np.uint8, pool_buf)
+        self.flat: memoryview = pool_buf
+        self.mapcount: npt.NDArray[np.int32] = np.ndarray(n, np.int32, meta_buf, 0)
+        self.gen: npt.NDArray[np.uint32] = np.ndarray(n, np.uint32, meta_buf, 4 * n)
+        self.next: npt.NDArray[np.int32] = np.ndarray(n, np.int32, meta_buf, 8 * n)
+        self.flags: npt.NDArray[np.uint8] = np.ndarray(n, np.uint8, meta_buf, 12 * n)
+        # Scalar access through memoryviews is several times faster than numpy's.
+        self.mc = meta_buf[0:4 * n].cast("i")
+        self.nx = meta_buf[8 * n:12 * n].cast("i")
+        self.fl = meta_buf[12 * n:13 * n]
+        self.gn = meta_buf[4 * n:8 * n].cast("I")
+        self.ctl = ctl
+        self.cv = memoryview(ctl).cast("B").cast("q")
+        self.locks = locks
+
+    def release_views(self) -> None:
+        """Drop every view so that the segments can be closed."""
+        for view in (self.mc, self.nx, self.fl, self.gn, self.cv):
+            view.release()
+        del self.pool, self.mapcount, self.gen, self.next, self.flags, self.ctl
+
+    @staticmethod
+    def format(pool: npt.NDArray[np.uint8], meta_buf: memoryview, ctl: npt.NDArray[np.int64]) -> None:
+        """Initialize a new machine: frame 0 is the zero page, the rest are free."""
+        n = len(pool)
+        nxt = np.ndarray(n, np.int32, meta_buf, 8 * n)
+        flags = np.ndarray(n, np.uint8, meta_buf, 12 * n)
+        nxt[:] = np.arange(1, n + 1, dtype=np.int32)
+        nxt[-1] = -1
+        flags[0] = INUSE
+        I = control.INDEX
+        ctl[I["free_head"]] = 1 if n > 1 else -1
+        ctl[I["free_count"]] = n - 1
+        ctl[I["wait_head"]] = ctl[I["wait_tail"]] = -1
+        ctl[I["wait_count"]] = 0
+        for p in range(control.MAX_PARTICIPANTS):
+            ctl[control.PART_BASE + 2 * p + 1] = NO_EPOCH_ACK
+
+    # -- the allocator -------------------------------------------------------
+
+    def alloc(self) -> int:
+        """Take a free frame; return its pfn, flagged INUSE with mapcount 0.
+
+        Takes the allocator lock (callers may hold a page-table or frame lock).
+        Raises FramesPending when only waiting frames remain, OutOfFrames when
+        none remain at all.
+        """
+        I = control.INDEX
+        cv = self.cv
+        lock = self.locks.alloc  # type: ignore[attr-defined]
+        lock.acquire()
+        try:
+            pfn = cv[I["free_head"]]
+            if pfn < 0:
+                self._reclaim_locked()
+                pfn = cv[I["free_head"]]
+                if pfn < 0:
+                    if cv[I["wait_count"]]:
+                        raise FramesPending
+                    raise OutOfFrames(f"out of frames: all {self.nframes - 1} frames of the pool are mapped")
+            cv[I["free_head"]] = self.nx[pfn]
+            cv[I["free_count"]] -= 1
+            self.fl[pfn] = INUSE
+            self.mc[pfn] = 0
+            return pfn
+        finally:
+            lock.release()
+
+    def free(self, pfn: int) -> None:
+        """Drop a frame whose mapcount reached 0: it waits for reclamation.
+
+        The caller holds the frame's lock; takes the allocator lock.
+        """
+        if pfn == ZERO_PFN:
+            raise InternalError("the zero page is never freed")
+        with self.locks.alloc:  # type: ignore[attr-defined]
+            self.free_locked(pfn)
+
+    def free_locked(self, pfn: int) -> None:
+        """free() for a caller that holds the allocator lock."""
+        I = control.INDEX
+        cv = self.cv
+        self.gn[pfn] = (self.gn[pfn] + 1) & 0xFFFFFFFF
+        self.fl[pfn] = WAITING
+        self.mc[pfn] = cv[I["epoch"]]
+        self.nx[pfn] = -1
+        tail = cv[I["wait_tail"]]
+        if tail < 0:
+            cv[I["wait_head"]] = pfn
+        else:
+            self.nx[tail] = pfn
+        cv[I["wait_tail"]] = pfn
+        cv[I["wait_count"]] += 1
+
+    def reclaim(self) -> int:
+        """Run a reclaim pass; return how many frames became free.  Takes the allocator lock."""
+        lock = self.locks.alloc  # type: ignore[attr-defined]
+        with lock:
+            return self._reclaim_locked()
+
+    def _reclaim_locked(self) -> int:
+        I = control.INDEX
+        cv = self.cv
+        epoch = cv[I["epoch"]]
+        safe = min(cv[control.PART_BASE + 2 * p + 1] for p in range(control.MAX_PARTICIPANTS))
+        safe = min(safe, epoch + 1)
+        cv[I["epoch"]] = epoch + 1
+        moved = 0
+        head = cv[I["wait_head"]]
+        free_head = cv[I["free_head"]]
+        while head >= 0 and self.mc[head] < safe:
+            pfn = head
+            head = self.nx[pfn]
+            self.fl[pfn] = 0
+            self.mc[pfn] = 0
+            self.nx[pfn] = free_head
+            free_head = pfn
+            moved += 1
+        cv[I["free_head"]] = free_head
+        cv[I["wait_head"]] = head
+        if head < 0:
+            cv[I["wait_tail"]] = -1
+        cv[I["free_count"]] += moved
+        cv[I["wait_count"]] -= moved
+        return moved
+
+    # -- reclamation participants -------------------------------------------
+
+    def register_participant(self, pid: int) -> int:
+        """Register a reader that must acknowledge epochs; return its slot."""
+        with self.locks.alloc:  # type: ignore[attr-defined]
+            for p in range(control.MAX_PARTICIPANTS):
+                base = control.PART_BASE + 2 * p
+                if self.cv[base] == 0:
+                    self.cv[base] = pid
+                    self.cv[base + 1] = self.cv[control.INDEX["epoch"]]
+                    return p
+        raise OutOfFrames("too many reclamation participants")
+
+    def acknowledge(self, slot: int) -> None:
+        """Participant ``slot`` holds no reference older than now."""
+        self.cv[control.PART_BASE + 2 * slot + 1] = self.cv[control.INDEX["epoch"]]
+
+    def unregister_participant(self, slot: int) -> None:
+        with self.locks.alloc:  # type: ignore[attr-defined]
+            base = control.PART_BASE + 2 * slot
+            self.cv[base] = 0
+            self.cv[base + 1] = NO_EPOCH_ACK
+
+    # -- frame-level helpers ---------------------------------------------------
+
+    def frame_lock(self, pfn: int) -> object:
+        return self.locks.frame[pfn % len(self.locks.frame)]  # type: ignore[attr-defined]
+
+    def put(self, pfn: int) -> None:
+        """Drop one mapping of ``pfn``; free it when none is left.  Takes its frame lock."""
+        if pfn == ZERO_PFN:
+            return
+        with self.frame_lock(pfn):  # type: ignore[attr-defined]
+            left = self.mc[pfn] - 1
+            self.mc[pfn] = left
+            if left == 0:
+                self.free(pfn)
+            elif left < 0:
+                raise InternalError(f"frame {pfn}: mapcount below zero")

@@ -1,0 +1,292 @@
+"""The guest API: a process's view of its own address space.
+
+A :class:`GuestView` is what ``machine.spawn(fn, guest)`` hands to ``fn``.
+Every access goes through the PTE under its page-table lock, as a CPU goes
+through its MMU: the view never holds a writable mapping of a frame.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final
+
+import numpy as np
+
+from . import control
+from .errors import AddressError, DataTypeError, OutOfFrames, UsageError
+from .frames import FramesPending, PAGE_SIZE
+from .pagetable import (DIRTY, H_MERGE_ANY, KSM, PFN_MASK, PRESENT, UNMAPPED, WRITE, YOUNG, ZERO,
+                        PageTable)
+from .system import System
+
+MADV_MERGEABLE: Final = 12
+MADV_UNMERGEABLE: Final = 13
+_ADVICE_NAMES: Final = {MADV_MERGEABLE: "MADV_MERGEABLE", MADV_UNMERGEABLE: "MADV_UNMERGEABLE"}
+_DIRTY_YOUNG: Final = DIRTY | YOUNG
+_FRAME_WAIT_SECONDS: Final = 5.0
+
+
+def as_bytes_view(data: Any) -> memoryview:
+    """A flat, contiguous byte view of ``data``; DataTypeError if it is not bytes-like."""
+    if isinstance(data, str):
+        raise DataTypeError("data must be bytes-like or a numpy array, not str")
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise DataTypeError(f"data must be bytes-like or a numpy array, not {type(data).__name__}") from None
+    if view.format == "B" and view.ndim == 1 and view.c_contiguous:
+        return view
+    if not view.c_contiguous:
+        view = memoryview(np.ascontiguousarray(data))
+    return view.cast("B")
+
+
+def _check_addr(addr: Any, name: str = "address") -> int:
+    if isinstance(addr, bool) or not isinstance(addr, (int, np.integer)):
+        raise AddressError(f"{name} must be an integer, not {type(addr).__name__}")
+    return int(addr)
+
+
+def with_frames(op: Any, *args: Any) -> Any:
+    """Run ``op(*args)``, retrying while freed frames wait for acknowledgments.
+
+    ``op`` raises FramesPending with no lock held; the wait happens unlocked.
+    """
+    deadline = time.monotonic() + _FRAME_WAIT_SECONDS
+    delay = 0.0005
+    while True:
+        try:
+            return op(*args)
+        except FramesPending:
+            if time.monotonic() > deadline:
+                raise OutOfFrames("out of frames: dropped frames were never acknowledged by the shadow workers") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+
+class GuestView:
+    """Read, write, madvise and munmap one guest's address space."""
+
+    def __init__(self, system: System, gid: int) -> None:
+        self.system = system
+        self.gid = gid
+        self.table: PageTable = system.table(gid)
+        self.pages = self.table.pages
+        self.size = self.pages * PAGE_SIZE
+        self._pv = self.table.pv
+        self._flat = system.frames.flat
+        self._ptl = self.table.ptl_table
+        self._ptl_base = self.table.ptl_base
+        self._nptl = self.table.nptl
+
+    def __repr__(self) -> str:
+        return f"<GuestView guest={self.gid} pages={self.pages}>"
+
+    # -- read ---------------------------------------------------------------------
+
+    def read(self, addr: int, n: int) -> bytes:
+        """The ``n`` bytes at ``addr``.  Takes each page's PTL while it copies."""
+        if type(addr) is not int or type(n) is not int:
+            addr, n = _check_addr(addr), _check_addr(n, "length")
+        if addr < 0 or n < 0 or addr + n > self.size:
+            raise AddressError(f"read of {n} bytes at {addr:#x} is outside guest {self.gid} ({self.size:#x} bytes)")
+        page = addr >> 12
+        off = addr & 4095
+        if off + n <= PAGE_SIZE:
+            return self._read_page(page, off, n)
+        out = bytearray(n)
+        done = 0
+        while done < n:
+            chunk = min(PAGE_SIZE - off, n - done)
+            out[done:done + chunk] = self._read_page(page, off, chunk)
+            done += chunk
+            page += 1
+            off = 0
+        return bytes(out)
+
+    def _read_page(self, page: int, off: int, n: int) -> bytes:
+        lock = self._ptl[(self._ptl_base + (page >> 9)) % self._nptl]
+        lock.acquire()
+        try:
+            pte = self._pv[page]
+            if not pte & PRESENT:
+                pte = self.table.handle_read_fault(page)
+            elif not pte & YOUNG:
+                self._pv[page] = pte | YOUNG
+            o = ((pte & PFN_MASK) << 12) | off
+            return bytes(self._flat[o:o + n])
+        finally:
+            lock.release()
+
+    # -- write --------------------------------------------------------------------
+
+    def write(self, addr: int, data: Any) -> None:
+        """Write ``data`` at ``addr``: faults in, copies on write, marks DIRTY.
+
+        Takes each page's PTL.  All pages are faulted in before any byte is
+        written, so an error (out of frames, an unmapped page) writes nothing.
+        """
+        view = as_bytes_view(data)
+        n = len(view)
+        if type(addr) is not int:
+            addr = _check_addr(addr)
+        if addr < 0 or addr + n > self.size:
+            raise AddressError(f"write of {n} bytes at {addr:#x} is outside guest {self.gid} ({self.size:#x} bytes)")
+        off = addr & 4095
+        if off + n <= PAGE_SIZE:
+            if n:
+                try:
+                    self._write_page(addr >> 12, off, view)
+                except FramesPending:
+                    with_frames(self._write_page, addr >> 12, off, view)
+            return
+        first, last = addr >> 12, (addr + n - 1) >> 12
+        for page in range(first, last + 1):
+            with_frames(self._prefault, page, page != first and page != last)
+        done = 0
+        page = first
+        while done < n:
+            chunk = min(PAGE_SIZE - off, n - done)
+            with_frames(self._write_page, page, off, view[done:done + chunk])
+            done += chunk
+            page += 1
+            off = 0
+
+    def _write_page(self, page: int, off: int, view: memoryview) -> None:
+        lock = self._ptl[(self._ptl_base + (page >> 9)) % self._nptl]
+        lock.acquire()
+        try:
+            pv = self._pv
+            pte = pv[page]
+            if not pte & WRITE:
+                pte = self.table.handle_write_fault(page, len(view) == PAGE_SIZE)
+            elif pte & _DIRTY_YOUNG != _DIRTY_YOUNG:
+                pv[page] = pte | _DIRTY_YOUNG
+            o = ((pte & PFN_MASK) << 12) | off
+            self._flat[o:o + len(view)] = view
+        finally:
+            lock.release()
+
+    def _prefault(self, page: int, whole: bool) -> None:
+        with self.table.ptl(page):  # type: ignore[attr-defined]
+            if not self._pv[page] & WRITE:
+                self.table.handle_write_fault(page, whole)
+
+    # -- madvise, munmap, prctl ----------------------------------------------------------
+
+    def _page_range(self, addr: Any, length: Any, what: str) -> tuple[int, int]:
+        addr, length = _check_addr(addr), _check_addr(length, "length")
+        if addr % PAGE_SIZE:
+            raise UsageError(f"{what}: address {addr:#x} is not page-aligned (EINVAL)")
+        if length < 0:
+            raise UsageError(f"{what}: negative length {length} (EINVAL)")
+        end = addr + -(-length // PAGE_SIZE) * PAGE_SIZE
+        if addr < 0 or end > self.size:
+            raise AddressError(f"{what}: range {addr:#x}-{end:#x} is outside guest {self.gid} (ENOMEM)")
+        return addr // PAGE_SIZE, end // PAGE_SIZE
+
+    def madvise(self, addr: int, length: int, advice: int) -> None:
+        """MADV_MERGEABLE or MADV_UNMERGEABLE on ``[addr, addr+length)``, as madvise(2).
+
+        Takes the guest's mm lock; unmerging breaks every KSM mapping of the
+        range at once (the kernel's unmerge_ksm_pages).
+        """
+        if advice not in _ADVICE_NAMES:
+            raise UsageError(f"madvise: unknown advice {advice!r} (EINVAL); use MADV_MERGEABLE or MADV_UNMERGEABLE")
+        start, end = self._page_range(addr, length, "madvise")
+        if start == end:
+            return
+        with self.table.mm_lock:
+            ranges = self.table.stored_ranges()
+            if advice == MADV_MERGEABLE:
+                ranges = _normalize([*ranges, (start, end)])
+            else:
+                unmerge_range(self.table, start, end)
+                ranges = _subtract(ranges, start, end)
+            self.table.set_mergeable_ranges(ranges)
+
+    def munmap(self, addr: int, length: int) -> None:
+        """Unmap ``[addr, addr+length)``: its frames are dropped, any later access faults."""
+        start, end = self._page_range(addr, length, "munmap")
+        with self.table.mm_lock:
+            for page in range(start, end):
+                with self.table.ptl(page):  # type: ignore[attr-defined]
+                    self.table.zap(page, unmap=True)
+            self.table.set_mergeable_ranges(_subtract(self.table.stored_ranges(), start, end))
+
+    @property
+    def merge_any(self) -> bool:
+        """The whole-guest merge switch, like prctl(PR_GET_MEMORY_MERGE)."""
+        return bool(self.table.header[H_MERGE_ANY])
+
+    def set_memory_merge(self, enable: bool) -> None:
+        """prctl(PR_SET_MEMORY_MERGE): make every page mergeable, or stop and unmerge all."""
+        with self.table.mm_lock:
+            if enable:
+                self.table.header[H_MERGE_ANY] = 1
+            else:
+                was = self.table.header[H_MERGE_ANY]
+                self.table.header[H_MERGE_ANY] = 0
+                if was:
+                    unmerge_range(self.table, 0, self.pages)
+                    self.table.set_mergeable_ranges([])
+        self.system.guest_slot(self.gid)[3] = int(bool(enable))
+
+    def ksm_stat(self) -> dict[str, int]:
+        """This guest's /proc/PID/ksm_stat."""
+        from .sysfs import guest_ksm_stat
+
+        return guest_ksm_stat(self.system, self.gid)
+
+
+def _normalize(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def _subtract(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    out = []
+    for a, b in ranges:
+        if b <= start or a >= end:
+            out.append((a, b))
+            continue
+        if a < start:
+            out.append((a, start))
+        if b > end:
+            out.append((end, b))
+    return out
+
+
+def unmerge_range(table: PageTable, start: int, end: int) -> int:
+    """Break every KSM mapping in ``[start, end)`` (break_ksm); return how many.
+
+    Takes each page's PTL; waits unlocked when frames are pending reclamation.
+    """
+    ptes = table.ptes
+    candidates = np.flatnonzero((ptes[start:end] & np.uint64(KSM | PRESENT)) == np.uint64(KSM | PRESENT)) + start
+    broken = 0
+    for page in candidates.tolist():
+        broken += with_frames(break_ksm, table, page)
+    return broken
+
+
+def break_ksm(table: PageTable, page: int) -> int:
+    """Give ``page`` a private copy if it maps a KSM page (or KSM's zero page); return 1 if so."""
+    with table.ptl(page):  # type: ignore[attr-defined]
+        pte = table.pv[page]
+        if pte & (KSM | PRESENT | UNMAPPED) != KSM | PRESENT:
+            return 0
+        if pte & ZERO:
+            table.handle_write_fault(page)
+            table.pv[page] &= ~DIRTY
+        else:
+            table.cow(page, pte, dirty=False)
+        return 1
+
+
+__all__ = ["GuestView", "MADV_MERGEABLE", "MADV_UNMERGEABLE", "control"]

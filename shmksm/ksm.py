@@ -1,0 +1,135 @@
+"""The merge primitives of mm/ksm.c, on the emulated MMU.
+
+These are the steps the scanner (and a test merging by hand) use.  Each runs
+under the page-table lock of the page it changes, so a guest never sees half
+a merge::
+
+    try_to_merge_one_page(page, kpage)
+        write_protect_page   PTE still maps the frame we hashed, nobody else maps
+                             it → clear WRITE (a guest's next write faults)
+        pages_identical      full byte compare, now that nobody can write
+        replace_page         map the KSM page read-only; drop the old frame
+
+With no ``kpage``, the page itself becomes a KSM page in place (the first half
+of try_to_merge_two_pages).  A checksum is only a hint: nothing here trusts
+one.  A KSM page is named by (pfn, gen): the generation changes when the frame
+is freed, so a stale name is refused instead of merged into a reused frame.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from .frames import KSM as FRAME_KSM, PAGE_SIZE, ZERO_PFN, Frames
+from .pagetable import DIRTY, KSM, KSM_ZERO_PTE, PFN_MASK, PRESENT, UNMAPPED, WRITE, YOUNG, ZERO, PageTable
+
+ZERO_BYTES: Final = bytes(PAGE_SIZE)
+
+
+def page_bytes(frames: Frames, pfn: int) -> bytes:
+    """A copy of frame ``pfn``'s content (the fastest way to compare pages in CPython)."""
+    return bytes(frames.flat[pfn << 12:(pfn + 1) << 12])
+
+
+def pages_identical(frames: Frames, a: int, b: int) -> bool:
+    return page_bytes(frames, a) == page_bytes(frames, b)
+
+
+def write_protect_page(table: PageTable, page: int, pfn: int) -> int:
+    """Write-protect ``page`` if it still maps ``pfn`` alone; return the PTE or 0.  PTL held.
+
+    0 means: the PTE changed since the scan looked at it, or the frame has
+    another user (the kernel's page_mapcount + 1 != page_count check).
+    """
+    pte = table.pv[page]
+    if pte & (PRESENT | ZERO | UNMAPPED | KSM) != PRESENT or pte & PFN_MASK != pfn:
+        return 0
+    frames = table.frames
+    if frames.mc[pfn] != 1 or frames.fl[pfn] & FRAME_KSM:
+        return 0
+    if pte & WRITE:
+        if table.notifier is not None:
+            table.notifier.invalidate_range(table.gid, page, page + 1)
+        pte &= ~WRITE
+        table.pv[page] = pte
+    return pte
+
+
+def make_ksm_page(table: PageTable, page: int, pfn: int) -> int:
+    """Turn ``page``'s own frame into a KSM page in place; return its generation, or -1.
+
+    The first half of try_to_merge_two_pages.  PTL held; takes the frame lock.
+    """
+    pte = write_protect_page(table, page, pfn)
+    if not pte:
+        return -1
+    frames = table.frames
+    with frames.frame_lock(pfn):  # type: ignore[attr-defined]
+        frames.fl[pfn] |= FRAME_KSM
+        gen = frames.gn[pfn]
+    table.pv[page] = pte | KSM
+    return gen
+
+
+def replace_page(table: PageTable, page: int, pfn: int, kpfn: int, kgen: int) -> bool:
+    """Merge ``page`` (mapping ``pfn``) into KSM page (``kpfn``, ``kgen``); return success.
+
+    write_protect_page → pages_identical → replace_page.  PTL held; takes the
+    KSM page's frame lock, then the old frame's.
+    """
+    pte = write_protect_page(table, page, pfn)
+    if not pte:
+        return False
+    frames = table.frames
+    with frames.frame_lock(kpfn):  # type: ignore[attr-defined]
+        if frames.gn[kpfn] != kgen or not frames.fl[kpfn] & FRAME_KSM or frames.mc[kpfn] <= 0:
+            return False
+        if not pages_identical(frames, pfn, kpfn):
+            return False
+        frames.mc[kpfn] += 1
+    new = kpfn | PRESENT | KSM | (pte & (DIRTY | YOUNG))
+    table.pv[page] = new
+    if table.notifier is not None:
+        table.notifier.change_pte(table.gid, page, new)
+    frames.put(pfn)
+    return True
+
+
+def replace_with_zero_page(table: PageTable, page: int, pfn: int) -> bool:
+    """use_zero_pages: map KSM's zero page if ``page`` is still all zeros; return success.  PTL held."""
+    pte = write_protect_page(table, page, pfn)
+    if not pte or page_bytes(table.frames, pfn) != ZERO_BYTES:
+        return False
+    table.pv[page] = KSM_ZERO_PTE
+    if table.notifier is not None:
+        table.notifier.change_pte(table.gid, page, KSM_ZERO_PTE)
+    table.frames.put(pfn)
+    return True
+
+
+def try_to_merge_one_page(table: PageTable, page: int, pfn: int, kpfn: int, kgen: int) -> bool:
+    """replace_page under ``page``'s PTL (which it takes)."""
+    with table.ptl(page):  # type: ignore[attr-defined]
+        return replace_page(table, page, pfn, kpfn, kgen)
+
+
+def try_to_merge_two_pages(a: PageTable, apage: int, apfn: int,
+                           b: PageTable, bpage: int, bpfn: int) -> tuple[int, int]:
+    """Merge two pages into a new KSM page made of the first; return (kpfn, kgen) or (-1, -1).
+
+    Takes each page's PTL in turn, never both.  If the second half fails,
+    the first page's sharing is broken again, as the kernel's break_cow.
+    """
+    with a.ptl(apage):  # type: ignore[attr-defined]
+        kgen = make_ksm_page(a, apage, apfn)
+    if kgen < 0:
+        return -1, -1
+    if try_to_merge_one_page(b, bpage, bpfn, apfn, kgen):
+        return apfn, kgen
+    from .guest import break_ksm, with_frames
+
+    with_frames(break_ksm, a, apage)
+    return -1, -1
+
+
+__all__ = ["ZERO_PFN", "try_to_merge_one_page", "try_to_merge_two_pages", "replace_with_zero_page"]

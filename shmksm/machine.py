@@ -1,0 +1,337 @@
+"""The host: one :class:`Machine` creates every segment, spawns and reaps every process.
+
+::
+
+    with shmksm.Machine(frames=65536) as machine:
+        guest = machine.add_guest(pages=1024)
+        proc = machine.spawn(workload, guest, seed)
+        proc.join()
+        machine.check()
+
+On leaving the ``with`` block — normally, by an exception or by Ctrl-C —
+every worker is stopped and every segment is unlinked.  A watcher thread in
+the host reaps workers as they exit; a guest process killed by a signal has
+its address space torn down and the machine's accounting rebuilt (the
+kernel's exit_mmap), and the death is reported by ``machine.deaths``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.context import BaseContext
+from typing import Any
+
+from . import check as checker, control, segments
+from .errors import ProcessDied, UsageError
+from .frames import PAGE_SIZE
+from .guest import GuestView
+from .locks import LockTable, default_context
+from .sysfs import Ksm, guest_ksm_stat
+from .system import System, SystemSpec
+
+DEFAULT_FRAMES = 65536
+
+
+@dataclass(frozen=True)
+class Death:
+    """A worker that died by a signal, and what the host did about it."""
+
+    name: str
+    pid: int
+    signal: int
+    guest: int | None
+    frames_reclaimed: int
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this worker when its parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def worker_main(spec: SystemSpec, gid: int | None, fn: Callable[..., Any], args: tuple[Any, ...],
+                result: Connection) -> None:
+    """Entry point of every worker process: attach, run ``fn``, send its result, detach."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    system = spec.attach()
+    try:
+        target: Any = GuestView(system, gid) if gid is not None else system
+        value = fn(target, *args)
+        result.send(("ok", value))
+    except BaseException as exc:  # reported to the host, which raises ProcessDied
+        result.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        raise SystemExit(1) from None
+    finally:
+        result.close()
+        system.close()
+
+
+class Worker:
+    """A worker process of the machine: a guest's process, or a service like ksmd."""
+
+    def __init__(self, process: Any, result: Connection, gid: int | None) -> None:
+        self.process = process
+        self.gid = gid
+        self._result = result
+        self._outcome: tuple[Any, ...] | None = None
+
+    @property
+    def pid(self) -> int:
+        return int(self.process.pid)
+
+    @property
+    def name(self) -> str:
+        return str(self.process.name)
+
+    def is_alive(self) -> bool:
+        return bool(self.process.is_alive())
+
+    def _collect(self) -> tuple[Any, ...]:
+        if self._outcome is None:
+            try:
+                self._outcome = self._result.recv() if self._result.poll() else None
+            except (EOFError, OSError):
+                self._outcome = None
+            if self._outcome is None:
+                code = self.process.exitcode
+                how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+                self._outcome = ("died", f"worker {self.name} (pid {self.pid}) {how}")
+        return self._outcome
+
+    def join(self, timeout: float | None = None) -> Any:
+        """Wait for the worker; return ``fn``'s result or raise ProcessDied with its error."""
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise ProcessDied(f"worker {self.name} (pid {self.pid}) still runs after {timeout} s")
+        outcome = self._collect()
+        if outcome[0] == "ok":
+            return outcome[1]
+        if outcome[0] == "error":
+            raise ProcessDied(f"worker {self.name} failed: {outcome[1]}\n{outcome[2]}")
+        raise ProcessDied(outcome[1])
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process.pid is not None:
+            try:
+                os.kill(self.process.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+class Guest:
+    """A guest address space: the host's handle."""
+
+    def __init__(self, machine: Machine, gid: int, pages: int) -> None:
+        self.machine = machine
+        self.id = gid
+        self.pages = pages
+
+    def __repr__(self) -> str:
+        return f"<Guest {self.id} pages={self.pages}>"
+
+    def view(self) -> GuestView:
+        """A view of this guest for the host process itself."""
+        self.machine._require_live(self)
+        return GuestView(self.machine.system, self.id)
+
+    def ksm_stat(self) -> dict[str, int]:
+        """This guest's /proc/PID/ksm_stat."""
+        return guest_ksm_stat(self.machine.system, self.id)
+
+    @property
+    def alive(self) -> bool:
+        return self.id in self.machine._guests
+
+
+class Machine:
+    """An emulated machine: a frame pool, guests, and the processes that use them."""
+
+    def __init__(self, frames: int = DEFAULT_FRAMES, *, overcommit: bool = False,
+                 ctx: BaseContext | None = None, **knobs: Any) -> None:
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
+            raise UsageError(f"a machine needs at least 2 frames (the zero page and one more), not {frames!r}")
+        segments.cleanup_stale()
+        self.ctx = ctx or default_context()
+        self.overcommit = overcommit
+        self._lock = threading.RLock()
+        self._workers: list[Worker] = []
+        self._guests: dict[int, Guest] = {}
+        self.deaths: list[Death] = []
+        self._closed = False
+        self.system = System.create(frames, LockTable(self.ctx, control.MAX_GUESTS))
+        self.ksm = Ksm(self.system)
+        try:
+            for name, value in knobs.items():
+                self.ksm.set(name, value)
+        except BaseException:
+            self.system.close()
+            raise
+        self._wake_r, self._wake_w = os.pipe()
+        self._watcher = threading.Thread(target=self._watch, name="shmksm-reaper", daemon=True)
+        self._watcher.start()
+
+    @property
+    def frames(self) -> int:
+        return self.system.frames.nframes
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.system.spec.prefix} frames={self.frames} guests={len(self._guests)}>"
+
+    # -- guests ---------------------------------------------------------------------------------
+
+    def add_guest(self, pages: int) -> Guest:
+        """A new address space of ``pages`` untouched pages of 4 KiB."""
+        if isinstance(pages, bool) or not isinstance(pages, int) or pages <= 0:
+            raise UsageError(f"a guest needs a positive number of pages, not {pages!r}")
+        with self._lock:
+            self._require_open()
+            committed = sum(g.pages for g in self._guests.values()) + pages
+            if not self.overcommit and committed > self.frames - 1:
+                raise UsageError(
+                    f"machine too small: guests would have {committed} pages "
+                    f"({committed * PAGE_SIZE >> 20} MiB) but the pool has {self.frames - 1} free frames; "
+                    f"give more frames or pass overcommit=True")
+            table = self.system.create_guest(pages)
+            guest = self._guests[table.gid] = Guest(self, table.gid, pages)
+            return guest
+
+    def remove_guest(self, guest: Guest) -> None:
+        """Tear down a guest's address space (exit_mmap) and free its page table."""
+        with self._lock:
+            self._require_live(guest)
+            for w in self._workers:
+                if w.gid == guest.id and w.is_alive():
+                    raise UsageError(f"guest {guest.id} still has a running process (pid {w.pid})")
+            checker.recover(self.system, [guest.id])
+            del self._guests[guest.id]
+            self.system.forget_guest(guest.id)
+
+    def guests(self) -> list[Guest]:
+        return list(self._guests.values())
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise UsageError("the machine is closed")
+
+    def _require_live(self, guest: Guest) -> None:
+        self._require_open()
+        if guest.machine is not self or guest.id not in self._guests:
+            raise UsageError(f"guest {guest.id} is not a live guest of this machine")
+
+    # -- processes --------------------------------------------------------------------------------
+
+    def spawn(self, fn: Callable[..., Any], guest: Guest | None, *args: Any, name: str | None = None) -> Worker:
+        """Run ``fn(view, *args)`` in a new process attached to ``guest``.
+
+        With ``guest`` None, ``fn`` gets the machine's :class:`System` instead
+        (for services such as the scanner).  ``fn`` and ``args`` must pickle.
+        """
+        with self._lock:
+            if guest is not None:
+                self._require_live(guest)
+            else:
+                self._require_open()
+            gid = guest.id if guest is not None else None
+            reader, writer = self.ctx.Pipe(duplex=False)
+            label = name or (f"guest{gid}" if gid is not None else getattr(fn, "__name__", "worker"))
+            process = self.ctx.Process(target=worker_main, name=label, daemon=True,  # type: ignore[attr-defined]
+                                       args=(self.system.spec, gid, fn, args, writer))
+            process.start()
+            writer.close()
+            worker = Worker(process, reader, gid)
+            self._workers.append(worker)
+        os.write(self._wake_w, b"x")
+        return worker
+
+    def workers(self) -> list[Worker]:
+        return list(self._workers)
+
+    def _watch(self) -> None:
+        """Reap workers as they exit; recover from those killed by a signal."""
+        wake = self._wake_r
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                live = {w.process.sentinel: w for w in self._workers if w.process.exitcode is None}
+            ready = wait([wake, *live], timeout=1.0)
+            if wake in ready:
+                os.read(wake, 4096)
+            with self._lock:
+                if self._closed:
+                    return
+                for sentinel in ready:
+                    worker = live.get(sentinel)  # type: ignore[call-overload]
+                    if worker is not None:
+                        worker.process.join(0)
+                        self._reaped(worker)
+
+    def _reaped(self, worker: Worker) -> None:
+        """A worker exited (lock held).  Killed by a signal → recover the machine."""
+        code = worker.process.exitcode
+        if code is None or code >= 0:
+            return
+        dead = [worker.gid] if worker.gid is not None and worker.gid in self._guests else []
+        reclaimed = checker.recover(self.system, dead)
+        for gid in dead:
+            del self._guests[gid]
+        self.deaths.append(Death(worker.name, worker.pid, -code, worker.gid, reclaimed))
+
+    def join_all(self, timeout: float | None = None) -> list[Any]:
+        """Join every worker started so far; return their results in order."""
+        return [w.join(timeout) for w in list(self._workers)]
+
+    # -- checks and reclamation ------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise CheckError naming the first broken accounting invariant."""
+        with self._lock:
+            self._require_open()
+            checker.check(self.system)
+
+    def reclaim(self) -> int:
+        """Run a reclaim pass; return how many waiting frames became free."""
+        return self.system.frames.reclaim()
+
+    def free_frames(self) -> int:
+        return self.system.get("free_count")
+
+    # -- shutdown ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every worker, then unlink every segment.  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        os.write(self._wake_w, b"x")
+        self._watcher.join(5)
+        for worker in self._workers:
+            if worker.process.exitcode is None:
+                worker.process.terminate()
+        for worker in self._workers:
+            worker.process.join(2)
+            if worker.process.exitcode is None:
+                worker.process.kill()
+                worker.process.join(2)
+            worker._result.close()
+        self.system.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

@@ -1,0 +1,212 @@
+"""Guest page tables: PTEs, demand paging, copy-on-write, unmap.
+
+A guest's segment is organized as follows::
+
+    int64[HEADER_WORDS]  header: pages, merge_any, nranges, ksm_rmap_items,
+                         ksm_merging_pages, and from word 8 nranges (start, end)
+                         page-number pairs of MADV_MERGEABLE ranges
+    uint64[pages]        PTEs
+
+A PTE is one uint64::
+
+    bits 0-39   pfn
+    bit  40     PRESENT
+    bit  41     WRITE      writable: a private page that nobody else maps
+    bit  42     DIRTY
+    bit  43     YOUNG      accessed since the last clear_flush_young
+    bit  44     KSM        maps a KSM page (or, with ZERO, KSM placed the zero page)
+    bit  45     ZERO       maps the zero page (frame 0)
+    bit  46     UNMAPPED   no VMA here: munmap'ed, any access faults
+
+A PTE of 0 is an untouched page of a mapped range.  Every change of a PTE, and
+every access through it, happens under the page-table lock of its run of 512.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from . import control
+from .errors import SegmentationFault
+from .frames import INUSE, KSM as FRAME_KSM, PAGE_SHIFT, PAGE_SIZE, ZERO_PFN, Frames
+
+PFN_MASK: Final = (1 << 40) - 1
+PRESENT: Final = 1 << 40
+WRITE: Final = 1 << 41
+DIRTY: Final = 1 << 42
+YOUNG: Final = 1 << 43
+KSM: Final = 1 << 44
+ZERO: Final = 1 << 45
+UNMAPPED: Final = 1 << 46
+
+HEADER_WORDS: Final = 256
+H_PAGES: Final = 0
+H_MERGE_ANY: Final = 1
+H_NRANGES: Final = 2
+H_RMAP_ITEMS: Final = 3  # ksm_stat, written by the scanner
+H_MERGING: Final = 4  # ksm_merging_pages, written by the scanner
+H_RANGES: Final = 8
+MAX_RANGES: Final = (HEADER_WORDS - H_RANGES) // 2
+
+ZERO_PTE: Final = PRESENT | ZERO | YOUNG
+KSM_ZERO_PTE: Final = PRESENT | ZERO | KSM
+
+
+def segment_size(pages: int) -> int:
+    return 8 * (HEADER_WORDS + pages)
+
+
+def describe(pte: int) -> str:
+    """A PTE as text, for error messages: ``pfn 12 PRESENT|WRITE``."""
+    names = [n for n, b in (("PRESENT", PRESENT), ("WRITE", WRITE), ("DIRTY", DIRTY),
+                            ("YOUNG", YOUNG), ("KSM", KSM), ("ZERO", ZERO),
+                            ("UNMAPPED", UNMAPPED)) if pte & b]
+    return f"pfn {pte & PFN_MASK} {'|'.join(names) or 'none'}"
+
+
+class PageTable:
+    """One guest's page table as seen from one process (host, guest, scanner)."""
+
+    def __init__(self, gid: int, buf: memoryview, frames: Frames) -> None:
+        self.gid = gid
+        self.header: npt.NDArray[np.int64] = np.ndarray(HEADER_WORDS, np.int64, buf, 0)
+        self.pages = int(self.header[H_PAGES])
+        self.ptes: npt.NDArray[np.uint64] = np.ndarray(self.pages, np.uint64, buf, 8 * HEADER_WORDS)
+        self.pv = buf[8 * HEADER_WORDS:8 * (HEADER_WORDS + self.pages)].cast("Q")
+        self.frames = frames
+        locks = frames.locks
+        self.ptl_table = locks.ptl  # type: ignore[attr-defined]
+        self.mm_lock = locks.mm[gid]  # type: ignore[attr-defined]
+        # ptl_index(gid, page) is (gid * 97 + (page >> 9)) % NPTL: precompute the base.
+        self.ptl_base = gid * 97
+        self.nptl = len(self.ptl_table)
+        self.notifier = None
+
+    def release_views(self) -> None:
+        self.pv.release()
+        del self.header, self.ptes
+
+    def ptl(self, page: int) -> object:
+        """The page-table lock of ``page``."""
+        return self.ptl_table[(self.ptl_base + (page >> 9)) % self.nptl]
+
+    # -- faults: called with the page's PTL held ----------------------------------
+
+    def handle_read_fault(self, page: int) -> int:
+        """Map the zero page on a read of an untouched page; return the new PTE.  PTL held."""
+        pte = self.pv[page]
+        if pte & UNMAPPED:
+            raise SegmentationFault(f"guest {self.gid}: read of unmapped page {page:#x}")
+        if not pte & PRESENT:
+            pte = ZERO_PTE
+            self.pv[page] = pte
+        return pte
+
+    def handle_write_fault(self, page: int, whole: bool = False) -> int:
+        """Make ``page`` writable; return the new PTE.  PTL held.
+
+        Untouched → a new frame (zeroed unless ``whole``, when the caller is
+        about to overwrite it); the zero page or a KSM page → copy-on-write;
+        a write-protected private page nobody else maps → reuse in place.
+        Raises FramesPending / OutOfFrames before changing anything.
+        """
+        pv = self.pv
+        pte = pv[page]
+        if pte & UNMAPPED:
+            raise SegmentationFault(f"guest {self.gid}: write to unmapped page {page:#x}")
+        frames = self.frames
+        if not pte & PRESENT or pte & ZERO:
+            # do_anonymous_page, or wp_page_copy from the zero page.
+            pfn = frames.alloc()
+            if not whole:
+                frames.pool[pfn] = 0
+            frames.mc[pfn] = 1
+            new = pfn | PRESENT | WRITE | DIRTY | YOUNG
+            pv[page] = new
+            if pte & PRESENT:
+                self._notify_change(page, new)
+            return new
+        old = pte & PFN_MASK
+        if not frames.fl[old] & FRAME_KSM and frames.mc[old] == 1:
+            # do_wp_page reuse: write-protected by a merge that did not happen.
+            new = pte | WRITE | DIRTY | YOUNG
+            pv[page] = new
+            return new
+        return self.cow(page, pte, dirty=True)
+
+    def cow(self, page: int, pte: int, dirty: bool) -> int:
+        """Give ``page`` a private copy of the frame ``pte`` maps; return the new PTE.
+
+        The kernel's wp_page_copy, also used to break KSM sharing (break_ksm).
+        PTL held; takes the allocator lock and the old frame's lock.
+        """
+        frames = self.frames
+        old = pte & PFN_MASK
+        pfn = frames.alloc()
+        frames.pool[pfn] = frames.pool[old]
+        frames.mc[pfn] = 1
+        new = pfn | PRESENT | WRITE | YOUNG | (DIRTY if dirty else pte & DIRTY)
+        self.pv[page] = new
+        if frames.fl[old] & FRAME_KSM:
+            stat = frames.locks.stat  # type: ignore[attr-defined]
+            with stat:
+                frames.cv[control.INDEX["cow_ksm"]] += 1
+        self._notify_change(page, new)
+        frames.put(old)
+        return new
+
+    def zap(self, page: int, unmap: bool) -> None:
+        """Drop the mapping of ``page`` (munmap or exit).  PTL held."""
+        pte = self.pv[page]
+        self.pv[page] = UNMAPPED if unmap else 0
+        if pte & PRESENT:
+            self._notify_invalidate(page)
+            if not pte & ZERO:
+                self.frames.put(pte & PFN_MASK)
+
+    # -- secondary MMUs ------------------------------------------------------------
+
+    def _notify_change(self, page: int, pte: int) -> None:
+        if self.notifier is not None:
+            self.notifier.change_pte(self.gid, page, pte)
+
+    def _notify_invalidate(self, page: int) -> None:
+        if self.notifier is not None:
+            self.notifier.invalidate_range(self.gid, page, page + 1)
+
+    # -- mergeable ranges (the VMAs' VM_MERGEABLE), under the mm lock -------------
+
+    def mergeable_ranges(self) -> list[tuple[int, int]]:
+        """The page ranges KSM may scan, sorted; merge_any means the whole guest."""
+        if self.header[H_MERGE_ANY]:
+            return [(0, self.pages)]
+        return self.stored_ranges()
+
+    def stored_ranges(self) -> list[tuple[int, int]]:
+        """The ranges madvise(MADV_MERGEABLE) marked, whatever merge_any says."""
+        h = self.header
+        n = int(h[H_NRANGES])
+        return [(int(h[H_RANGES + 2 * i]), int(h[H_RANGES + 2 * i + 1])) for i in range(n)]
+
+    def set_mergeable_ranges(self, ranges: list[tuple[int, int]]) -> None:
+        from .errors import UsageError
+
+        if len(ranges) > MAX_RANGES:
+            raise UsageError(f"more than {MAX_RANGES} separate mergeable ranges")
+        h = self.header
+        for i, (start, end) in enumerate(ranges):
+            h[H_RANGES + 2 * i] = start
+            h[H_RANGES + 2 * i + 1] = end
+        h[H_NRANGES] = len(ranges)
+
+
+def present_frames(ptes: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+    """Pfns of the PTEs that map a frame other than the zero page."""
+    present = (ptes & np.uint64(PRESENT | ZERO)) == np.uint64(PRESENT)
+    return (ptes[present] & np.uint64(PFN_MASK)).astype(np.int64)
+
+
+__all__ = ["PAGE_SIZE", "PAGE_SHIFT", "ZERO_PFN", "INUSE", "PageTable"]

@@ -1,0 +1,150 @@
+"""One machine's shared state, as any of its processes sees it.
+
+:class:`SystemSpec` is what crosses process boundaries: segment names and the
+lock table (whose semaphores pickle only while a process is being spawned).
+:meth:`SystemSpec.attach` gives a :class:`System`: the frame pool, its
+metadata, the control segment and the guests' page tables, attached lazily.
+Only the host creates (:meth:`System.create`) and unlinks segments.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import control, pagetable, segments
+from .errors import UsageError
+from .frames import PAGE_SIZE, Frames, meta_size
+from .locks import LockTable
+from .pagetable import PageTable
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """Names and locks of one machine: everything a worker needs to attach."""
+
+    prefix: str
+    nframes: int
+    locks: LockTable
+
+    def segment_name(self, what: str) -> str:
+        return f"{self.prefix}_{what}"
+
+    def attach(self) -> System:
+        return System(self, owner=False)
+
+
+class System:
+    """The shared state of one machine in one process."""
+
+    def __init__(self, spec: SystemSpec, owner: bool) -> None:
+        self.spec = spec
+        self.owner = owner
+        self.locks = spec.locks
+        open_ = (lambda name, size: segments.create(name, size)) if owner else (lambda name, size: segments.attach(name))
+        self._segments: list[shared_memory.SharedMemory] = []
+        self._guest_segments: dict[int, shared_memory.SharedMemory] = {}
+        self.tables: dict[int, PageTable] = {}
+        try:
+            ctl_seg = self._open(open_, "ctl", 8 * control.WORDS)
+            pool_seg = self._open(open_, "frames", PAGE_SIZE * spec.nframes)
+            meta_seg = self._open(open_, "meta", meta_size(spec.nframes))
+        except BaseException:
+            self.close()
+            raise
+        self.ctl: npt.NDArray[np.int64] = np.ndarray(control.WORDS, np.int64, ctl_seg.buf)
+        if owner:
+            for name, value in control.KNOB_DEFAULTS.items():
+                self.ctl[control.INDEX[name]] = value
+            Frames.format(np.ndarray((spec.nframes, PAGE_SIZE), np.uint8, pool_seg.buf), meta_seg.buf, self.ctl)
+        self.frames = Frames(pool_seg.buf, meta_seg.buf, self.ctl, self.locks)
+        self.pid = os.getpid()
+
+    def _open(self, open_: Any, what: str, size: int) -> shared_memory.SharedMemory:
+        seg = open_(self.spec.segment_name(what), size)
+        self._segments.append(seg)
+        return seg
+
+    @classmethod
+    def create(cls, nframes: int, locks: LockTable) -> System:
+        prefix = f"{segments.PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
+        return cls(SystemSpec(prefix, nframes, locks), owner=True)
+
+    # -- knobs and counters ------------------------------------------------------------
+
+    def get(self, field: str) -> int:
+        return int(self.ctl[control.INDEX[field]])
+
+    def set(self, field: str, value: int) -> None:
+        self.ctl[control.INDEX[field]] = value
+
+    # -- guests ----------------------------------------------------------------------------
+
+    def guest_slot(self, gid: int) -> npt.NDArray[np.int64]:
+        base = control.GUEST_BASE + control.GUEST_WORDS * gid
+        return self.ctl[base:base + control.GUEST_WORDS]
+
+    def live_guests(self) -> list[int]:
+        return [g for g in range(control.MAX_GUESTS) if self.guest_slot(g)[0] == control.GUEST_LIVE]
+
+    def create_guest(self, pages: int) -> PageTable:
+        """Make a new address space of ``pages`` untouched pages (host only)."""
+        for gid in range(control.MAX_GUESTS):
+            if self.guest_slot(gid)[0] == control.GUEST_FREE:
+                break
+        else:
+            raise UsageError(f"at most {control.MAX_GUESTS} guests per machine")
+        seg = segments.create(self.spec.segment_name(f"g{gid}"), pagetable.segment_size(pages))
+        self._guest_segments[gid] = seg
+        np.ndarray(1, np.int64, seg.buf)[0] = pages
+        slot = self.guest_slot(gid)
+        slot[1] = pages
+        slot[3] = 0
+        slot[0] = control.GUEST_LIVE
+        return self.table(gid)
+
+    def table(self, gid: int) -> PageTable:
+        """The page table of guest ``gid``, attached on first use."""
+        table = self.tables.get(gid)
+        if table is None:
+            seg = self._guest_segments.get(gid)
+            if seg is None:
+                seg = segments.attach(self.spec.segment_name(f"g{gid}"))
+                self._guest_segments[gid] = seg
+            table = self.tables[gid] = PageTable(gid, seg.buf, self.frames)
+        return table
+
+    def forget_guest(self, gid: int) -> None:
+        """Detach from (and, on the host, unlink) a guest's page table."""
+        table = self.tables.pop(gid, None)
+        if table is not None:
+            table.release_views()
+        seg = self._guest_segments.pop(gid, None)
+        if seg is not None:
+            if self.owner:
+                self.guest_slot(gid)[0] = control.GUEST_GONE
+                segments.unlink(seg)
+            else:
+                seg.close()
+
+    def close(self) -> None:
+        """Drop every view and close (on the host: unlink) every segment."""
+        for gid in list(self._guest_segments):
+            self.forget_guest(gid)
+        if hasattr(self, "frames"):
+            self.frames.release_views()
+            del self.frames
+        if hasattr(self, "ctl"):
+            del self.ctl
+        while self._segments:
+            seg = self._segments.pop()
+            if self.owner:
+                segments.unlink(seg)
+            else:
+                seg.close()
