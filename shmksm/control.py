@@ -65,6 +65,7 @@ _INTERNAL: Final = (
     "scanner_startup_ns",  # the scanner's start-up: process start to first batch
     "scanner_rss_kb",  # the scanner's resident set at its last full scan
     "notifier_era",
+    "scanner_stop",  # the host asks the scanner to exit
 )
 
 FIELDS: Final[tuple[str, ...]] = tuple(KNOB_DEFAULTS) + COUNTERS + _INTERNAL

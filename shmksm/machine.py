@@ -21,6 +21,7 @@ import ctypes
 import os
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from .errors import ProcessDied, UsageError
 from .frames import PAGE_SIZE
 from .guest import GuestView
 from .locks import LockTable, default_context
+from .scanner import ksmd as ksmd_main
 from .sysfs import Ksm, guest_ksm_stat
 from .system import System, SystemSpec
 
@@ -157,7 +159,7 @@ class Guest:
 class Machine:
     """An emulated machine: a frame pool, guests, and the processes that use them."""
 
-    def __init__(self, frames: int = DEFAULT_FRAMES, *, overcommit: bool = False,
+    def __init__(self, frames: int = DEFAULT_FRAMES, *, overcommit: bool = False, ksmd: bool = True,
                  ctx: BaseContext | None = None, **knobs: Any) -> None:
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
             raise UsageError(f"a machine needs at least 2 frames (the zero page and one more), not {frames!r}")
@@ -180,6 +182,39 @@ class Machine:
         self._wake_r, self._wake_w = os.pipe()
         self._watcher = threading.Thread(target=self._watch, name="shmksm-reaper", daemon=True)
         self._watcher.start()
+        self.ksmd: Worker | None = None
+        if ksmd:
+            self.start_ksmd()
+
+    # -- ksmd ---------------------------------------------------------------------------------------
+
+    def start_ksmd(self) -> Worker:
+        """Start the scanner process (again, after one died); it scans while ``run`` is 1."""
+        if self.ksmd is not None and self.ksmd.is_alive():
+            raise UsageError(f"ksmd already runs (pid {self.ksmd.pid})")
+        self.system.set("scanner_stop", 0)
+        self.ksmd = self.spawn(ksmd_main, None, time.monotonic_ns(), name="ksmd")
+        return self.ksmd
+
+    def stop_ksmd(self, timeout: float = 10.0) -> Any:
+        """Ask the scanner to finish its batch and exit; return its summary."""
+        worker, self.ksmd = self.ksmd, None
+        if worker is None:
+            return None
+        self.system.set("scanner_stop", 1)
+        return worker.join(timeout) if worker.process.exitcode is None or worker.process.exitcode >= 0 else None
+
+    def wait_full_scans(self, n: int, timeout: float = 60.0) -> int:
+        """Wait until ``full_scans`` has grown by ``n``; return the new value."""
+        start = self.system.get("full_scans")
+        deadline = time.monotonic() + timeout
+        while self.system.get("full_scans") < start + n:
+            if self.ksmd is None or not self.ksmd.is_alive():
+                raise ProcessDied("ksmd is not running")
+            if time.monotonic() > deadline:
+                raise ProcessDied(f"ksmd made {self.system.get('full_scans') - start} of {n} full scans in {timeout} s")
+            time.sleep(0.002)
+        return self.system.get("full_scans")
 
     @property
     def frames(self) -> int:
@@ -323,6 +358,9 @@ class Machine:
             self._closed = True
         os.write(self._wake_w, b"x")
         self._watcher.join(5)
+        if self.ksmd is not None and self.ksmd.process.exitcode is None:
+            self.system.set("scanner_stop", 1)
+            self.ksmd.process.join(5)
         for worker in self._workers:
             if worker.process.exitcode is None:
                 worker.process.terminate()

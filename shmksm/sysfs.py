@@ -13,11 +13,10 @@ import numpy as np
 
 from . import control
 from .errors import KnobBusyError, KnobError
+from .scanner import RMAP_ITEM_BYTES
 from .pagetable import H_MERGE_ANY, H_MERGING, H_RMAP_ITEMS, KSM, PRESENT, ZERO
 from .system import System
 
-# The scanner's bytes of metadata per rmap item (see scanner.py), for general_profit.
-RMAP_ITEM_BYTES: Final = 24
 
 _BOOL_KNOBS: Final = ("use_zero_pages", "merge_across_nodes", "smart_scan")
 _BUSY_KNOBS: Final = ("max_page_sharing", "merge_across_nodes")

@@ -1,0 +1,591 @@
+"""ksmd: the scanner that finds identical pages and merges them.
+
+DOC: Overview (after mm/ksm.c)
+------------------------------
+The scanner walks the mergeable pages of every guest, round robin over the
+guests ("mm slots"), ``pages_to_scan`` pages per batch, sleeping
+``sleep_millisecs`` between batches.  For each page it runs
+:meth:`Scanner.cmp_and_merge_page`, which uses two trees:
+
+* the **stable tree** holds KSM pages: merged, write-protected, never changing,
+  so a lookup by content is always right.  It is never emptied;
+* the **unstable tree** holds pages that did not change since the previous
+  visit, as candidates.  Their content may change at any time, so the tree is
+  only a hint; it is emptied at the start of every full scan and rebuilt.
+
+Three techniques keep the unstable tree useful, as in the kernel: a page
+enters it only if its checksum did not change since the previous visit (so a
+new page needs two visits: merging happens on the second full scan); it is
+rebuilt every full scan; and nothing is merged before a full byte comparison
+under the page-table lock (:mod:`shmksm.ksm`).
+
+What is emulated, and how
+-------------------------
+* Trees keyed by content: both trees are keyed by a 64-bit xxh3 checksum of
+  the page instead of by memcmp order.  A key is only a hint, exactly as a
+  tree position is: every merge compares the bytes.  Two different contents
+  with one key (an xxh3 collision) can only cost a missed merge.
+* The rmap items are per-guest numpy arrays (state, checksum, stable node,
+  smart-scan age and skips): ``RMAP_ITEM_BYTES`` bytes per page.
+* Stable node chains: one content with more than ``max_page_sharing``
+  mappings gets several KSM pages ("dups"); a content with more than one dup
+  is a chain.  A dup is picked while it has room; when none has, the page
+  goes to the unstable tree and pairs with the next duplicate into a new dup.
+* Counters are updated as lazily as the kernel's: a page that was
+  copied-on-write leaves ``pages_sharing`` when the scanner next visits it.
+* ``smart_scan`` uses the kernel's ages and skip counts (should_skip_rmap_item);
+  the scan-time advisor adapts ``pages_to_scan`` after every full scan.
+* A KSM page whose mapping has no rmap item in its node (after a restart of
+  the scanner) is adopted into a node on its first visit, so a new scanner
+  carries on where a killed one stopped.
+
+Left out: NUMA (merge_across_nodes is accepted and has no effect), migration,
+swap, huge pages, and the pruning timer of stable node chains (a chain with a
+single dup collapses at once).
+
+Invariants relied on: a KSM page's content never changes while mapped (every
+PTE mapping it is read-only); a KSM page is named by (pfn, generation), so a
+freed and reused frame is never taken for the page it was.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from . import ksm
+from .frames import KSM as FRAME_KSM, PAGE_SIZE
+from .guest import unmerge_range, with_frames
+from .pagetable import H_MERGING, H_RMAP_ITEMS, KSM, PFN_MASK, PRESENT, UNMAPPED, ZERO, PageTable
+from .system import System
+
+# rmap item states
+NONE: Final = 0  # no rmap item
+ITEM: Final = 1  # an item on no tree (new, or volatile)
+UNSTABLE: Final = 2  # on the unstable tree (counted in pages_unshared)
+STABLE: Final = 3  # on a stable node (pages_shared or pages_sharing)
+
+# Bytes per rmap item: checksum 8, stable node 4, state 1, age 1, skips 1, plus
+# the unstable tree's share (a dict entry per unstable page, amortized).
+RMAP_ITEM_BYTES: Final = 24
+
+_checksum = xxhash.xxh3_64_intdigest
+ZERO_CHECKSUM: Final = _checksum(bytes(PAGE_SIZE))
+_ANON_MASK: Final = np.uint64(PRESENT | ZERO | UNMAPPED)
+_ANON: Final = np.uint64(PRESENT)
+_KSM: Final = np.uint64(KSM)
+_PFN: Final = np.uint64(PFN_MASK)
+_CHUNK: Final = 1 << 16
+
+
+def skip_age(age: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """How many scans to skip a page that failed to merge ``age`` times (the kernel's skip_age)."""
+    return np.select([age <= 3, age <= 5, age <= 8], [1, 2, 4], 8).astype(np.uint8)
+
+
+class MmSlot:
+    """The scanner's rmap items for one guest (the kernel's ksm_mm_slot and its rmap_list)."""
+
+    def __init__(self, table: PageTable) -> None:
+        n = table.pages
+        self.table = table
+        self.gid = table.gid
+        self.state = np.zeros(n, np.uint8)
+        self.checksum = np.zeros(n, np.uint64)
+        self.node = np.full(n, -1, np.int32)
+        self.age = np.zeros(n, np.uint8)
+        self.skips = np.zeros(n, np.uint8)
+        self.cursor = 0
+        self.items = 0
+        self.merging = 0
+
+    def publish(self) -> None:
+        """Write this guest's ksm_stat counters."""
+        self.table.header[H_RMAP_ITEMS] = self.items
+        self.table.header[H_MERGING] = self.merging
+
+
+@dataclass
+class StableTree:
+    """Stable nodes ("dups") by content key; arrays indexed by node id."""
+
+    by_key: dict[int, list[int]] = field(default_factory=dict)
+    by_kpfn: dict[int, int] = field(default_factory=dict)
+    kpfn: npt.NDArray[np.int64] = field(default_factory=lambda: np.full(1024, -1, np.int64))
+    kgen: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(1024, np.int64))
+    count: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(1024, np.int64))
+    key: list[int] = field(default_factory=lambda: [0] * 1024)
+    free_ids: list[int] = field(default_factory=list)
+    next_id: int = 0
+    chains: int = 0  # contents with more than one dup
+    dups: int = 0  # dups under those contents
+
+    def new_node(self, key: int, kpfn: int, kgen: int) -> int:
+        if self.free_ids:
+            nid = self.free_ids.pop()
+        else:
+            nid = self.next_id
+            self.next_id += 1
+            if nid >= len(self.kpfn):
+                grow = len(self.kpfn)
+                self.kpfn = np.concatenate([self.kpfn, np.full(grow, -1, np.int64)])
+                self.kgen = np.concatenate([self.kgen, np.zeros(grow, np.int64)])
+                self.count = np.concatenate([self.count, np.zeros(grow, np.int64)])
+                self.key.extend([0] * grow)
+        self.kpfn[nid] = kpfn
+        self.kgen[nid] = kgen
+        self.count[nid] = 0
+        self.key[nid] = key
+        dups = self.by_key.setdefault(key, [])
+        self._chain_changed(len(dups), len(dups) + 1)
+        dups.append(nid)
+        self.by_kpfn[kpfn] = nid
+        return nid
+
+    def _chain_changed(self, before: int, after: int) -> None:
+        if before > 1:
+            self.chains -= 1
+            self.dups -= before
+        if after > 1:
+            self.chains += 1
+            self.dups += after
+
+    def unlink(self, nid: int) -> None:
+        """Take node ``nid`` off the tree (its KSM page is gone); ids are reused once empty."""
+        key = self.key[nid]
+        dups = self.by_key.get(key)
+        if dups is not None and nid in dups:
+            self._chain_changed(len(dups), len(dups) - 1)
+            dups.remove(nid)
+            if not dups:
+                del self.by_key[key]
+        kpfn = int(self.kpfn[nid])
+        if self.by_kpfn.get(kpfn) == nid:
+            del self.by_kpfn[kpfn]
+        self.kpfn[nid] = -1
+
+
+class Scanner:
+    """ksmd's state and algorithm, in the scanner process (or a test's)."""
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self.frames = system.frames
+        self.slots: list[MmSlot] = []
+        self.by_gid: dict[int, MmSlot] = {}
+        self.slot_index = 0
+        self.stable = StableTree()
+        self.unstable: dict[int, int] = {}  # key → gid << 40 | page
+        self.seqnr = 0
+        self.pages_shared = 0
+        self.pages_sharing = 0
+        self.pages_unshared = 0
+        self.pages_scanned = 0
+        self.pages_skipped = 0
+        self.full_scans = system.get("full_scans")
+        self.rmap_items = 0
+        self.scan_started = time.monotonic()
+        self.scan_cpu_started = time.process_time()
+        self.advisor_scan_time_ewma = 100
+        self._new_full_scan()
+
+    # -- mm slots --------------------------------------------------------------------------
+
+    def _slot(self, gid: int) -> MmSlot:
+        slot = self.by_gid.get(gid)
+        if slot is None:
+            slot = self.by_gid[gid] = MmSlot(self.system.table(gid))
+        return slot
+
+    def _new_full_scan(self) -> None:
+        """Start a pass: empty the unstable tree, take the guests that have mergeable memory."""
+        self.unstable.clear()
+        live = set(self.system.live_guests())
+        for gid in [g for g in self.by_gid if g not in live]:
+            self._drop_slot(self.by_gid[gid])
+        self.slots = []
+        for gid in sorted(live):
+            table = self.system.table(gid)
+            if table.mergeable_ranges() or gid in self.by_gid:
+                slot = self._slot(gid)
+                slot.cursor = 0
+                self.slots.append(slot)
+        self.slot_index = 0
+        self.scan_started = time.monotonic()
+        self.scan_cpu_started = time.process_time()
+
+    def _drop_slot(self, slot: MmSlot) -> None:
+        """A guest is gone: forget its items (their mappings were torn down)."""
+        items = np.flatnonzero(slot.state)
+        self._remove_items(slot, items)
+        del self.by_gid[slot.gid]
+        self.system.forget_guest(slot.gid)
+
+    # -- rmap items -----------------------------------------------------------------------------
+
+    def _remove_items(self, slot: MmSlot, pages: npt.NDArray[np.intp]) -> None:
+        """Free the rmap items of ``pages`` (remove_rmap_item_from_tree + free_rmap_item)."""
+        if not len(pages):
+            return
+        self._remove_from_tree(slot, pages)
+        had = slot.state[pages] != NONE
+        n = int(had.sum())
+        slot.state[pages] = NONE
+        slot.checksum[pages] = 0
+        slot.age[pages] = 0
+        slot.skips[pages] = 0
+        slot.items -= n
+        self.rmap_items -= n
+
+    def _remove_from_tree(self, slot: MmSlot, pages: npt.NDArray[np.intp]) -> None:
+        """Take the items of ``pages`` off whichever tree they are on (remove_rmap_item_from_tree)."""
+        state = slot.state[pages]
+        unstable = state == UNSTABLE
+        if unstable.any():
+            self.pages_unshared -= int(unstable.sum())
+        stable = pages[state == STABLE]
+        for page in stable.tolist():
+            self._leave_node(slot, page)
+        slot.state[pages[unstable | (state == STABLE)]] = ITEM
+
+    def _leave_node(self, slot: MmSlot, page: int) -> None:
+        nid = int(slot.node[page])
+        st = self.stable
+        left = int(st.count[nid]) - 1
+        st.count[nid] = left
+        if left == 0:
+            self.pages_shared -= 1
+            st.unlink(nid)
+            st.free_ids.append(nid)
+        else:
+            self.pages_sharing -= 1
+        slot.node[page] = -1
+        slot.state[page] = ITEM
+        slot.merging -= 1
+
+    def _append(self, slot: MmSlot, page: int, nid: int) -> None:
+        """stable_tree_append: the item of ``page`` joins node ``nid``."""
+        st = self.stable
+        if st.count[nid]:
+            self.pages_sharing += 1
+        else:
+            self.pages_shared += 1
+        st.count[nid] += 1
+        slot.state[page] = STABLE
+        slot.node[page] = nid
+        slot.merging += 1
+
+    # -- the scan ---------------------------------------------------------------------------------
+
+    def do_scan(self, scan_npages: int) -> int:
+        """ksm_do_scan: process up to ``scan_npages`` pages; return how many.
+
+        A batch ends early at the end of a full scan, as in the kernel.
+        """
+        done = 0
+        while done < scan_npages:
+            if self.slot_index >= len(self.slots):
+                self._end_full_scan()
+                break
+            slot = self.slots[self.slot_index]
+            if self.system.guest_slot(slot.gid)[0] != 1:
+                self.slot_index += 1
+                continue
+            pages = self._next_pages(slot, scan_npages - done)
+            if len(pages):
+                self._scan_pages(slot, pages)
+                done += len(pages)
+            if slot.cursor >= slot.table.pages:
+                self.slot_index += 1
+        self.pages_scanned += done
+        self.publish()
+        return done
+
+    def _end_full_scan(self) -> None:
+        self.full_scans += 1
+        self.seqnr += 1
+        for slot in self.slots:
+            slot.publish()
+        if self.system.get("advisor_mode"):
+            self._scan_time_advisor()
+        self._new_full_scan()
+
+    def _next_pages(self, slot: MmSlot, budget: int) -> npt.NDArray[np.intp]:
+        """The next pages of ``slot`` to process, at most ``budget`` of them (scan_get_next_rmap_item).
+
+        Walks the PTEs from the cursor: anonymous pages of mergeable ranges get
+        an rmap item; items of addresses that have none any more are freed;
+        smart_scan skips (and does not count) pages that keep failing to merge.
+        """
+        table = slot.table
+        with table.mm_lock:
+            ranges = table.mergeable_ranges()
+        smart = self.system.get("smart_scan")
+        out: list[npt.NDArray[np.intp]] = []
+        pos = slot.cursor
+        while budget > 0 and pos < table.pages:
+            end = min(pos + max(_CHUNK, 2 * budget), table.pages)
+            eligible = np.zeros(end - pos, np.bool_)
+            for a, b in ranges:
+                if b > pos and a < end:
+                    eligible[max(a, pos) - pos:min(b, end) - pos] = True
+            ptes = table.ptes[pos:end]
+            eligible &= (ptes & _ANON_MASK) == _ANON
+            idx = np.flatnonzero(eligible) + pos
+            if smart and len(idx):
+                skip = self._would_skip(slot, idx, ptes[idx - pos])
+                counted = np.cumsum(~skip)
+            else:
+                skip = None
+                counted = np.arange(1, len(idx) + 1)
+            if len(idx) and counted[-1] > budget:
+                cut = int(np.searchsorted(counted, budget)) + 1
+                idx = idx[:cut]
+                if skip is not None:
+                    skip = skip[:cut]
+                end = int(idx[-1]) + 1
+            # Items of pages in [pos, end) that are not taken are freed.
+            span_state = slot.state[pos:end]
+            taken = np.zeros(end - pos, np.bool_)
+            taken[idx - pos] = True
+            stale = np.flatnonzero((span_state != NONE) & ~taken) + pos
+            self._remove_items(slot, stale)
+            new = idx[slot.state[idx] == NONE]
+            if len(new):
+                slot.state[new] = ITEM
+                slot.items += len(new)
+                self.rmap_items += len(new)
+            if skip is not None and len(idx):
+                self._apply_skip(slot, idx, ptes[idx - pos])
+                idx = idx[~skip]
+            out.append(idx)
+            budget -= len(idx)
+            pos = end
+        slot.cursor = pos
+        return np.concatenate(out) if out else np.zeros(0, np.intp)
+
+    def _would_skip(self, slot: MmSlot, idx: npt.NDArray[np.intp], ptes: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+        """should_skip_rmap_item's verdict, without its side effects."""
+        not_ksm = (ptes & _KSM) == 0
+        return not_ksm & (slot.age[idx] >= 3) & (slot.skips[idx] > 0) & (slot.state[idx] != NONE)
+
+    def _apply_skip(self, slot: MmSlot, idx: npt.NDArray[np.intp], ptes: npt.NDArray[np.uint64]) -> None:
+        """should_skip_rmap_item's side effects on the pages actually taken."""
+        idx = idx[(ptes & _KSM) == 0]
+        age = slot.age[idx]
+        slot.age[idx] = np.where(age < 255, age + 1, age)
+        old = age >= 3
+        zero_skips = old & (slot.skips[idx] == 0)
+        skipping = old & ~zero_skips
+        slot.skips[idx[zero_skips]] = skip_age(age[zero_skips])
+        skipped = idx[skipping]
+        slot.skips[skipped] -= 1
+        self.pages_skipped += len(skipped)
+        self._remove_from_tree(slot, skipped)
+
+    def _scan_pages(self, slot: MmSlot, pages: npt.NDArray[np.intp]) -> None:
+        """cmp_and_merge_page for a batch of pages of one guest, vectorized where it can be."""
+        ptes = slot.table.ptes[pages]
+        pfns = (ptes & _PFN).astype(np.int64)
+        is_ksm = (ptes & _KSM) != 0
+        st = self.stable
+        # A KSM page whose item already hangs on its node: nothing to do.
+        nodes = slot.node[pages]
+        settled = is_ksm & (slot.state[pages] == STABLE) & (nodes >= 0)
+        if settled.any():
+            sel = np.flatnonzero(settled)
+            settled[sel] = st.kpfn[nodes[sel]] == pfns[sel]
+        for i in np.flatnonzero(is_ksm & ~settled).tolist():
+            self._adopt_ksm_page(slot, int(pages[i]), int(pfns[i]))
+        plain = ~is_ksm
+        pages, pfns = pages[plain], pfns[plain]
+        if not len(pages):
+            return
+        self._remove_from_tree(slot, pages)
+        flat = self.frames.flat
+        sums = np.fromiter((_checksum(flat[p << 12:(p + 1) << 12]) for p in pfns.tolist()), np.uint64, len(pfns))
+        old = slot.checksum[pages]
+        slot.checksum[pages] = sums
+        steady = np.flatnonzero(old == sums)
+        if not len(steady):
+            return
+        use_zero = self.system.get("use_zero_pages")
+        max_sharing = self.system.get("max_page_sharing")
+        for i in steady.tolist():
+            self.cmp_and_merge_page(slot, int(pages[i]), int(pfns[i]), int(sums[i]), use_zero, max_sharing)
+
+    def cmp_and_merge_page(self, slot: MmSlot, page: int, pfn: int, key: int, use_zero: int, max_sharing: int) -> None:
+        """The checksum of ``page`` is unchanged since the last visit: try to merge it."""
+        table = slot.table
+        if use_zero and key == ZERO_CHECKSUM:
+            with table.ptl(page):  # type: ignore[attr-defined]
+                if ksm.replace_with_zero_page(table, page, pfn):
+                    return
+        st = self.stable
+        dups = st.by_key.get(key)
+        if dups:
+            nid = self._stable_dup(dups, max_sharing)
+            if nid >= 0:
+                if ksm.try_to_merge_one_page(table, page, pfn, int(st.kpfn[nid]), int(st.kgen[nid])):
+                    self._append(slot, page, nid)
+                return
+        ref = self.unstable.get(key)
+        if ref is not None:
+            tree_slot = self.by_gid.get(ref >> 40)
+            tree_page = ref & ((1 << 40) - 1)
+            if tree_slot is not None and tree_slot.state[tree_page] == UNSTABLE:
+                tree_pte = tree_slot.table.pv[tree_page]
+                tree_pfn = tree_pte & PFN_MASK
+                if tree_pte & (PRESENT | ZERO | UNMAPPED | KSM) != PRESENT or tree_pfn == pfn:
+                    return
+                kpfn, kgen = ksm.try_to_merge_two_pages(table, page, pfn, tree_slot.table, tree_page, tree_pfn)
+                if kpfn >= 0:
+                    del self.unstable[key]
+                    self.pages_unshared -= 1
+                    tree_slot.state[tree_page] = ITEM
+                    nid = st.new_node(key, kpfn, kgen)
+                    self._append(tree_slot, tree_page, nid)
+                    self._append(slot, page, nid)
+                return
+        self.unstable[key] = slot.gid << 40 | page
+        slot.state[page] = UNSTABLE
+        self.pages_unshared += 1
+
+    def _stable_dup(self, dups: list[int], max_sharing: int) -> int:
+        """A live dup of this content with room for one more mapping, or -1 (prunes stale dups)."""
+        st = self.stable
+        frames = self.frames
+        for nid in list(dups):
+            kpfn = int(st.kpfn[nid])
+            if frames.gn[kpfn] != st.kgen[nid] or not frames.fl[kpfn] & FRAME_KSM:
+                st.unlink(nid)  # its KSM page was freed; items leave when visited
+                continue
+            if st.count[nid] < max_sharing:
+                return nid
+        return -1
+
+    def _adopt_ksm_page(self, slot: MmSlot, page: int, pfn: int) -> None:
+        """A KSM mapping whose item is not on the page's node: append it there."""
+        self._remove_from_tree(slot, np.array([page]))
+        st = self.stable
+        nid = st.by_kpfn.get(pfn, -1)
+        if nid >= 0 and (self.frames.gn[pfn] != st.kgen[nid] or st.kpfn[nid] != pfn):
+            st.unlink(nid)
+            nid = -1
+        if nid < 0:
+            with slot.table.ptl(page):  # type: ignore[attr-defined]
+                if slot.table.pv[page] & PFN_MASK != pfn:
+                    return
+                key = _checksum(self.frames.flat[pfn << 12:(pfn + 1) << 12])
+                gen = int(self.frames.gn[pfn])
+            nid = st.new_node(key, pfn, gen)
+        self._append(slot, page, nid)
+
+    # -- run = 2 ------------------------------------------------------------------------------------
+
+    def unmerge_all(self) -> int:
+        """run=2: break every KSM mapping of every guest and free every rmap item; return mappings broken."""
+        broken = 0
+        for gid in self.system.live_guests():
+            table = self.system.table(gid)
+            with table.mm_lock:
+                broken += unmerge_range(table, 0, table.pages)
+        for slot in list(self.by_gid.values()):
+            self._remove_items(slot, np.flatnonzero(slot.state))
+            slot.publish()
+        self.stable = StableTree()
+        self.unstable.clear()
+        self.pages_shared = self.pages_sharing = self.pages_unshared = 0
+        self.full_scans = 0
+        self._new_full_scan()
+        self.publish()
+        return broken
+
+    # -- the scan-time advisor -----------------------------------------------------------------------
+
+    def _scan_time_advisor(self) -> None:
+        """Adapt pages_to_scan so a full scan takes advisor_target_scan_time (scan_time_advisor)."""
+        get = self.system.get
+        scan_time = max(1e-3, time.monotonic() - self.scan_started)
+        cpu = time.process_time() - self.scan_cpu_started
+        cpu_percent = max(1.0, 100.0 * cpu / scan_time)
+        factor = max(1.0, get("advisor_target_scan_time") * 100.0 / scan_time)
+        change = self.advisor_scan_time_ewma
+        pages = get("pages_to_scan") * 100.0 / factor * change / 100.0
+        per_page_cost = max(1.0, get("pages_to_scan") / cpu_percent)
+        pages = min(pages, per_page_cost * get("advisor_max_cpu"))
+        pages = max(pages, per_page_cost * 10, get("advisor_min_pages_to_scan"))
+        pages = min(pages, get("advisor_max_pages_to_scan"))
+        self.system.set("pages_to_scan", int(pages))
+
+    # -- counters -------------------------------------------------------------------------------------
+
+    def publish(self) -> None:
+        """Write the counters to the control segment (the scanner is their only writer)."""
+        s = self.system
+        s.set("pages_shared", self.pages_shared)
+        s.set("pages_sharing", self.pages_sharing)
+        s.set("pages_unshared", self.pages_unshared)
+        s.set("pages_scanned", self.pages_scanned)
+        s.set("pages_skipped", self.pages_skipped)
+        s.set("stable_node_chains", self.stable.chains)
+        s.set("stable_node_dups", self.stable.dups)
+        s.set("rmap_items", self.rmap_items)
+        s.set("full_scans", self.full_scans)
+        for slot in self.slots:
+            slot.publish()
+
+
+def _rss_kb() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except OSError:
+        return 0
+
+
+def ksmd(system: System, started_ns: int = 0) -> dict[str, int]:
+    """The scanner process's main loop: scan while run=1, unmerge on run=2, exit on stop.
+
+    ``started_ns`` is the host's time.monotonic_ns() at spawn, to report start-up time.
+    """
+    get = system.get
+    scanner = Scanner(system)
+    system.set("scanner_pid", os.getpid())
+    cpu0: float | None = None
+    unmerged = False
+    host = os.getppid()
+    while not get("scanner_stop"):
+        run = get("run")
+        if run == 1:
+            if cpu0 is None:
+                cpu0 = time.process_time()
+                if started_ns:
+                    system.set("scanner_startup_ns", time.monotonic_ns() - started_ns)
+            unmerged = False
+            full = scanner.full_scans
+            scanner.do_scan(max(1, get("pages_to_scan")))
+            system.set("scanner_cpu_ns", int((time.process_time() - cpu0) * 1e9))
+            system.set("scanner_batches", get("scanner_batches") + 1)
+            if scanner.full_scans != full:
+                system.set("scanner_rss_kb", _rss_kb())
+            sleep_ms = get("sleep_millisecs")
+            if sleep_ms:
+                time.sleep(sleep_ms / 1000)
+        elif run == 2 and not unmerged:
+            scanner.unmerge_all()
+            unmerged = True
+        else:
+            time.sleep(0.005)
+        if os.getppid() != host:
+            break
+    return {"full_scans": scanner.full_scans, "pages_scanned": scanner.pages_scanned}
+
+
+__all__ = ["Scanner", "ksmd", "RMAP_ITEM_BYTES", "ZERO_CHECKSUM", "with_frames"]
