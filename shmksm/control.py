@@ -63,7 +63,7 @@ _INTERNAL: Final = (
     "scanner_batches",  # batches done: a heartbeat
     "scanner_cpu_ns",  # the scanner's CPU time since its first batch
     "scanner_startup_ns",  # the scanner's start-up: process start to first batch
-    "scanner_rss_kb",  # the scanner's resident set at its last full scan
+    "scanner_rss_kb",  # the scanner's private resident memory (RssAnon) at its last full scan
     "notifier_era",
     "scanner_stop",  # the host asks the scanner to exit
 )

@@ -22,7 +22,7 @@ reusable at the next pass: the scheme of RCU and the kernel's mmu_gather.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +41,11 @@ KSM: Final = 4
 
 META_BYTES_PER_FRAME: Final = 13
 NO_EPOCH_ACK: Final = 1 << 62
+ZERO_PAGE_BYTES: Final = bytes(PAGE_SIZE)
+
+# Control words of the allocator, resolved once: alloc and put are on the copy-on-write path.
+_FREE_HEAD: Final = control.INDEX["free_head"]
+_FREE_COUNT: Final = control.INDEX["free_count"]
 
 
 def meta_size(nframes: int) -> int:
@@ -72,6 +77,10 @@ class Frames:
         self.ctl = ctl
         self.cv = memoryview(ctl).cast("B").cast("q")
         self.locks = locks
+        self.alloc_lock: Any = locks.alloc  # type: ignore[attr-defined]
+        self.stat_lock: Any = locks.stat  # type: ignore[attr-defined]
+        self._frame_locks: list[Any] = locks.frame  # type: ignore[attr-defined]
+        self._nframe_locks = len(self._frame_locks)
 
     def release_views(self) -> None:
         """Drop every view so that the segments can be closed."""
@@ -105,21 +114,20 @@ class Frames:
         Raises FramesPending when only waiting frames remain, OutOfFrames when
         none remain at all.
         """
-        I = control.INDEX
         cv = self.cv
-        lock = self.locks.alloc  # type: ignore[attr-defined]
+        lock = self.alloc_lock
         lock.acquire()
         try:
-            pfn = cv[I["free_head"]]
+            pfn = cv[_FREE_HEAD]
             if pfn < 0:
                 self._reclaim_locked()
-                pfn = cv[I["free_head"]]
+                pfn = cv[_FREE_HEAD]
                 if pfn < 0:
-                    if cv[I["wait_count"]]:
+                    if cv[control.INDEX["wait_count"]]:
                         raise FramesPending
                     raise OutOfFrames(f"out of frames: all {self.nframes - 1} frames of the pool are mapped")
-            cv[I["free_head"]] = self.nx[pfn]
-            cv[I["free_count"]] -= 1
+            cv[_FREE_HEAD] = self.nx[pfn]
+            cv[_FREE_COUNT] -= 1
             self.fl[pfn] = INUSE
             self.mc[pfn] = 0
             return pfn
@@ -210,16 +218,30 @@ class Frames:
     # -- frame-level helpers ---------------------------------------------------
 
     def frame_lock(self, pfn: int) -> object:
-        return self.locks.frame[pfn % len(self.locks.frame)]  # type: ignore[attr-defined]
+        return self._frame_locks[pfn % self._nframe_locks]
 
     def put(self, pfn: int) -> None:
         """Drop one mapping of ``pfn``; free it when none is left.  Takes its frame lock."""
         if pfn == ZERO_PFN:
             return
-        with self.frame_lock(pfn):  # type: ignore[attr-defined]
-            left = self.mc[pfn] - 1
-            self.mc[pfn] = left
+        lock = self._frame_locks[pfn % self._nframe_locks]
+        lock.acquire()
+        try:
+            mc = self.mc
+            left = mc[pfn] - 1
+            mc[pfn] = left
             if left == 0:
                 self.free(pfn)
             elif left < 0:
                 raise InternalError(f"frame {pfn}: mapcount below zero")
+        finally:
+            lock.release()
+
+    def copy_frame(self, dst: int, src: int) -> None:
+        """Copy frame ``src`` into frame ``dst`` (a memoryview copy: a fraction of numpy's cost)."""
+        flat = self.flat
+        flat[dst << 12:(dst + 1) << 12] = flat[src << 12:(src + 1) << 12]
+
+    def zero_frame(self, pfn: int) -> None:
+        """Fill frame ``pfn`` with zeros."""
+        self.flat[pfn << 12:(pfn + 1) << 12] = ZERO_PAGE_BYTES

@@ -28,6 +28,7 @@ from __future__ import annotations
 import multiprocessing
 from collections.abc import Iterator
 from contextlib import contextmanager
+from multiprocessing import util
 from multiprocessing.context import BaseContext
 from typing import Any, Final
 
@@ -53,6 +54,20 @@ class LockTable:
     def in_order(self) -> list[Any]:
         """Every lock, in the global lock order."""
         return [*self.mm, *self.ptl, *self.frame, self.alloc, self.stat]
+
+    def unlink(self) -> None:
+        """Remove the semaphores' names from /dev/shm now (the host, once no worker is left).
+
+        multiprocessing unlinks a named semaphore only when its lock is
+        garbage-collected, so a closed machine that is still referenced would
+        keep hundreds of ``sem.mp-*`` entries.  Running each lock's finalizer
+        now unlinks its name exactly once; the locks keep working here.
+        """
+        mine = {id(lock) for lock in self.in_order()}
+        for finalizer in list(util._finalizer_registry.values()):  # type: ignore[attr-defined]
+            ref = getattr(finalizer, "_weakref", None)
+            if ref is not None and id(ref()) in mine:
+                finalizer()
 
     def ptl_index(self, guest_id: int, page: int) -> int:
         """The page-table lock index of one guest page."""

@@ -34,7 +34,6 @@ from .errors import ProcessDied, UsageError
 from .frames import PAGE_SIZE
 from .guest import GuestView
 from .locks import LockTable, default_context
-from .scanner import ksmd as ksmd_main
 from .sysfs import Ksm, guest_ksm_stat
 from .system import System, SystemSpec
 
@@ -192,6 +191,8 @@ class Machine:
         """Start the scanner process (again, after one died); it scans while ``run`` is 1."""
         if self.ksmd is not None and self.ksmd.is_alive():
             raise UsageError(f"ksmd already runs (pid {self.ksmd.pid})")
+        from workers.ksmd import ksmd as ksmd_main
+
         self.system.set("scanner_stop", 0)
         self.ksmd = self.spawn(ksmd_main, None, time.monotonic_ns(), name="ksmd")
         return self.ksmd

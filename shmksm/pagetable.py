@@ -24,7 +24,7 @@ every access through it, happens under the page-table lock of its run of 512.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -52,6 +52,7 @@ H_RANGES: Final = 8
 MAX_RANGES: Final = (HEADER_WORDS - H_RANGES) // 2
 
 ZERO_PTE: Final = PRESENT | ZERO | YOUNG
+_COW_KSM: Final = control.INDEX["cow_ksm"]
 KSM_ZERO_PTE: Final = PRESENT | ZERO | KSM
 
 
@@ -80,10 +81,13 @@ class PageTable:
         locks = frames.locks
         self.ptl_table = locks.ptl  # type: ignore[attr-defined]
         self.mm_lock = locks.mm[gid]  # type: ignore[attr-defined]
-        # ptl_index(gid, page) is (gid * 97 + (page >> 9)) % NPTL: precompute the base.
+        # ptl_index(gid, page) is (gid * 97 + (page >> 9)) % NPTL: precompute the base,
+        # and the lock of every run of 512 PTEs, so that a hot path finds it with one index.
         self.ptl_base = gid * 97
         self.nptl = len(self.ptl_table)
-        self.notifier = None
+        self.run_locks: list[Any] = [self.ptl_table[(self.ptl_base + run) % self.nptl]
+                                     for run in range((self.pages + 511) >> 9)]
+        self.notifier: Any = None
 
     def release_views(self) -> None:
         self.pv.release()
@@ -91,7 +95,7 @@ class PageTable:
 
     def ptl(self, page: int) -> object:
         """The page-table lock of ``page``."""
-        return self.ptl_table[(self.ptl_base + (page >> 9)) % self.nptl]
+        return self.run_locks[page >> 9]
 
     # -- faults: called with the page's PTL held ----------------------------------
 
@@ -122,12 +126,12 @@ class PageTable:
             # do_anonymous_page, or wp_page_copy from the zero page.
             pfn = frames.alloc()
             if not whole:
-                frames.pool[pfn] = 0
+                frames.zero_frame(pfn)
             frames.mc[pfn] = 1
             new = pfn | PRESENT | WRITE | DIRTY | YOUNG
             pv[page] = new
-            if pte & PRESENT:
-                self._notify_change(page, new)
+            if pte & PRESENT and self.notifier is not None:
+                self.notifier.change_pte(self.gid, page, new)
             return new
         old = pte & PFN_MASK
         if not frames.fl[old] & FRAME_KSM and frames.mc[old] == 1:
@@ -146,15 +150,19 @@ class PageTable:
         frames = self.frames
         old = pte & PFN_MASK
         pfn = frames.alloc()
-        frames.pool[pfn] = frames.pool[old]
+        frames.copy_frame(pfn, old)
         frames.mc[pfn] = 1
         new = pfn | PRESENT | WRITE | YOUNG | (DIRTY if dirty else pte & DIRTY)
         self.pv[page] = new
         if frames.fl[old] & FRAME_KSM:
-            stat = frames.locks.stat  # type: ignore[attr-defined]
-            with stat:
-                frames.cv[control.INDEX["cow_ksm"]] += 1
-        self._notify_change(page, new)
+            stat = frames.stat_lock
+            stat.acquire()
+            try:
+                frames.cv[_COW_KSM] += 1
+            finally:
+                stat.release()
+        if self.notifier is not None:
+            self.notifier.change_pte(self.gid, page, new)
         frames.put(old)
         return new
 

@@ -50,7 +50,6 @@ freed and reused frame is never taken for the page it was.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Final
@@ -61,7 +60,7 @@ import xxhash
 
 from . import ksm
 from .frames import KSM as FRAME_KSM, PAGE_SIZE
-from .guest import unmerge_range, with_frames
+from .guest import unmerge_range
 from .pagetable import H_MERGING, H_RMAP_ITEMS, KSM, PFN_MASK, PRESENT, UNMAPPED, ZERO, PageTable
 from .system import System
 
@@ -289,6 +288,12 @@ class Scanner:
         A batch ends early at the end of a full scan, as in the kernel.
         """
         done = 0
+        if not self.slots:
+            # No guest had mergeable memory when this pass began: look again,
+            # and count no full scan over nothing (the kernel's empty mm list).
+            self._new_full_scan()
+            if not self.slots:
+                return 0
         while done < scan_npages:
             if self.slot_index >= len(self.slots):
                 self._end_full_scan()
@@ -542,50 +547,4 @@ class Scanner:
             slot.publish()
 
 
-def _rss_kb() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-    except OSError:
-        return 0
-
-
-def ksmd(system: System, started_ns: int = 0) -> dict[str, int]:
-    """The scanner process's main loop: scan while run=1, unmerge on run=2, exit on stop.
-
-    ``started_ns`` is the host's time.monotonic_ns() at spawn, to report start-up time.
-    """
-    get = system.get
-    scanner = Scanner(system)
-    system.set("scanner_pid", os.getpid())
-    cpu0: float | None = None
-    unmerged = False
-    host = os.getppid()
-    while not get("scanner_stop"):
-        run = get("run")
-        if run == 1:
-            if cpu0 is None:
-                cpu0 = time.process_time()
-                if started_ns:
-                    system.set("scanner_startup_ns", time.monotonic_ns() - started_ns)
-            unmerged = False
-            full = scanner.full_scans
-            scanner.do_scan(max(1, get("pages_to_scan")))
-            system.set("scanner_cpu_ns", int((time.process_time() - cpu0) * 1e9))
-            system.set("scanner_batches", get("scanner_batches") + 1)
-            if scanner.full_scans != full:
-                system.set("scanner_rss_kb", _rss_kb())
-            sleep_ms = get("sleep_millisecs")
-            if sleep_ms:
-                time.sleep(sleep_ms / 1000)
-        elif run == 2 and not unmerged:
-            scanner.unmerge_all()
-            unmerged = True
-        else:
-            time.sleep(0.005)
-        if os.getppid() != host:
-            break
-    return {"full_scans": scanner.full_scans, "pages_scanned": scanner.pages_scanned}
-
-
-__all__ = ["Scanner", "ksmd", "RMAP_ITEM_BYTES", "ZERO_CHECKSUM", "with_frames"]
+__all__ = ["RMAP_ITEM_BYTES", "ZERO_CHECKSUM", "Scanner"]

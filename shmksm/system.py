@@ -134,7 +134,9 @@ class System:
                 seg.close()
 
     def close(self) -> None:
-        """Drop every view and close (on the host: unlink) every segment."""
+        """Drop every view and close (on the host: unlink) every segment and semaphore name."""
+        if self.owner:
+            self.locks.unlink()
         for gid in list(self._guest_segments):
             self.forget_guest(gid)
         if hasattr(self, "frames"):

@@ -1,0 +1,115 @@
+"""Run guest memory images under ksmd until the counters settle, as realksm.py does on Linux.
+
+:func:`run_images` returns the same JSON-ready report as the kernel-side tool,
+key by key (``ksm``, ``converged``, ``wall_seconds``, ``ksmd_cpu_seconds``,
+``timeline``, ...), so that the two can be compared directly.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .errors import OutOfFrames, UsageError
+from .frames import PAGE_SIZE
+from .machine import Machine
+from .sysfs import counters
+
+RUN_COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned",
+                "full_scans", "stable_node_chains", "stable_node_dups", "ksm_zero_pages", "general_profit")
+_SETTLE_KEYS = ("pages_shared", "pages_sharing", "ksm_zero_pages")
+
+
+def image_pages(path: str) -> int:
+    """Pages in a raw image; UsageError if it is missing, empty or not a multiple of 4096 bytes."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise UsageError(f"image {path!r}: {exc.strerror or exc}") from None
+    if size == 0 or size % PAGE_SIZE:
+        raise UsageError(f"image {path!r}: size {size} is not a positive multiple of {PAGE_SIZE}")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"image {path!r}: not readable")
+    return size // PAGE_SIZE
+
+
+def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, stable_scans: int = 3,
+               max_scans: int | None = None, max_seconds: float | None = None, timeout: float = 600.0,
+               frames: int | None = None, progress: Callable[[dict[str, int]], None] | None = None) -> dict[str, Any]:
+    """Load each image into a guest, run ksmd, follow the counters; return the report.
+
+    Stops when pages_shared, pages_sharing and ksm_zero_pages have not changed
+    for ``stable_scans`` full scans (or after ``max_scans`` full scans, or
+    ``max_seconds``), or at ``timeout``.
+    """
+    if not images:
+        raise UsageError("no image given")
+    sizes = [image_pages(p) for p in images]
+    knobs = dict(knobs or {})
+    total = sum(sizes)
+    nframes = frames if frames is not None else total + 1 + max(64, total // 64)
+    from workers.guest_image import load_image
+
+    with Machine(frames=nframes, **knobs) as machine:
+        guests = [machine.add_guest(pages=n) for n in sizes]
+        loaders = [machine.spawn(load_image, g, os.path.abspath(p), name=f"load{g.id}") for g, p in zip(guests, images)]
+        for loader in loaders:
+            loader.join()
+        system = machine.system
+        base_scanned = system.get("pages_scanned")
+        t0 = time.perf_counter()
+        machine.ksm.run = 1
+        timeline: list[dict[str, Any]] = []
+        last: tuple[int, ...] | None = None
+        last_change_scan = 0
+        converged_at = (0.0, 0, 0)
+        snap: dict[str, int] = {}
+        while time.perf_counter() - t0 < timeout:
+            time.sleep(0.005)
+            if machine.ksmd is None or not machine.ksmd.is_alive():
+                raise OutOfFrames("ksmd died during the run") if machine.deaths else UsageError("ksmd stopped")
+            now = counters(system)
+            snap = {k: now[k] for k in RUN_COUNTERS}
+            snap["pages_scanned"] -= base_scanned
+            key = tuple(snap[k] for k in _SETTLE_KEYS)
+            elapsed = time.perf_counter() - t0
+            if key != last:
+                last, last_change_scan = key, snap["full_scans"]
+                converged_at = (elapsed, snap["full_scans"], system.get("scanner_cpu_ns"))
+            if not timeline or any(timeline[-1][k] != v for k, v in snap.items() if k != "pages_scanned"):
+                timeline.append({"t": round(elapsed, 4), **snap})
+                if progress is not None:
+                    progress(snap)
+            if snap["full_scans"] - last_change_scan >= stable_scans:
+                break
+            if max_scans is not None and snap["full_scans"] >= max_scans:
+                break
+            if max_seconds is not None and elapsed >= max_seconds:
+                break
+        wall = time.perf_counter() - t0
+        machine.ksm.run = 0
+        cpu_ns = system.get("scanner_cpu_ns")
+        final = {k: v for k, v in counters(system).items() if k in RUN_COUNTERS}
+        final["pages_scanned"] -= base_scanned
+        stats = [g.ksm_stat() for g in guests]
+        machine.check()
+        return {
+            "source": "shmksm",
+            "kernel": f"shmksm emulator on {platform.python_implementation()} {platform.python_version()}",
+            "images": list(images),
+            "pages": total,
+            "knobs": {k: getattr(machine.ksm, k) for k in ("pages_to_scan", "sleep_millisecs", "max_page_sharing",
+                                                           "use_zero_pages", "smart_scan")},
+            "ksm": final,
+            "converged": {"seconds": round(converged_at[0], 4), "full_scans": converged_at[1],
+                          "ksmd_cpu_seconds": round(converged_at[2] / 1e9, 3)},
+            "wall_seconds": round(wall, 4),
+            "ksmd_cpu_seconds": round(cpu_ns / 1e9, 3),
+            "ksmd_startup_seconds": round(system.get("scanner_startup_ns") / 1e9, 3),
+            "ksmd_rss_anon_kb": system.get("scanner_rss_kb"),
+            "ksm_stat": stats,
+            "timeline": timeline,
+        }
