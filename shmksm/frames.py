@@ -22,6 +22,7 @@ reusable at the next pass: the scheme of RCU and the kernel's mmu_gather.
 
 from __future__ import annotations
 
+import mmap
 from typing import Any, Final
 
 import numpy as np
@@ -46,6 +47,10 @@ ZERO_PAGE_BYTES: Final = bytes(PAGE_SIZE)
 # Control words of the allocator, resolved once: alloc and put are on the copy-on-write path.
 _FREE_HEAD: Final = control.INDEX["free_head"]
 _FREE_COUNT: Final = control.INDEX["free_count"]
+_WAIT_HEAD: Final = control.INDEX["wait_head"]
+_WAIT_TAIL: Final = control.INDEX["wait_tail"]
+_WAIT_COUNT: Final = control.INDEX["wait_count"]
+_EPOCH: Final = control.INDEX["epoch"]
 
 
 def meta_size(nframes: int) -> int:
@@ -65,6 +70,11 @@ class Frames:
         self.nframes = n
         self.pool: npt.NDArray[np.uint8] = np.ndarray((n, PAGE_SIZE), np.uint8, pool_buf)
         self.flat: memoryview = pool_buf
+        # The mmap under the pool's memoryview: its slices read into bytes and
+        # assign from any buffer in one step, and move() copies a frame in place.
+        if not isinstance(pool_buf.obj, mmap.mmap):
+            raise InternalError(f"the frame pool must be a shared-memory mapping, not {type(pool_buf.obj).__name__}")
+        self.mm: mmap.mmap = pool_buf.obj
         self.mapcount: npt.NDArray[np.int32] = np.ndarray(n, np.int32, meta_buf, 0)
         self.gen: npt.NDArray[np.uint32] = np.ndarray(n, np.uint32, meta_buf, 4 * n)
         self.next: npt.NDArray[np.int32] = np.ndarray(n, np.int32, meta_buf, 8 * n)
@@ -141,24 +151,28 @@ class Frames:
         """
         if pfn == ZERO_PFN:
             raise InternalError("the zero page is never freed")
-        with self.locks.alloc:  # type: ignore[attr-defined]
+        lock = self.alloc_lock
+        lock.acquire()
+        try:
             self.free_locked(pfn)
+        finally:
+            lock.release()
 
     def free_locked(self, pfn: int) -> None:
         """free() for a caller that holds the allocator lock."""
-        I = control.INDEX
         cv = self.cv
+        nx = self.nx
         self.gn[pfn] = (self.gn[pfn] + 1) & 0xFFFFFFFF
         self.fl[pfn] = WAITING
-        self.mc[pfn] = cv[I["epoch"]]
-        self.nx[pfn] = -1
-        tail = cv[I["wait_tail"]]
+        self.mc[pfn] = cv[_EPOCH]
+        nx[pfn] = -1
+        tail = cv[_WAIT_TAIL]
         if tail < 0:
-            cv[I["wait_head"]] = pfn
+            cv[_WAIT_HEAD] = pfn
         else:
-            self.nx[tail] = pfn
-        cv[I["wait_tail"]] = pfn
-        cv[I["wait_count"]] += 1
+            nx[tail] = pfn
+        cv[_WAIT_TAIL] = pfn
+        cv[_WAIT_COUNT] += 1
 
     def reclaim(self) -> int:
         """Run a reclaim pass; return how many frames became free.  Takes the allocator lock."""
@@ -238,10 +252,9 @@ class Frames:
             lock.release()
 
     def copy_frame(self, dst: int, src: int) -> None:
-        """Copy frame ``src`` into frame ``dst`` (a memoryview copy: a fraction of numpy's cost)."""
-        flat = self.flat
-        flat[dst << 12:(dst + 1) << 12] = flat[src << 12:(src + 1) << 12]
+        """Copy frame ``src`` into frame ``dst``: one memmove, no view or array made."""
+        self.mm.move(dst << 12, src << 12, PAGE_SIZE)
 
     def zero_frame(self, pfn: int) -> None:
         """Fill frame ``pfn`` with zeros."""
-        self.flat[pfn << 12:(pfn + 1) << 12] = ZERO_PAGE_BYTES
+        self.mm[pfn << 12:(pfn + 1) << 12] = ZERO_PAGE_BYTES

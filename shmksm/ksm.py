@@ -75,18 +75,25 @@ def replace_page(table: PageTable, page: int, pfn: int, kpfn: int, kgen: int) ->
     """Merge ``page`` (mapping ``pfn``) into KSM page (``kpfn``, ``kgen``); return success.
 
     write_protect_page → pages_identical → replace_page.  PTL held; takes the
-    KSM page's frame lock, then the old frame's.
+    KSM page's frame lock, then the old frame's.  The scanner's hottest path:
+    locks are taken with their raw acquire/release.
     """
     pte = write_protect_page(table, page, pfn)
     if not pte:
         return False
     frames = table.frames
-    with frames.frame_lock(kpfn):  # type: ignore[attr-defined]
-        if frames.gn[kpfn] != kgen or not frames.fl[kpfn] & FRAME_KSM or frames.mc[kpfn] <= 0:
+    lock = frames.frame_lock(kpfn)
+    lock.acquire()  # type: ignore[attr-defined]
+    try:
+        mc = frames.mc
+        if frames.gn[kpfn] != kgen or not frames.fl[kpfn] & FRAME_KSM or mc[kpfn] <= 0:
             return False
-        if not pages_identical(frames, pfn, kpfn):
+        flat = frames.flat
+        if bytes(flat[pfn << 12:(pfn + 1) << 12]) != bytes(flat[kpfn << 12:(kpfn + 1) << 12]):
             return False
-        frames.mc[kpfn] += 1
+        mc[kpfn] += 1
+    finally:
+        lock.release()  # type: ignore[attr-defined]
     new = kpfn | PRESENT | KSM | (pte & (DIRTY | YOUNG))
     table.pv[page] = new
     if table.notifier is not None:
@@ -109,8 +116,12 @@ def replace_with_zero_page(table: PageTable, page: int, pfn: int) -> bool:
 
 def try_to_merge_one_page(table: PageTable, page: int, pfn: int, kpfn: int, kgen: int) -> bool:
     """replace_page under ``page``'s PTL (which it takes)."""
-    with table.ptl(page):  # type: ignore[attr-defined]
+    lock = table.ptl(page)
+    lock.acquire()  # type: ignore[attr-defined]
+    try:
         return replace_page(table, page, pfn, kpfn, kgen)
+    finally:
+        lock.release()  # type: ignore[attr-defined]
 
 
 def try_to_merge_two_pages(a: PageTable, apage: int, apfn: int,
