@@ -251,6 +251,22 @@ class Frames:
         finally:
             lock.release()
 
+    def drop_private(self, pfns: list[int]) -> None:
+        """Free frames that were each mapped by one PTE, now replaced.  Takes the allocator lock.
+
+        No frame lock is needed: no PTE maps these frames any more, so no one
+        else can change their mapcounts.
+        """
+        lock = self.alloc_lock
+        lock.acquire()
+        try:
+            for pfn in pfns:
+                if self.mc[pfn] != 1 or self.fl[pfn] & KSM:
+                    raise InternalError(f"frame {pfn}: dropped as private but mapcount {self.mc[pfn]}")
+                self.free_locked(pfn)
+        finally:
+            lock.release()
+
     def copy_frame(self, dst: int, src: int) -> None:
         """Copy frame ``src`` into frame ``dst``: one memmove, no view or array made."""
         self.mm.move(dst << 12, src << 12, PAGE_SIZE)

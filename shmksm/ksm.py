@@ -24,6 +24,10 @@ from .frames import KSM as FRAME_KSM, PAGE_SIZE, ZERO_PFN, Frames
 from .pagetable import DIRTY, KSM, KSM_ZERO_PTE, PFN_MASK, PRESENT, UNMAPPED, WRITE, YOUNG, ZERO, PageTable
 
 ZERO_BYTES: Final = bytes(PAGE_SIZE)
+_MERGEABLE_MASK: Final = PRESENT | ZERO | UNMAPPED | KSM
+_NOT_WRITE: Final = ~WRITE
+_KSM_PRESENT: Final = KSM | PRESENT
+_DIRTY_YOUNG: Final = DIRTY | YOUNG
 
 
 def page_bytes(frames: Frames, pfn: int) -> bytes:
@@ -64,9 +68,11 @@ def make_ksm_page(table: PageTable, page: int, pfn: int) -> int:
     if not pte:
         return -1
     frames = table.frames
-    with frames.frame_lock(pfn):  # type: ignore[attr-defined]
-        frames.fl[pfn] |= FRAME_KSM
-        gen = frames.gn[pfn]
+    lock = frames.frame_lock(pfn)
+    lock.acquire()  # type: ignore[attr-defined]
+    frames.fl[pfn] |= FRAME_KSM
+    gen: int = frames.gn[pfn]
+    lock.release()  # type: ignore[attr-defined]
     table.pv[page] = pte | KSM
     return gen
 
@@ -98,8 +104,76 @@ def replace_page(table: PageTable, page: int, pfn: int, kpfn: int, kgen: int) ->
     table.pv[page] = new
     if table.notifier is not None:
         table.notifier.change_pte(table.gid, page, new)
-    frames.put(pfn)
+    frames.drop_private([pfn])
     return True
+
+
+def replace_pages(table: PageTable, pages: list[int], pfns: list[int], kpfn: int, kgen: int) -> list[bool]:
+    """replace_page for several pages of one guest into one KSM page; which ones merged.
+
+    ``pages`` ascend.  The same steps as :func:`replace_page` for every page
+    (write_protect_page inlined), with the locks amortized: each run of pages
+    under one page-table lock is done in one critical section, and the KSM
+    page is read once.  The old frames were mapped only by the PTEs just
+    replaced (checked under the PTL), so nobody else can reach their
+    mapcounts: they are dropped together under one allocator lock.
+    """
+    frames = table.frames
+    flat, mc, fl, pv = frames.flat, frames.mc, frames.fl, table.pv
+    notifier, gid = table.notifier, table.gid
+    klock = frames.frame_lock(kpfn)
+    merged = [False] * len(pages)
+    kbytes = b""
+    i, n = 0, len(pages)
+    while i < n:
+        run = pages[i] >> 9
+        j = i + 1
+        while j < n and pages[j] >> 9 == run:
+            j += 1
+        dropped: list[int] = []
+        lock = table.ptl(pages[i])
+        lock.acquire()  # type: ignore[attr-defined]
+        try:
+            protected = []
+            for k in range(i, j):
+                page, pfn = pages[k], pfns[k]
+                pte = pv[page]
+                if pte & _MERGEABLE_MASK != PRESENT or pte & PFN_MASK != pfn or mc[pfn] != 1 or fl[pfn] & FRAME_KSM:
+                    continue
+                if pte & WRITE:
+                    if notifier is not None:
+                        notifier.invalidate_range(gid, page, page + 1)
+                    pte &= _NOT_WRITE
+                    pv[page] = pte
+                protected.append((k, pte))
+            if protected:
+                same = []
+                klock.acquire()  # type: ignore[attr-defined]
+                try:
+                    if frames.gn[kpfn] != kgen or not fl[kpfn] & FRAME_KSM or mc[kpfn] <= 0:
+                        return merged
+                    if not kbytes:
+                        kbytes = bytes(flat[kpfn << 12:(kpfn + 1) << 12])
+                    for k, pte in protected:
+                        pfn = pfns[k]
+                        if bytes(flat[pfn << 12:(pfn + 1) << 12]) == kbytes:
+                            same.append((k, pte))
+                    mc[kpfn] += len(same)
+                finally:
+                    klock.release()  # type: ignore[attr-defined]
+                for k, pte in same:
+                    new = kpfn | _KSM_PRESENT | (pte & _DIRTY_YOUNG)
+                    pv[pages[k]] = new
+                    if notifier is not None:
+                        notifier.change_pte(gid, pages[k], new)
+                    merged[k] = True
+                    dropped.append(pfns[k])
+        finally:
+            lock.release()  # type: ignore[attr-defined]
+            if dropped:
+                frames.drop_private(dropped)
+        i = j
+    return merged
 
 
 def replace_with_zero_page(table: PageTable, page: int, pfn: int) -> bool:
@@ -131,8 +205,12 @@ def try_to_merge_two_pages(a: PageTable, apage: int, apfn: int,
     Takes each page's PTL in turn, never both.  If the second half fails,
     the first page's sharing is broken again, as the kernel's break_cow.
     """
-    with a.ptl(apage):  # type: ignore[attr-defined]
+    lock = a.ptl(apage)
+    lock.acquire()  # type: ignore[attr-defined]
+    try:
         kgen = make_ksm_page(a, apage, apfn)
+    finally:
+        lock.release()  # type: ignore[attr-defined]
     if kgen < 0:
         return -1, -1
     if try_to_merge_one_page(b, bpage, bpfn, apfn, kgen):

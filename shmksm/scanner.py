@@ -443,9 +443,9 @@ class Scanner:
         # in bulk; everything else goes through cmp_and_merge_page in order.
         by_key, unstable = self.stable.by_key, self.unstable
         slow = np.fromiter((k in by_key or k in unstable for k in klist), np.bool_, len(klist))
-        uniq, first, counts = np.unique(keys, return_index=True, return_counts=True)
+        uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
         if len(uniq) != len(keys):
-            slow |= np.isin(keys, uniq[counts > 1])
+            slow |= counts[inverse] > 1
         if use_zero:
             slow |= keys == np.uint64(ZERO_CHECKSUM)
         fast = np.flatnonzero(~slow)
@@ -454,8 +454,39 @@ class Scanner:
             unstable.update(zip(keys[fast].tolist(), (fast_pages | (slot.gid << 40)).tolist()))
             slot.state[fast_pages] = UNSTABLE
             self.pages_unshared += len(fast)
-        for i in steady[slow].tolist():
-            self.cmp_and_merge_page(slot, int(pages[i]), int(pfns[i]), int(sums[i]), use_zero, max_sharing)
+        self._merge_slow(slot, pages[steady[slow]].tolist(), pfns[steady[slow]].tolist(),
+                         keys[slow].tolist(), use_zero, max_sharing)
+
+    def _merge_slow(self, slot: MmSlot, pages: list[int], pfns: list[int], keys: list[int],
+                    use_zero: int, max_sharing: int) -> None:
+        """cmp_and_merge_page for each page, in order; pages of one content that hit a
+        stable dup with room are merged into it together (ksm.replace_pages)."""
+        st = self.stable
+        by_key = st.by_key
+        # Indices of each content, in order; a page is done once its content's
+        # cursor has passed it.
+        same_key: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            same_key.setdefault(key, []).append(i)
+        cursor = dict.fromkeys(same_key, 0)
+        for i, key in enumerate(keys):
+            at = cursor[key]
+            indices = same_key[key]
+            if at >= len(indices) or indices[at] != i:
+                continue  # merged already, with an earlier page of its content
+            dups = by_key.get(key)
+            nid = self._stable_dup(dups, max_sharing) if dups and not (use_zero and key == ZERO_CHECKSUM) else -1
+            if nid < 0:
+                cursor[key] = at + 1
+                self.cmp_and_merge_page(slot, pages[i], pfns[i], key, use_zero, max_sharing)
+                continue
+            group = indices[at:at + max_sharing - st.count_v[nid]]
+            cursor[key] = at + len(group)
+            merged = ksm.replace_pages(slot.table, [pages[k] for k in group], [pfns[k] for k in group],
+                                       st.kpfn_v[nid], st.kgen_v[nid])
+            for k, ok in zip(group, merged):
+                if ok:
+                    self._append(slot, pages[k], nid)
 
     def cmp_and_merge_page(self, slot: MmSlot, page: int, pfn: int, key: int, use_zero: int, max_sharing: int) -> None:
         """The checksum of ``page`` is unchanged since the last visit: try to merge it."""
@@ -499,13 +530,15 @@ class Scanner:
         st = self.stable
         gn, fl = self.frames.gn, self.frames.fl
         kpfn_of, kgen_of, count = st.kpfn_v, st.kgen_v, st.count_v
-        for nid in dups:
+        # Dups fill one at a time, so the newest is the one likely to have room.
+        for nid in reversed(dups):
+            if count[nid] >= max_sharing:
+                continue
             kpfn = kpfn_of[nid]
             if gn[kpfn] != kgen_of[nid] or not fl[kpfn] & FRAME_KSM:
                 st.unlink(nid)  # its KSM page was freed; items leave when visited
                 return self._stable_dup(dups, max_sharing) if dups else -1
-            if count[nid] < max_sharing:
-                return nid
+            return nid
         return -1
 
     def _adopt_ksm_page(self, slot: MmSlot, page: int, pfn: int) -> None:
