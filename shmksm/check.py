@@ -24,6 +24,7 @@ import numpy.typing as npt
 from .errors import CheckError
 from .frames import INUSE, KSM as FRAME_KSM, WAITING, ZERO_PFN
 from .locks import stop_the_world
+from .mmu_notifier import RELEASE
 from .pagetable import KSM, PFN_MASK, PRESENT, UNMAPPED, WRITE, ZERO, describe
 from .system import System
 
@@ -136,10 +137,12 @@ def recover(system: System, dead_guests: list[int]) -> int:
     """
     with stop_the_world(system.locks):
         for gid in dead_guests:
-            table = system.table(gid)
-            if table.notifier is not None:
-                table.notifier.invalidate_range(gid, 0, table.pages)
-            table.ptes[:] = 0
+            # release runs before the guest's frames are freed: they are
+            # dropped after this event, so none is reused before every
+            # shadow has run it (mmu_notifier_release in exit_mmap).
+            if system.notifier.active(gid):
+                system.notifier.emit_locked(RELEASE, gid, 0, 0)
+            system.table(gid).ptes[:] = 0
         return rebuild_locked(system)
 
 

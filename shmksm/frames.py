@@ -3,7 +3,7 @@
 The pool is ``uint8[nframes, 4096]`` in one segment; frame 0 is the zero page.
 The metadata segment is organized as follows (``n`` = nframes)::
 
-    int32[n]   mapcount   PTEs mapping the frame; while WAITING, the epoch it was dropped in
+    int32[n]   mapcount   PTEs mapping the frame; while WAITING, the epoch it was dropped in (mod 2**32)
     uint32[n]  gen        bumped every time the frame is freed
     int32[n]   next       link of the free list or of the waiting list, -1 ends a list
     uint8[n]   flags      INUSE, WAITING, KSM
@@ -13,11 +13,14 @@ The metadata segment is organized as follows (``n`` = nframes)::
 **Reclamation.**  A frame dropped by a copy-on-write, a merge or an unmap is
 not free at once: a secondary MMU (a shadow worker) may still read it through
 an entry it has not yet invalidated.  It goes to the tail of the waiting list,
-tagged with the current epoch.  A *participant* (a reader outside the
-page-table locks) acknowledges an epoch when it holds nothing older; a
-reclaim pass bumps the epoch and moves every waiting frame older than the
-oldest acknowledgment to the free list.  With no participant, frames are
-reusable at the next pass: the scheme of RCU and the kernel's mmu_gather.
+tagged with the current *epoch*: the number of notifier events produced so
+far (control field ``epoch``, the head of the notifier ring), which includes
+the event that invalidated the frame's last mapping.  A *participant* (a
+shadow worker) acknowledges how many events it has processed; a reclaim pass
+moves every waiting frame whose tag is at most the oldest acknowledgment to
+the free list.  With no participant, waiting frames are reusable at the next
+pass: the scheme of RCU and the kernel's mmu_gather.  Tags are the low 32
+bits of the epoch, compared modulo 2**32.
 """
 
 from __future__ import annotations
@@ -164,7 +167,8 @@ class Frames:
         nx = self.nx
         self.gn[pfn] = (self.gn[pfn] + 1) & 0xFFFFFFFF
         self.fl[pfn] = WAITING
-        self.mc[pfn] = cv[_EPOCH]
+        epoch = cv[_EPOCH] & 0xFFFFFFFF
+        self.mc[pfn] = epoch - ((epoch & 0x80000000) << 1)
         nx[pfn] = -1
         tail = cv[_WAIT_TAIL]
         if tail < 0:
@@ -181,35 +185,31 @@ class Frames:
             return self._reclaim_locked()
 
     def _reclaim_locked(self) -> int:
-        I = control.INDEX
-        cv = self.cv
-        epoch = cv[I["epoch"]]
+        cv, mc, nx, fl = self.cv, self.mc, self.nx, self.fl
         safe = min(cv[control.PART_BASE + 2 * p + 1] for p in range(control.MAX_PARTICIPANTS))
-        safe = min(safe, epoch + 1)
-        cv[I["epoch"]] = epoch + 1
         moved = 0
-        head = cv[I["wait_head"]]
-        free_head = cv[I["free_head"]]
-        while head >= 0 and self.mc[head] < safe:
+        head = cv[_WAIT_HEAD]
+        free_head = cv[_FREE_HEAD]
+        while head >= 0 and (safe == NO_EPOCH_ACK or (safe - mc[head]) & 0xFFFFFFFF < 0x80000000):
             pfn = head
-            head = self.nx[pfn]
-            self.fl[pfn] = 0
-            self.mc[pfn] = 0
-            self.nx[pfn] = free_head
+            head = nx[pfn]
+            fl[pfn] = 0
+            mc[pfn] = 0
+            nx[pfn] = free_head
             free_head = pfn
             moved += 1
-        cv[I["free_head"]] = free_head
-        cv[I["wait_head"]] = head
+        cv[_FREE_HEAD] = free_head
+        cv[_WAIT_HEAD] = head
         if head < 0:
-            cv[I["wait_tail"]] = -1
-        cv[I["free_count"]] += moved
-        cv[I["wait_count"]] -= moved
+            cv[_WAIT_TAIL] = -1
+        cv[_FREE_COUNT] += moved
+        cv[_WAIT_COUNT] -= moved
         return moved
 
     # -- reclamation participants -------------------------------------------
 
     def register_participant(self, pid: int) -> int:
-        """Register a reader that must acknowledge epochs; return its slot."""
+        """Register a reader that must acknowledge epochs; return its slot.  Takes the allocator lock."""
         with self.locks.alloc:  # type: ignore[attr-defined]
             for p in range(control.MAX_PARTICIPANTS):
                 base = control.PART_BASE + 2 * p
@@ -219,9 +219,9 @@ class Frames:
                     return p
         raise OutOfFrames("too many reclamation participants")
 
-    def acknowledge(self, slot: int) -> None:
-        """Participant ``slot`` holds no reference older than now."""
-        self.cv[control.PART_BASE + 2 * slot + 1] = self.cv[control.INDEX["epoch"]]
+    def acknowledge(self, slot: int, epoch: int) -> None:
+        """Participant ``slot`` has processed every event before ``epoch``."""
+        self.cv[control.PART_BASE + 2 * slot + 1] = epoch
 
     def unregister_participant(self, slot: int) -> None:
         with self.locks.alloc:  # type: ignore[attr-defined]

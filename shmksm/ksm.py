@@ -52,10 +52,10 @@ def write_protect_page(table: PageTable, page: int, pfn: int) -> int:
     if frames.mc[pfn] != 1 or frames.fl[pfn] & FRAME_KSM:
         return 0
     if pte & WRITE:
-        if table.notifier is not None:
-            table.notifier.invalidate_range(table.gid, page, page + 1)
         pte &= ~WRITE
         table.pv[page] = pte
+        if table.notifier is not None:
+            table.notifier.change_pte(table.gid, page, pte)
     return pte
 
 
@@ -141,10 +141,10 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int], kpfn: int
                 if pte & _MERGEABLE_MASK != PRESENT or pte & PFN_MASK != pfn or mc[pfn] != 1 or fl[pfn] & FRAME_KSM:
                     continue
                 if pte & WRITE:
-                    if notifier is not None:
-                        notifier.invalidate_range(gid, page, page + 1)
                     pte &= _NOT_WRITE
                     pv[page] = pte
+                    if notifier is not None:
+                        notifier.change_pte(gid, page, pte)
                 protected.append((k, pte))
             if protected:
                 same = []

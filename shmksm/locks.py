@@ -13,8 +13,8 @@ before any worker starts and inherited by pickling at spawn time.
 * **mm locks**: one per guest slot, the kernel's mmap_lock: madvise, munmap and
   the scanner's reading of a guest's mergeable ranges.
 
-Lock order, never broken: mm → page-table → frame → allocator, and at most one
-lock of each class at a time.  Whoever holds a page-table lock may allocate.
+Lock order, never broken: mm → page-table → frame → allocator → notify → stat,
+and at most one lock of each class at a time.  Whoever holds a page-table lock may allocate.
 
 When a process dies holding a lock, nobody else can release it for it: the
 host's recovery (:func:`stop_the_world`) takes every lock in order and treats a
@@ -41,19 +41,23 @@ STUCK_SECONDS: Final = 0.5
 class LockTable:
     """Every lock of one machine.  Pickles (at spawn time) with its semaphores."""
 
-    def __init__(self, ctx: BaseContext, nguests: int) -> None:
+    def __init__(self, ctx: BaseContext, nguests: int, nshadows: int) -> None:
         self.ptl: list[Any] = [ctx.Lock() for _ in range(NPTL)]
         self.frame: list[Any] = [ctx.Lock() for _ in range(NFRAME)]
         self.alloc: Any = ctx.Lock()
+        self.notify: Any = ctx.Lock()
         self.stat: Any = ctx.Lock()
         self.mm: list[Any] = [ctx.Lock() for _ in range(nguests)]
+        # Doorbells: the broker and each shadow sleep on one when idle.
+        self.broker_bell: Any = ctx.Semaphore(0)
+        self.shadow_bells: list[Any] = [ctx.Semaphore(0) for _ in range(nshadows)]
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     def in_order(self) -> list[Any]:
         """Every lock, in the global lock order."""
-        return [*self.mm, *self.ptl, *self.frame, self.alloc, self.stat]
+        return [*self.mm, *self.ptl, *self.frame, self.alloc, self.notify, self.stat]
 
     def unlink(self) -> None:
         """Remove the semaphores' names from /dev/shm now (the host, once no worker is left).
@@ -63,7 +67,7 @@ class LockTable:
         keep hundreds of ``sem.mp-*`` entries.  Running each lock's finalizer
         now unlinks its name exactly once; the locks keep working here.
         """
-        mine = {id(lock) for lock in self.in_order()}
+        mine = {id(lock) for lock in [*self.in_order(), self.broker_bell, *self.shadow_bells]}
         for finalizer in list(util._finalizer_registry.values()):  # type: ignore[attr-defined]
             ref = getattr(finalizer, "_weakref", None)
             if ref is not None and id(ref()) in mine:

@@ -29,11 +29,12 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from . import check as checker, control, segments
+from . import check as checker, control, mmu_notifier, segments
 from .errors import ProcessDied, UsageError
 from .frames import PAGE_SIZE
 from .guest import GuestView
 from .locks import LockTable, default_context
+from .secondary import ShadowMMU, clear_flush_young
 from .sysfs import Ksm, guest_ksm_stat
 from .system import System, SystemSpec
 
@@ -159,7 +160,7 @@ class Machine:
     """An emulated machine: a frame pool, guests, and the processes that use them."""
 
     def __init__(self, frames: int = DEFAULT_FRAMES, *, overcommit: bool = False, ksmd: bool = True,
-                 ctx: BaseContext | None = None, **knobs: Any) -> None:
+                 notifier_era: str = "2024", ctx: BaseContext | None = None, **knobs: Any) -> None:
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
             raise UsageError(f"a machine needs at least 2 frames (the zero page and one more), not {frames!r}")
         segments.cleanup_stale()
@@ -170,8 +171,12 @@ class Machine:
         self._guests: dict[int, Guest] = {}
         self.deaths: list[Death] = []
         self._closed = False
-        self.system = System.create(frames, LockTable(self.ctx, control.MAX_GUESTS))
+        era = mmu_notifier.era_number(notifier_era)
+        self.system = System.create(frames, LockTable(self.ctx, control.MAX_GUESTS, mmu_notifier.MAX_SHADOWS))
+        self.system.set("notifier_era", era)
         self.ksm = Ksm(self.system)
+        self._shadows: dict[int, ShadowMMU] = {}
+        self.broker: Worker | None = None
         try:
             for name, value in knobs.items():
                 self.ksm.set(name, value)
@@ -229,6 +234,82 @@ class Machine:
 
     def __repr__(self) -> str:
         return f"<Machine {self.system.spec.prefix} frames={self.frames} guests={len(self._guests)}>"
+
+    # -- MMU notifiers --------------------------------------------------------------------------
+
+    @property
+    def notifier_era(self) -> str:
+        """Which era's notifier calls the producers make: 2009, 2012, 2024 or interval."""
+        return mmu_notifier.ERAS[self.system.get("notifier_era")]
+
+    @notifier_era.setter
+    def notifier_era(self, era: str) -> None:
+        self.system.set("notifier_era", mmu_notifier.era_number(era))
+
+    def start_broker(self) -> Worker:
+        """Start the notifier broker process (add_shadow does it when needed)."""
+        if self.broker is not None and self.broker.is_alive():
+            return self.broker
+        from workers.broker import broker as broker_main
+
+        self.system.notify_area.v[mmu_notifier.H_STOP] = 0
+        self.broker = self.spawn(broker_main, None, name="broker")
+        return self.broker
+
+    def add_shadow(self, guests: list[Guest], *, change_pte: bool = True, mode: str = "rounds") -> ShadowMMU:
+        """Start a shadow worker mirroring ``guests`` and register a notifier for each.
+
+        ``change_pte=False`` registers a notifier without that callback: it
+        gets invalidate_page instead.  ``mode`` is ``rounds`` (read every page
+        when asked: ``shadow.round()``) or ``free`` (read continuously).
+        """
+        if mode not in ("rounds", "free"):
+            raise UsageError(f"shadow mode must be 'rounds' or 'free', not {mode!r}")
+        with self._lock:
+            self._require_open()
+            for g in guests:
+                self._require_live(g)
+            area = self.system.notify_area
+            free = [s for s in range(mmu_notifier.MAX_SHADOWS) if area.slots[s, mmu_notifier.S_STATE] == mmu_notifier.SLOT_FREE]
+            if not free:
+                raise UsageError(f"at most {mmu_notifier.MAX_SHADOWS} shadow workers per machine")
+            slot = free[0]
+            self.start_broker()
+            row = area.slots[slot]
+            row[:] = 0
+            row[mmu_notifier.S_CHANGE_PTE] = int(change_pte)
+            part = self.system.frames.register_participant(os.getpid())
+            row[mmu_notifier.S_PART] = part
+            head = self.system.get("epoch")
+            row[mmu_notifier.S_ACKED] = row[mmu_notifier.S_THROUGH] = head
+            self.system.frames.acknowledge(part, head)
+            row[mmu_notifier.S_STATE] = mmu_notifier.SLOT_LIVE
+            shadow = self._shadows[slot] = ShadowMMU(self, slot, change_pte)
+            for g in guests:
+                shadow.register(g)
+            from workers.shadow import shadow as shadow_main
+
+            shadow.worker = self.spawn(shadow_main, None, slot, [g.id for g in guests], mode, name=f"shadow{slot}")
+            row[mmu_notifier.S_PID] = shadow.worker.pid
+            return shadow
+
+    def shadows(self) -> list[ShadowMMU]:
+        return list(self._shadows.values())
+
+    def _shadow_gone(self, shadow: ShadowMMU) -> None:
+        """A shadow stopped or died: free its slot; it holds back reclamation no more."""
+        with self._lock:
+            row = self.system.notify_area.slots[shadow.slot]
+            if self._shadows.pop(shadow.slot, None) is None:
+                return
+            row[mmu_notifier.S_STATE] = mmu_notifier.SLOT_DEAD
+            self.system.frames.unregister_participant(int(row[mmu_notifier.S_PART]))
+            self.system.locks.broker_bell.release()
+
+    def clear_flush_young(self, guest: Guest, clear: bool = True) -> Any:
+        """The aging pass: which pages the guest or any shadow accessed (clearing the bits)."""
+        self._require_live(guest)
+        return clear_flush_young(self, guest, clear)
 
     # -- guests ---------------------------------------------------------------------------------
 
@@ -322,6 +403,9 @@ class Machine:
     def _reaped(self, worker: Worker) -> None:
         """A worker exited (lock held).  Killed by a signal → recover the machine."""
         code = worker.process.exitcode
+        for shadow in list(self._shadows.values()):
+            if shadow.worker is worker:
+                self._shadow_gone(shadow)
         if code is None or code >= 0:
             return
         dead = [worker.gid] if worker.gid is not None and worker.gid in self._guests else []
@@ -362,6 +446,14 @@ class Machine:
         if self.ksmd is not None and self.ksmd.process.exitcode is None:
             self.system.set("scanner_stop", 1)
             self.ksmd.process.join(5)
+        area = self.system.notify_area
+        for shadow in list(self._shadows.values()):
+            area.slots[shadow.slot, mmu_notifier.S_STOP] = 1
+            self.system.locks.shadow_bells[shadow.slot].release()
+        if self.broker is not None and self.broker.process.exitcode is None:
+            area.v[mmu_notifier.H_STOP] = 1
+            self.system.locks.broker_bell.release()
+            self.broker.process.join(5)
         for worker in self._workers:
             if worker.process.exitcode is None:
                 worker.process.terminate()

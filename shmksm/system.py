@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import control, pagetable, segments
+from . import control, mmu_notifier, pagetable, segments
 from .errors import UsageError
 from .frames import PAGE_SIZE, Frames, meta_size
 from .locks import LockTable
@@ -55,6 +55,7 @@ class System:
             ctl_seg = self._open(open_, "ctl", 8 * control.WORDS)
             pool_seg = self._open(open_, "frames", PAGE_SIZE * spec.nframes)
             meta_seg = self._open(open_, "meta", meta_size(spec.nframes))
+            notify_seg = self._open(open_, "notify", 8 * mmu_notifier.segment_words())
         except BaseException:
             self.close()
             raise
@@ -64,6 +65,9 @@ class System:
                 self.ctl[control.INDEX[name]] = value
             Frames.format(np.ndarray((spec.nframes, PAGE_SIZE), np.uint8, pool_seg.buf), meta_seg.buf, self.ctl)
         self.frames = Frames(pool_seg.buf, meta_seg.buf, self.ctl, self.locks)
+        self.notify_area = mmu_notifier.NotifyArea(notify_seg.buf)
+        self.notifier = mmu_notifier.Notifier(self.notify_area, self.frames.cv, self.locks.notify,
+                                              self.locks.broker_bell)
         self.pid = os.getpid()
 
     def _open(self, open_: Any, what: str, size: int) -> shared_memory.SharedMemory:
@@ -118,6 +122,7 @@ class System:
                 seg = segments.attach(self.spec.segment_name(f"g{gid}"))
                 self._guest_segments[gid] = seg
             table = self.tables[gid] = PageTable(gid, seg.buf, self.frames)
+            table.notifier = self.notifier
         return table
 
     def forget_guest(self, gid: int) -> None:
@@ -139,6 +144,9 @@ class System:
             self.locks.unlink()
         for gid in list(self._guest_segments):
             self.forget_guest(gid)
+        if hasattr(self, "notify_area"):
+            self.notify_area.release_views()
+            del self.notify_area, self.notifier
         if hasattr(self, "frames"):
             self.frames.release_views()
             del self.frames

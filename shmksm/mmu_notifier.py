@@ -1,0 +1,289 @@
+"""MMU notifiers: keeping secondary MMUs (shadow page tables) coherent with the PTEs.
+
+DOC: Overview (after mm/mmu_notifier.c)
+---------------------------------------
+A secondary MMU — KVM's shadow or EPT tables here played by *shadow workers* —
+caches translations of a guest's pages.  Whenever a PTE changes, the primary
+MMU notifies every registered secondary so that it drops or updates its copy.
+This module is the producer side and the shared layout; the broker
+(``workers/broker.py``) fans events out to the shadows
+(``workers/shadow.py``).
+
+The seed of this project is Linux commit 828502d30073 (2009), which added
+``set_pte_at_notify()`` and the ``change_pte`` callback so that KVM could point
+its shadow entry at a newly merged KSM page at once, instead of dropping it
+and taking a vmexit on the next access.  Three eras of the same call sites
+are selectable (``notifier_era``), so the fate of that optimization can be
+measured:
+
+* ``2009`` — ``change_pte`` alone: the shadow updates its entry in place;
+* ``2012`` — ``change_pte`` bracketed by ``invalidate_range_start/end``
+  (commit 6bdb913f0a70): the shadow drops the entry at *start*, so
+  ``change_pte`` finds nothing to update and the next access faults;
+* ``2024`` — no ``change_pte`` at all (Linux 6.10): invalidate only;
+* ``interval`` — the interval notifier: ``invalidate(range, cur_seq)`` and a
+  seqcount-like read side in the shadow (read_begin → fault → lock → read_retry).
+
+A notifier registered without a ``change_pte`` callback receives
+``invalidate_page`` instead (the seed's fallback); the broker converts.
+
+How it is emulated
+------------------
+Producers (the scanner's merges, guests' copy-on-write, unmerge, munmap and
+exit) append fixed-size records to one ring in shared memory, under the
+*notify lock* and while holding the page-table lock of the PTE they change:
+so the order of the ring is the order of the PTE changes.  The ring's head —
+the number of events ever produced — is also the reclamation epoch (control
+field ``epoch``): a frame dropped after event ``s`` waits until every
+registered shadow has processed every event up to ``s``
+(:mod:`shmksm.frames`).  A shadow never reads a reused frame.
+
+A record is four int64 words::
+
+    word 0   kind | gid << 8 | shadow << 16 | seq << 24
+    word 1   page, or start of a range
+    word 2   PTE (change_pte), or end of a range, or a request id
+    word 3   time.monotonic_ns() when produced (message lag)
+
+The segment is organized as follows (int64 words)::
+
+    [0, HDR)                       header: broker state, counters (H_* below)
+    [HDR, +4*MAIN_N)               the main ring, written by producers
+    [.., +SLOT_WORDS*MAX_SHADOWS)  shadow slots (S_* below)
+    [.., +4*SHADOW_N*MAX_SHADOWS)  one ring per shadow, written by the broker
+    [.., +MAX_SHADOWS*YOUNG_PAGES/8)  per-shadow young-bit answers (uint8)
+    [.., +MAX_GUESTS)              registrations per guest (producers skip guests with none)
+
+Left out: the notifier SRCU, sleeping and non-sleeping variants, and the
+secondary TLB flush of arch hooks: a shadow is a process reading frames.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from . import control
+from .errors import InternalError, UsageError
+
+ERAS: Final = ("2009", "2012", "2024", "interval")
+
+# Record kinds.
+CHANGE_PTE: Final = 1
+INVALIDATE_PAGE: Final = 2
+RANGE_START: Final = 3
+RANGE_END: Final = 4
+INVALIDATE: Final = 5  # interval notifier: invalidate(range, cur_seq)
+CLEAR_YOUNG: Final = 6
+TEST_YOUNG: Final = 7
+RELEASE: Final = 8
+REGISTER: Final = 9  # control, for the broker
+UNREGISTER: Final = 10  # control, for the broker
+KIND_NAMES: Final = {CHANGE_PTE: "change_pte", INVALIDATE_PAGE: "invalidate_page",
+                     RANGE_START: "invalidate_range_start", RANGE_END: "invalidate_range_end",
+                     INVALIDATE: "invalidate", CLEAR_YOUNG: "clear_flush_young", TEST_YOUNG: "test_young",
+                     RELEASE: "release", REGISTER: "register", UNREGISTER: "unregister"}
+
+MAX_SHADOWS: Final = 16
+MAIN_N: Final = 1 << 16
+SHADOW_N: Final = 1 << 15
+YOUNG_PAGES: Final = 1 << 16  # pages per clear_flush_young request
+REC: Final = 4
+
+# Header words.
+HDR: Final = 64
+H_TAIL: Final = 0  # next record the broker reads
+H_SLEEPING: Final = 1  # the broker waits on its doorbell
+H_BROKER_PID: Final = 2
+H_STOP: Final = 3
+H_DELIVERED: Final = 4  # records written to shadow rings
+H_BUSY_NS: Final = 5  # broker time spent delivering
+H_BATCHES: Final = 6
+
+# Shadow slot words.
+SLOT_WORDS: Final = 32
+S_STATE: Final = 0  # SLOT_FREE, SLOT_LIVE, SLOT_DEAD
+S_PID: Final = 1
+S_CHANGE_PTE: Final = 2  # the notifier has a change_pte callback
+S_GUESTS: Final = 3  # bitmask of registered guests, as the broker sees it
+S_HEAD: Final = 4  # shadow ring: written by the broker
+S_TAIL: Final = 5  # shadow ring: read by the shadow
+S_THROUGH: Final = 6  # every event < this was delivered (or filtered out) by the broker
+S_ACKED: Final = 7  # every event < this was processed by the shadow
+S_SLEEPING: Final = 8
+S_PART: Final = 9  # reclamation participant slot
+S_FAULTS: Final = 10
+S_READS: Final = 11
+S_RETRIES: Final = 12
+S_RELEASES: Final = 13
+S_MESSAGES: Final = 14
+S_UPDATED: Final = 15  # change_pte that updated an entry in place
+S_ROUND_REQ: Final = 16
+S_ROUND_DONE: Final = 17
+S_LAG_MAX_NS: Final = 18
+S_STOP: Final = 19
+S_AFTER_RELEASE: Final = 20  # callbacks for a guest after its release: must stay 0
+S_REGISTERED: Final = 21  # bitmask of registrations the host made (never released twice)
+S_STALE_READS: Final = 22  # reads through an entry whose frame generation changed: must stay 0
+
+SLOT_FREE: Final = 0
+SLOT_LIVE: Final = 1
+SLOT_DEAD: Final = 2
+
+
+def segment_words() -> int:
+    return (HDR + REC * MAIN_N + SLOT_WORDS * MAX_SHADOWS + REC * SHADOW_N * MAX_SHADOWS
+            + MAX_SHADOWS * YOUNG_PAGES // 8 + control.MAX_GUESTS)
+
+
+def era_number(era: str | int) -> int:
+    """The index of an era name; UsageError for anything else."""
+    if isinstance(era, int) and 0 <= era < len(ERAS):
+        return era
+    if str(era) in ERAS:
+        return ERAS.index(str(era))
+    raise UsageError(f"unknown notifier era {era!r}; eras: {', '.join(ERAS)}")
+
+
+class NotifyArea:
+    """Views of the notifier segment in one process."""
+
+    def __init__(self, buf: memoryview) -> None:
+        words = segment_words()
+        self.words: npt.NDArray[np.int64] = np.ndarray(words, np.int64, buf)
+        off = HDR
+        self.hdr = self.words[:HDR]
+        self.ring = self.words[off:off + REC * MAIN_N].reshape(MAIN_N, REC)
+        off += REC * MAIN_N
+        self.slots = self.words[off:off + SLOT_WORDS * MAX_SHADOWS].reshape(MAX_SHADOWS, SLOT_WORDS)
+        off += SLOT_WORDS * MAX_SHADOWS
+        self.shadow_rings = self.words[off:off + REC * SHADOW_N * MAX_SHADOWS].reshape(MAX_SHADOWS, SHADOW_N, REC)
+        off += REC * SHADOW_N * MAX_SHADOWS
+        young_words = MAX_SHADOWS * YOUNG_PAGES // 8
+        young = self.words[off:off + young_words]
+        self.young: npt.NDArray[np.uint8] = young.view(np.uint8).reshape(MAX_SHADOWS, YOUNG_PAGES)
+        off += young_words
+        self.nreg = self.words[off:off + control.MAX_GUESTS]
+        # Scalar views for the hot paths.
+        flat = memoryview(self.words).cast("B").cast("q")
+        self.v = flat
+        self.ring_v = flat[HDR:HDR + REC * MAIN_N]
+        self.nreg_v = flat[len(flat) - control.MAX_GUESTS:]
+
+    def slot_base(self, slot: int) -> int:
+        return HDR + REC * MAIN_N + SLOT_WORDS * slot
+
+    def release_views(self) -> None:
+        for view in (self.ring_v, self.nreg_v, self.v):
+            view.release()
+        del self.words, self.hdr, self.ring, self.slots, self.shadow_rings, self.young, self.nreg
+
+
+class Notifier:
+    """The producer side, in any process that changes PTEs (mmu_notifier_* calls).
+
+    Every method is called with the page-table lock of the pages it names
+    held, and takes the notify lock to append.
+    """
+
+    def __init__(self, area: NotifyArea, ctl_view: memoryview, lock: Any, bell: Any) -> None:
+        self.area = area
+        self.cv = ctl_view
+        self.lock = lock
+        self.doorbell = bell.release
+        self.nreg = area.nreg_v
+        self.ring = area.ring_v
+        self.v = area.v
+        self.era_index = control.INDEX["notifier_era"]
+        self.head_index = control.INDEX["epoch"]
+
+    def active(self, gid: int) -> bool:
+        """Does any notifier watch guest ``gid``?  (mm_has_notifiers)"""
+        return bool(self.nreg[gid])
+
+    # -- the calls of mm/ --------------------------------------------------------------
+
+    def change_pte(self, gid: int, page: int, pte: int) -> None:
+        """set_pte_at_notify as the selected era had it around the call sites."""
+        if not self.nreg[gid]:
+            return
+        era = self.cv[self.era_index]
+        if era == 0:
+            self.emit(CHANGE_PTE, gid, page, pte)
+        elif era == 1:
+            self.emit3(gid, page, pte)
+        elif era == 2:
+            self.emit2(gid, page, page + 1)
+        else:
+            self.emit(INVALIDATE, gid, page, page + 1)
+
+    def invalidate_range(self, gid: int, start: int, end: int) -> None:
+        """invalidate_range_start + end around a zap, an unmerge, a munmap."""
+        if not self.nreg[gid]:
+            return
+        if self.cv[self.era_index] == 3:
+            self.emit(INVALIDATE, gid, start, end)
+        else:
+            self.emit2(gid, start, end)
+
+    # -- the ring ------------------------------------------------------------------------
+
+    def emit(self, kind: int, gid: int, a: int, b: int, shadow: int = 0) -> int:
+        """Append one record; return its sequence number.  Takes the notify lock."""
+        lock = self.lock
+        lock.acquire()
+        try:
+            return self.emit_locked(kind, gid, a, b, shadow)
+        finally:
+            lock.release()
+
+    def emit2(self, gid: int, start: int, end: int) -> None:
+        """invalidate_range_start and _end, appended together."""
+        lock = self.lock
+        lock.acquire()
+        try:
+            self.emit_locked(RANGE_START, gid, start, end)
+            self.emit_locked(RANGE_END, gid, start, end)
+        finally:
+            lock.release()
+
+    def emit3(self, gid: int, page: int, pte: int) -> None:
+        """change_pte bracketed by invalidate_range_start/end (the 2012 call sites)."""
+        lock = self.lock
+        lock.acquire()
+        try:
+            self.emit_locked(RANGE_START, gid, page, page + 1)
+            self.emit_locked(CHANGE_PTE, gid, page, pte)
+            self.emit_locked(RANGE_END, gid, page, page + 1)
+        finally:
+            lock.release()
+
+    def emit_locked(self, kind: int, gid: int, a: int, b: int, shadow: int = 0) -> int:
+        """Append one record with the notify lock held; wait while the ring is full."""
+        cv, v = self.cv, self.v
+        seq = cv[self.head_index]
+        if seq - v[H_TAIL] >= MAIN_N:
+            self._wait_for_room(seq)
+        base = (seq % MAIN_N) * REC
+        ring = self.ring
+        ring[base] = kind | gid << 8 | shadow << 16 | seq << 24
+        ring[base + 1] = a
+        ring[base + 2] = b
+        ring[base + 3] = time.monotonic_ns()
+        cv[self.head_index] = seq + 1
+        if v[H_SLEEPING]:
+            v[H_SLEEPING] = 0
+            self.doorbell()
+        return seq  # type: ignore[no-any-return]
+
+    def _wait_for_room(self, seq: int) -> None:
+        deadline = time.monotonic() + 10.0
+        while seq - self.v[H_TAIL] >= MAIN_N:
+            self.v[H_SLEEPING] = 0
+            self.doorbell()
+            if time.monotonic() > deadline:
+                raise InternalError("the notifier broker stopped draining its ring")
+            time.sleep(0.0001)
