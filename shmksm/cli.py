@@ -195,6 +195,55 @@ def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool) -> None
             raise click.ClickException("a guest read back something it did not write")
 
 
+@main.group()
+def experiment() -> None:
+    """Experiments: the notifier eras side by side, knob sweeps."""
+
+
+@experiment.command("notifier")
+@click.option("--guests", type=int, default=2, show_default=True, callback=_positive, help="Guests.")
+@click.option("--pages", type=int, default=1024, show_default=True, callback=_positive, help="Pages per guest.")
+@click.option("--shadows", type=int, default=2, show_default=True, callback=_positive, help="Shadow workers.")
+@click.option("--era", "eras", multiple=True, type=click.Choice(["2009", "2012", "2024", "interval"]),
+              help="Run only these eras (repeatable); default: all four.")
+@click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result as JSON ('-' for stdout).")
+@friendly
+def experiment_notifier(guests: int, pages: int, shadows: int, eras: tuple[str, ...], json_out: str | None) -> None:
+    """The change_pte experiment: shadow faults per notifier era on one workload.
+
+    Guests hold duplicate pages; shadow workers read every page (warm-up),
+    ksmd merges, the shadows read again, the guests write into the merged
+    pages (copy-on-write), the shadows read again.  2009: change_pte updates
+    the shadow entries in place; 2012: change_pte inside
+    invalidate_range_start/end finds nothing to update; 2024: invalidate
+    only; interval: the interval notifier.
+    """
+    from .experiments import notifier_experiment
+
+    if shadows > 16:
+        raise click.BadParameter("at most 16 shadow workers", param_hint="--shadows")
+    out = _open_output(json_out) if json_out else None
+
+    def progress(era: str, r: dict[str, Any]) -> None:
+        if out is not sys.stdout:
+            click.echo(f"  era {era:<9} shadow faults {r['shadow_faults']:6d}", err=out is not None)
+
+    result = notifier_experiment(guests, pages, shadows, eras or ("2009", "2012", "2024", "interval"), progress)
+    if out is not None:
+        json.dump(result, out, indent=1)
+        out.write("\n")
+        if out is not sys.stdout:
+            out.close()
+        return
+    click.echo(f"\n{'era':<10}{'faults':>8}{'merge':>8}{'cow':>8}{'avoided':>9}{'in place':>10}"
+               f"{'messages':>10}{'broker msg/s':>14}{'lag p99 us':>12}{'lag max us':>12}")
+    for era, r in result["eras"].items():
+        avoided = "-" if r["faults_avoided"] is None else r["faults_avoided"]
+        click.echo(f"{era:<10}{r['shadow_faults']:>8}{r['merge_faults']:>8}{r['cow_faults']:>8}{avoided!s:>9}"
+                   f"{r['updated_in_place']:>10}{r['messages']:>10}{r['broker_messages_per_s']!s:>14}"
+                   f"{r['lag_p99_us']:>12}{r['lag_max_us']:>12}")
+
+
 @main.command()
 @friendly
 def cleanup() -> None:

@@ -1,0 +1,97 @@
+"""Experiments: the same workload under each notifier era, and knob sweeps.
+
+The notifier experiment reproduces the story of ``change_pte`` (see
+:mod:`shmksm.mmu_notifier`): guests hold duplicate pages; shadow workers
+mirror them and read every page once (the warm-up: every entry faults in);
+ksmd merges the duplicates while the shadows read a round; then the guests
+write into the merged pages, breaking copy-on-write, and the shadows read a
+round again.  Shadow faults after the warm-up are the result.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from . import mmu_notifier as mn
+from .frames import PAGE_SIZE
+from .guest import MADV_MERGEABLE, GuestView
+from .machine import Machine
+
+
+def _fill_duplicates(view: GuestView, pages: int, seed: int) -> int:
+    """Odd pages hold one of a few shared patterns, even pages are unique."""
+    patterns = np.random.default_rng([seed, 1 << 20]).integers(0, 256, (8, PAGE_SIZE), dtype=np.uint8)
+    rng = np.random.default_rng([seed, view.gid])
+    for i in range(pages):
+        view.write(i * PAGE_SIZE, patterns[i % 8] if i % 2 else rng.integers(0, 256, PAGE_SIZE, dtype=np.uint8))
+    view.madvise(0, pages * PAGE_SIZE, MADV_MERGEABLE)
+    return pages
+
+
+def _break_cow(view: GuestView, pages: int) -> int:
+    """Write one byte into every odd (merged) page: each write copies."""
+    for i in range(1, pages, 2):
+        view.write(i * PAGE_SIZE + 1, b"\x01")
+    return pages // 2
+
+
+def notifier_era_run(era: str, guests: int = 2, pages: int = 1024, shadows: int = 2, seed: int = 3) -> dict[str, Any]:
+    """Run the workload under one era; return its figures."""
+    with Machine(frames=guests * pages * 2 + 64, pages_to_scan=4 * pages, sleep_millisecs=0,
+                 notifier_era=era) as machine:
+        handles = [machine.add_guest(pages=pages) for _ in range(guests)]
+        for g in handles:
+            machine.spawn(_fill_duplicates, g, pages, seed).join()
+        mmus = [machine.add_shadow(handles) for _ in range(shadows)]
+        warm = [s.round()["faults"] for s in mmus]
+        machine.ksm.run = 1
+        machine.wait_full_scans(3)
+        machine.ksm.run = 0
+        merge = [s.round() for s in mmus]
+        for g in handles:
+            machine.spawn(_break_cow, g, pages).join()
+        cow = [s.round() for s in mmus]
+        for s in mmus:
+            s.sync()
+        counters = machine.ksm.counters()
+        cow_ksm = machine.system.get("cow_ksm")
+        area = machine.system.notify_area
+        delivered = int(area.v[mn.H_DELIVERED])
+        busy = int(area.v[mn.H_BUSY_NS]) / 1e9
+        summaries = [s.stop() for s in mmus]
+        machine.check()
+    return {
+        "warmup_faults": sum(warm),
+        "merge_faults": sum(r["faults"] for r in merge),
+        "cow_faults": sum(r["faults"] for r in cow),
+        "shadow_faults": sum(r["faults"] for r in merge) + sum(r["faults"] for r in cow),
+        "updated_in_place": sum(s["updated_in_place"] for s in summaries),
+        "retries": sum(s["retries"] for s in summaries),
+        "messages": delivered,
+        "broker_messages_per_s": round(delivered / busy) if busy else None,
+        "lag_max_us": max(s["lag_max_us"] for s in summaries),
+        "lag_p99_us": max(s["lag_p99_us"] for s in summaries),
+        "stale_reads": sum(s["stale_reads"] for s in summaries),
+        "pages_sharing": counters["pages_sharing"],
+        "cow_ksm": cow_ksm,
+    }
+
+
+def notifier_experiment(guests: int = 2, pages: int = 1024, shadows: int = 2, eras: tuple[str, ...] = mn.ERAS,
+                        progress: Any = None) -> dict[str, Any]:
+    """The workload under each era; ``faults_avoided`` is relative to the 2024 era."""
+    results: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    for era in eras:
+        results[era] = notifier_era_run(era, guests, pages, shadows)
+        if progress is not None:
+            progress(era, results[era])
+    base = results.get("2024", {}).get("shadow_faults")
+    for r in results.values():
+        r["faults_avoided"] = None if base is None else base - r["shadow_faults"]
+    return {"eras": results, "workload": {"guests": guests, "pages": pages, "shadows": shadows,
+                                          "duplicate_pages": guests * (pages // 2)},
+            "seconds": round(time.perf_counter() - t0, 2)}
