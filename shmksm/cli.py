@@ -86,7 +86,7 @@ def main() -> None:
 def run(images: tuple[str, ...], pages_to_scan: int, sleep_millisecs: int, max_page_sharing: int,
         use_zero_pages: bool, smart_scan: bool, stable_scans: int, scans: int | None, seconds: float | None,
         timeout: float, json_out: str | None) -> None:
-    """Run memory images under ksmd until the counters settle; report like realksm.py."""
+    """Run memory images under ksmd until the counters settle; report as the kernel-side runner does."""
     from .runner import image_pages, run_images
 
     for path in images:

@@ -62,8 +62,8 @@ _INTERNAL: Final = (
     "scanner_pid",
     "scanner_batches",  # batches done: a heartbeat
     "scanner_cpu_ns",  # the scanner's CPU time since its first batch
-    "scanner_startup_ns",  # the scanner's start-up: process start to first batch
-    "scanner_rss_kb",  # the scanner's private resident memory (RssAnon) at its last full scan
+    "scanner_startup_ns",  # the scanner's start-up: spawned to ready to scan
+    "scanner_rss_kb",  # the peak of the scanner's private resident memory (RssAnon), sampled
     "notifier_era",
     "scanner_stop",  # the host asks the scanner to exit
 )

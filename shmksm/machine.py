@@ -34,6 +34,7 @@ from .errors import ProcessDied, UsageError
 from .frames import PAGE_SIZE
 from .guest import GuestView
 from .locks import LockTable, default_context
+from .scanner import MAX_GUEST_PAGES
 from .secondary import ShadowMMU, clear_flush_young
 from .sysfs import Ksm, guest_ksm_stat
 from .system import System, SystemSpec
@@ -317,6 +318,8 @@ class Machine:
         """A new address space of ``pages`` untouched pages of 4 KiB."""
         if isinstance(pages, bool) or not isinstance(pages, int) or pages <= 0:
             raise UsageError(f"a guest needs a positive number of pages, not {pages!r}")
+        if pages > MAX_GUEST_PAGES:
+            raise UsageError(f"a guest has at most {MAX_GUEST_PAGES} pages ({MAX_GUEST_PAGES >> 8} MiB), not {pages}")
         with self._lock:
             self._require_open()
             committed = sum(g.pages for g in self._guests.values()) + pages

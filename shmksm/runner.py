@@ -1,6 +1,6 @@
-"""Run guest memory images under ksmd until the counters settle, as realksm.py does on Linux.
+"""Run guest memory images under ksmd until the counters settle, as bench/kernel_ksm.py does on Linux.
 
-:func:`run_images` returns the same JSON-ready report as the kernel-side tool,
+:func:`run_images` returns the same JSON-ready report as the kernel-side runner,
 key by key (``ksm``, ``converged``, ``wall_seconds``, ``ksmd_cpu_seconds``,
 ``timeline``, ...), so that the two can be compared directly.
 """

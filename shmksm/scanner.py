@@ -51,7 +51,6 @@ freed and reused frame is never taken for the page it was.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Final
 
 import numpy as np
@@ -61,8 +60,14 @@ import xxhash
 from . import ksm
 from .frames import KSM as FRAME_KSM, PAGE_SIZE
 from .guest import unmerge_range
+from .keytable import KeyTable
 from .pagetable import H_MERGING, H_RMAP_ITEMS, KSM, PFN_MASK, PRESENT, UNMAPPED, ZERO, PageTable
 from .system import System
+
+# An unstable tree entry names its page as gid << REF_SHIFT | page, in an int32.
+REF_SHIFT: Final = 25
+REF_PAGE_MASK: Final = (1 << REF_SHIFT) - 1
+MAX_GUEST_PAGES: Final = 1 << REF_SHIFT
 
 # rmap item states
 NONE: Final = 0  # no rmap item
@@ -113,50 +118,63 @@ class MmSlot:
         self.table.header[H_MERGING] = self.merging
 
 
-@dataclass
 class StableTree:
-    """Stable nodes ("dups") by content key; arrays indexed by node id."""
+    """Stable nodes ("dups") by content key.
 
-    by_key: dict[int, list[int]] = field(default_factory=dict)
-    by_kpfn: dict[int, int] = field(default_factory=dict)
-    kpfn: npt.NDArray[np.int64] = field(default_factory=lambda: np.full(1024, -1, np.int64))
-    kgen: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(1024, np.int64))
-    count: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(1024, np.int64))
-    key: list[int] = field(default_factory=lambda: [0] * 1024)
-    free_ids: list[int] = field(default_factory=list)
-    next_id: int = 0
-    chains: int = 0  # contents with more than one dup
-    dups: int = 0  # dups under those contents
+    Per node id: ``kpfn`` and ``kgen`` name its KSM page, ``count`` is its
+    rmap_hlist_len, ``key`` its content key, ``next_dup`` the next older dup
+    of the same content (-1 ends), ``chain_len`` the number of dups (valid at
+    the newest dup, the chain's head).  ``heads`` maps a key to its newest dup;
+    ``node_of_pfn`` maps a KSM page's frame to its node.
+    """
 
-    def __post_init__(self) -> None:
-        self._views()
+    def __init__(self, nframes: int) -> None:
+        self.heads = KeyTable()
+        self.node_of_pfn = np.full(nframes, -1, np.int32)
+        self.node_of_pfn_v = memoryview(self.node_of_pfn)
+        self.free_ids: list[int] = []
+        self.next_id = 0
+        self.chains = 0  # contents with more than one dup
+        self.dups = 0  # dups under those contents
+        self.kpfn = np.full(0, -1, np.int32)
+        self.kgen = np.zeros(0, np.uint32)
+        self.count = np.zeros(0, np.int32)
+        self.key = np.zeros(0, np.uint64)
+        self.next_dup = np.zeros(0, np.int32)
+        self.chain_len = np.zeros(0, np.int32)
+        self._grow(1024)
 
-    def _views(self) -> None:
-        self.kpfn_v = memoryview(self.kpfn)
-        self.kgen_v = memoryview(self.kgen)
-        self.count_v = memoryview(self.count)
+    def _grow(self, size: int) -> None:
+        def grown(a: npt.NDArray, fill: int) -> npt.NDArray:  # type: ignore[type-arg]
+            out = np.full(size, fill, a.dtype)
+            out[:len(a)] = a
+            return out
+
+        self.kpfn, self.kgen, self.count = grown(self.kpfn, -1), grown(self.kgen, 0), grown(self.count, 0)
+        self.key, self.next_dup, self.chain_len = grown(self.key, 0), grown(self.next_dup, -1), grown(self.chain_len, 0)
+        self.kpfn_v, self.kgen_v, self.count_v = memoryview(self.kpfn), memoryview(self.kgen), memoryview(self.count)
+        self.key_v, self.next_v, self.len_v = memoryview(self.key), memoryview(self.next_dup), memoryview(self.chain_len)
 
     def new_node(self, key: int, kpfn: int, kgen: int) -> int:
+        """A new dup for KSM page (kpfn, kgen) of content ``key``: the newest of its chain."""
         if self.free_ids:
             nid = self.free_ids.pop()
         else:
             nid = self.next_id
             self.next_id += 1
             if nid >= len(self.kpfn):
-                grow = len(self.kpfn)
-                self.kpfn = np.concatenate([self.kpfn, np.full(grow, -1, np.int64)])
-                self.kgen = np.concatenate([self.kgen, np.zeros(grow, np.int64)])
-                self.count = np.concatenate([self.count, np.zeros(grow, np.int64)])
-                self.key.extend([0] * grow)
-                self._views()
+                self._grow(2 * len(self.kpfn))
+        head = self.heads.get(key)
+        n = self.len_v[head] if head >= 0 else 0
         self.kpfn_v[nid] = kpfn
         self.kgen_v[nid] = kgen
         self.count_v[nid] = 0
-        self.key[nid] = key
-        dups = self.by_key.setdefault(key, [])
-        self._chain_changed(len(dups), len(dups) + 1)
-        dups.append(nid)
-        self.by_kpfn[kpfn] = nid
+        self.key_v[nid] = key
+        self.next_v[nid] = head
+        self.len_v[nid] = n + 1
+        self.heads.set(key, nid)
+        self._chain_changed(n, n + 1)
+        self.node_of_pfn_v[kpfn] = nid
         return nid
 
     def _chain_changed(self, before: int, after: int) -> None:
@@ -168,17 +186,29 @@ class StableTree:
             self.dups += after
 
     def unlink(self, nid: int) -> None:
-        """Take node ``nid`` off the tree (its KSM page is gone); ids are reused once empty."""
-        key = self.key[nid]
-        dups = self.by_key.get(key)
-        if dups is not None and nid in dups:
-            self._chain_changed(len(dups), len(dups) - 1)
-            dups.remove(nid)
-            if not dups:
-                del self.by_key[key]
+        """Take node ``nid`` off the tree (its KSM page is gone); its id is reused once empty."""
         kpfn = self.kpfn_v[nid]
-        if self.by_kpfn.get(kpfn) == nid:
-            del self.by_kpfn[kpfn]
+        if kpfn < 0:
+            return  # unlinked already
+        key = self.key_v[nid]
+        head = self.heads.get(key)
+        n = self.len_v[head] if head >= 0 else 0
+        prev, cur = -1, head
+        while cur >= 0 and cur != nid:
+            prev, cur = cur, self.next_v[cur]
+        if cur == nid:
+            after = self.next_v[nid]
+            if prev >= 0:
+                self.next_v[prev] = after
+                self.len_v[head] = n - 1
+            elif after >= 0:
+                self.len_v[after] = n - 1
+                self.heads.set(key, after)
+            else:
+                self.heads.delete(key)
+            self._chain_changed(n, n - 1)
+        if self.node_of_pfn_v[kpfn] == nid:
+            self.node_of_pfn_v[kpfn] = -1
         self.kpfn_v[nid] = -1
 
 
@@ -191,8 +221,8 @@ class Scanner:
         self.slots: list[MmSlot] = []
         self.by_gid: dict[int, MmSlot] = {}
         self.slot_index = 0
-        self.stable = StableTree()
-        self.unstable: dict[int, int] = {}  # key → gid << 40 | page
+        self.stable = StableTree(self.frames.nframes)
+        self.unstable = KeyTable()  # key → gid << REF_SHIFT | page
         self.seqnr = 0
         self.pages_shared = 0
         self.pages_sharing = 0
@@ -441,8 +471,8 @@ class Scanner:
         # The common case, unique content: a key on neither tree and not twice
         # in this batch can only be inserted into the unstable tree.  Do those
         # in bulk; everything else goes through cmp_and_merge_page in order.
-        by_key, unstable = self.stable.by_key, self.unstable
-        slow = np.fromiter((k in by_key or k in unstable for k in klist), np.bool_, len(klist))
+        unstable = self.unstable
+        slow = (self.stable.heads.lookup(keys) >= 0) | (unstable.lookup(keys) >= 0)
         uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
         if len(uniq) != len(keys):
             slow |= counts[inverse] > 1
@@ -451,7 +481,7 @@ class Scanner:
         fast = np.flatnonzero(~slow)
         if len(fast):
             fast_pages = pages[steady[fast]]
-            unstable.update(zip(keys[fast].tolist(), (fast_pages | (slot.gid << 40)).tolist()))
+            unstable.insert_new(keys[fast], (fast_pages | (slot.gid << REF_SHIFT)).astype(np.int32))
             slot.state[fast_pages] = UNSTABLE
             self.pages_unshared += len(fast)
         self._merge_slow(slot, pages[steady[slow]].tolist(), pfns[steady[slow]].tolist(),
@@ -462,7 +492,6 @@ class Scanner:
         """cmp_and_merge_page for each page, in order; pages of one content that hit a
         stable dup with room are merged into it together (ksm.replace_pages)."""
         st = self.stable
-        by_key = st.by_key
         # Indices of each content, in order; a page is done once its content's
         # cursor has passed it.
         same_key: dict[int, list[int]] = {}
@@ -474,8 +503,7 @@ class Scanner:
             indices = same_key[key]
             if at >= len(indices) or indices[at] != i:
                 continue  # merged already, with an earlier page of its content
-            dups = by_key.get(key)
-            nid = self._stable_dup(dups, max_sharing) if dups and not (use_zero and key == ZERO_CHECKSUM) else -1
+            nid = -1 if use_zero and key == ZERO_CHECKSUM else self._stable_dup(key, max_sharing)
             if nid < 0:
                 cursor[key] = at + 1
                 self.cmp_and_merge_page(slot, pages[i], pfns[i], key, use_zero, max_sharing)
@@ -496,17 +524,16 @@ class Scanner:
                 if ksm.replace_with_zero_page(table, page, pfn):
                     return
         st = self.stable
-        dups = st.by_key.get(key)
-        if dups:
-            nid = self._stable_dup(dups, max_sharing)
+        if st.heads.get(key) >= 0:
+            nid = self._stable_dup(key, max_sharing)
             if nid >= 0:
                 if ksm.try_to_merge_one_page(table, page, pfn, st.kpfn_v[nid], st.kgen_v[nid]):
                     self._append(slot, page, nid)
                 return
         ref = self.unstable.get(key)
-        if ref is not None:
-            tree_slot = self.by_gid.get(ref >> 40)
-            tree_page = ref & ((1 << 40) - 1)
+        if ref >= 0:
+            tree_slot = self.by_gid.get(ref >> REF_SHIFT)
+            tree_page = ref & REF_PAGE_MASK
             if tree_slot is not None and tree_slot.state_v[tree_page] == UNSTABLE:
                 tree_pte = tree_slot.table.pv[tree_page]
                 tree_pfn = tree_pte & PFN_MASK
@@ -514,38 +541,42 @@ class Scanner:
                     return
                 kpfn, kgen = ksm.try_to_merge_two_pages(table, page, pfn, tree_slot.table, tree_page, tree_pfn)
                 if kpfn >= 0:
-                    del self.unstable[key]
+                    self.unstable.delete(key)
                     self.pages_unshared -= 1
                     tree_slot.state_v[tree_page] = ITEM
                     nid = st.new_node(key, kpfn, kgen)
                     self._append(tree_slot, tree_page, nid)
                     self._append(slot, page, nid)
                 return
-        self.unstable[key] = slot.gid << 40 | page
+        self.unstable.set(key, slot.gid << REF_SHIFT | page)
         slot.state_v[page] = UNSTABLE
         self.pages_unshared += 1
 
-    def _stable_dup(self, dups: list[int], max_sharing: int) -> int:
-        """A live dup of this content with room for one more mapping, or -1 (prunes stale dups)."""
+    def _stable_dup(self, key: int, max_sharing: int) -> int:
+        """A live dup of content ``key`` with room for one more mapping, or -1.
+
+        Walks the chain newest first (dups fill one at a time, so the newest is
+        the one likely to have room) and prunes dups whose KSM page was freed.
+        """
         st = self.stable
         gn, fl = self.frames.gn, self.frames.fl
-        kpfn_of, kgen_of, count = st.kpfn_v, st.kgen_v, st.count_v
-        # Dups fill one at a time, so the newest is the one likely to have room.
-        for nid in reversed(dups):
-            if count[nid] >= max_sharing:
-                continue
-            kpfn = kpfn_of[nid]
-            if gn[kpfn] != kgen_of[nid] or not fl[kpfn] & FRAME_KSM:
+        kpfn_of, kgen_of, count, nxt = st.kpfn_v, st.kgen_v, st.count_v, st.next_v
+        nid = st.heads.get(key)
+        while nid >= 0:
+            after = nxt[nid]
+            if count[nid] < max_sharing:
+                kpfn = kpfn_of[nid]
+                if gn[kpfn] == kgen_of[nid] and fl[kpfn] & FRAME_KSM:
+                    return nid
                 st.unlink(nid)  # its KSM page was freed; items leave when visited
-                return self._stable_dup(dups, max_sharing) if dups else -1
-            return nid
+            nid = after
         return -1
 
     def _adopt_ksm_page(self, slot: MmSlot, page: int, pfn: int) -> None:
         """A KSM mapping whose item is not on the page's node: append it there."""
         self._remove_from_tree(slot, np.array([page]))
         st = self.stable
-        nid = st.by_kpfn.get(pfn, -1)
+        nid = st.node_of_pfn_v[pfn]
         if nid >= 0 and (self.frames.gn[pfn] != st.kgen_v[nid] or st.kpfn_v[nid] != pfn):
             st.unlink(nid)
             nid = -1
@@ -570,7 +601,7 @@ class Scanner:
         for slot in list(self.by_gid.values()):
             self._remove_items(slot, np.flatnonzero(slot.state))
             slot.publish()
-        self.stable = StableTree()
+        self.stable = StableTree(self.frames.nframes)
         self.unstable.clear()
         self.pages_shared = self.pages_sharing = self.pages_unshared = 0
         self.full_scans = 0
