@@ -65,9 +65,19 @@ def main() -> None:
     """shmksm: Linux KSM and MMU notifiers, emulated with real processes and real shared memory."""
 
 
+def _scenario_help() -> str:
+    from .images import MIXES
+
+    return "; ".join(f"{name}: {m.common} common, {m.zero} zero, {m.unique} unique, {m.intra} intra pages per guest"
+                     for name, m in MIXES.items())
+
+
 @main.command()
-@click.option("--image", "images", multiple=True, required=True, type=click.Path(dir_okay=False),
-              help="Raw memory image (pages of 4096 bytes); one guest per image. Repeat for more guests.")
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
+              help="Memory image: a raw file of 4096-byte pages or an ELF core file; one guest per image. Repeatable.")
+@click.option("--scenario", default=None, metavar="NAME",
+              help="A built-in scenario instead of images: default, zero-heavy, mostly-unique, one-content.")
+@click.option("--guests", type=int, default=4, show_default=True, callback=_positive, help="Guests of a --scenario.")
 @click.option("--pages-to-scan", type=int, default=100, show_default=True, callback=_positive,
               help="Pages per ksmd batch (pages_to_scan).")
 @click.option("--sleep-millisecs", type=click.IntRange(min=0), default=20, show_default=True,
@@ -76,33 +86,64 @@ def main() -> None:
               help="Mappings per KSM page (max_page_sharing).")
 @click.option("--use-zero-pages", is_flag=True, help="Map empty pages to the zero page (use_zero_pages=1).")
 @click.option("--smart-scan/--no-smart-scan", default=True, show_default=True, help="smart_scan.")
+@click.option("--until", type=click.Choice(["converged"]), default="converged", show_default=True,
+              help="Run until pages_shared, pages_sharing and ksm_zero_pages stay the same for --stable-scans full scans.")
 @click.option("--stable-scans", type=int, default=3, show_default=True, callback=_positive,
-              help="Full scans without a change of pages_shared, pages_sharing, ksm_zero_pages that mean converged.")
-@click.option("--scans", type=int, default=None, callback=_positive, help="Stop after this many full scans.")
-@click.option("--seconds", type=float, default=None, callback=_positive, help="Stop after this many seconds.")
+              help="Full scans without a change that mean converged.")
+@click.option("--scans", type=int, default=None, callback=_positive, help="Stop after this many full scans instead.")
+@click.option("--seconds", type=float, default=None, callback=_positive, help="Stop after this many seconds instead.")
 @click.option("--timeout", type=float, default=600, show_default=True, callback=_positive, help="Give up after this long.")
 @click.option("--json", "json_out", default=None, metavar="FILE", help="Write the report as JSON ('-' for stdout).")
+@click.option("--csv", "csv_out", default=None, metavar="FILE", help="Write the counters' timeline as CSV ('-' for stdout).")
+@click.option("--plot", default=None, metavar="FILE.png", help="Plot the counters over time (needs matplotlib).")
 @friendly
-def run(images: tuple[str, ...], pages_to_scan: int, sleep_millisecs: int, max_page_sharing: int,
-        use_zero_pages: bool, smart_scan: bool, stable_scans: int, scans: int | None, seconds: float | None,
-        timeout: float, json_out: str | None) -> None:
-    """Run memory images under ksmd until the counters settle; report as the kernel-side runner does."""
-    from .runner import image_pages, run_images
+def run(images: tuple[str, ...], scenario: str | None, guests: int, pages_to_scan: int, sleep_millisecs: int,
+        max_page_sharing: int, use_zero_pages: bool, smart_scan: bool, until: str, stable_scans: int,
+        scans: int | None, seconds: float | None, timeout: float, json_out: str | None, csv_out: str | None,
+        plot: str | None) -> None:
+    """Run memory images (or a built-in scenario) under ksmd until the counters settle.
 
+    The report has the same keys as the kernel-side runner's
+    (bench/kernel_ksm.py), so the two compare key by key.
+    """
+    import tempfile
+
+    from .images import MIXES, image_pages, write_mix
+    from .runner import run_images
+
+    del until  # the only mode; --scans and --seconds stop earlier
+    if bool(images) == bool(scenario):
+        raise click.UsageError("give either --image FILE (repeatable) or --scenario NAME")
+    if scenario is not None and scenario not in MIXES:
+        raise click.UsageError(f"unknown scenario {scenario!r}; scenarios: {', '.join(MIXES)}")
     for path in images:
         image_pages(path)
-    out = _open_output(json_out) if json_out else None
+    outputs = [_open_output(path) if path else None for path in (json_out, csv_out)]
+    if plot:
+        _check_plot_path(plot)
     knobs = {"pages_to_scan": pages_to_scan, "sleep_millisecs": sleep_millisecs,
              "max_page_sharing": max_page_sharing, "use_zero_pages": int(use_zero_pages),
              "smart_scan": int(smart_scan)}
-    report = run_images(list(images), knobs=knobs, stable_scans=stable_scans, max_scans=scans,
-                        max_seconds=seconds, timeout=timeout)
-    if out is not None:
-        json.dump(report, out, indent=1)
-        out.write("\n")
-        if out is not sys.stdout:
-            out.close()
-    else:
+    with tempfile.TemporaryDirectory(prefix="shmksm-scenario-") as tmp:
+        paths = list(images) if images else write_mix(tmp, guests, MIXES[str(scenario)])
+        report = run_images(paths, knobs=knobs, stable_scans=stable_scans, max_scans=scans,
+                            max_seconds=seconds, timeout=timeout)
+    if scenario:
+        report["scenario"] = scenario
+    json_file, csv_file = outputs
+    if json_file is not None:
+        json.dump(report, json_file, indent=1)
+        json_file.write("\n")
+    if csv_file is not None:
+        write_timeline_csv(report["timeline"], csv_file)
+    for f in outputs:
+        if f is not None and f is not sys.stdout:
+            f.close()
+    if plot:
+        from .plots import plot_timeline
+
+        plot_timeline(report, plot)
+    if json_file is None and csv_file is None:
         ksm = report["ksm"]
         for name in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "ksm_zero_pages",
                      "stable_node_chains", "stable_node_dups", "full_scans", "general_profit"):
@@ -110,6 +151,77 @@ def run(images: tuple[str, ...], pages_to_scan: int, sleep_millisecs: int, max_p
         c = report["converged"]
         click.echo(f"converged at full scan {c['full_scans']} after {c['seconds']} s "
                    f"({c['ksmd_cpu_seconds']} ksmd CPU-s)")
+
+
+def write_timeline_csv(timeline: list[dict[str, Any]], out: Any) -> None:
+    """The timeline of a run as CSV: one row per change of the counters."""
+    import csv
+
+    if not timeline:
+        return
+    writer = csv.DictWriter(out, fieldnames=list(timeline[0]))
+    writer.writeheader()
+    writer.writerows(timeline)
+
+
+def _check_plot_path(path: str) -> None:
+    import os
+
+    from .plots import require_matplotlib
+
+    require_matplotlib()
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise click.UsageError(f"cannot write {path!r}: no writable folder {folder!r}")
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--max-page-sharing", type=click.IntRange(min=2), default=256, show_default=True,
+              help="Mappings per KSM page, as the knob.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run on a Dask cluster (tcp://host:port); every worker must read the image paths.")
+@click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result as JSON ('-' for stdout).")
+@friendly
+def estimate(images: tuple[str, ...], max_page_sharing: int, scheduler: str | None, json_out: str | None) -> None:
+    """The ideal dedup of IMAGES, without running the emulator.
+
+    Streams the images (16 bytes of memory per page, whatever their size)
+    and counts what KSM would converge to: pages_shared and pages_sharing
+    under max_page_sharing, with and without use_zero_pages.
+    """
+    import resource
+    import time
+
+    from .images import ideal, image_pages
+
+    total = sum(image_pages(p) for p in images)
+    out = _open_output(json_out) if json_out else None
+    t0 = time.perf_counter()
+    if scheduler:
+        from .fleet import ideal_on_cluster
+
+        best = ideal_on_cluster(list(images), scheduler, max_page_sharing)
+    else:
+        best = ideal(list(images), max_page_sharing)
+    seconds = time.perf_counter() - t0
+    result = {**best.as_dict(), "images": list(images), "seconds": round(seconds, 3),
+              "bytes_per_second": round(total * 4096 / max(seconds, 1e-9)),
+              "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    if out is not None:
+        json.dump(result, out, indent=1)
+        out.write("\n")
+        if out is not sys.stdout:
+            out.close()
+        return
+    saved = best.pages_sharing
+    click.echo(f"pages {best.pages}, distinct {best.distinct}, zero {best.zero_pages}")
+    click.echo(f"max_page_sharing {max_page_sharing}: pages_shared {best.pages_shared}, pages_sharing "
+               f"{best.pages_sharing} ({_mib(saved)} saved, {100 * saved / max(1, best.pages):.1f}%)")
+    click.echo(f"with use_zero_pages: pages_shared {best.pages_shared_zero}, pages_sharing "
+               f"{best.pages_sharing_zero}, ksm_zero_pages {best.zero_pages}")
+    click.echo(f"{total * 4096 / 2**30:.2f} GiB in {seconds:.2f} s "
+               f"({total * 4096 / max(seconds, 1e-9) / 1e9:.2f} GB/s), peak RSS {result['peak_rss_kb'] // 1024} MiB")
 
 
 def _mib(pages: int) -> str:

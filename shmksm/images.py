@@ -5,17 +5,20 @@ per guest with a known mix of page kinds; :func:`ideal` counts, by brute
 force, what an ideal merger would reach on a set of images — the figures KSM
 converges to: pages_shared and pages_sharing under a max_page_sharing cap,
 and the pages of zeros (ksm_zero_pages with use_zero_pages).  It streams the
-images a chunk at a time and keeps one 16-byte digest per distinct page.
+images a chunk at a time and keeps a 16-byte digest per page.  Images are raw
+files or ELF core files (gdb's ``gcore``, QEMU's ``dump-guest-memory``), whose
+PT_LOAD segments are the memory.
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 import xxhash
 
 from .errors import UsageError
@@ -82,52 +85,162 @@ class Ideal:
         return asdict(self)
 
 
-def page_digests(chunk: np.ndarray) -> list[bytes]:
-    """16-byte digests of the rows of a (pages, 4096) uint8 array."""
-    h = xxhash.xxh3_128_digest
-    return [h(row) for row in chunk]
+class ImageError(UsageError):
+    """An image that cannot be read as guest memory."""
 
 
-def iter_chunks(paths: Iterable[str]) -> Iterable[np.ndarray]:
-    """The pages of every image, ``_CHUNK_PAGES`` at a time, as (n, 4096) uint8 arrays."""
+_ELF_MAGIC = b"\x7fELF"
+
+
+def _elf_segments(path: str) -> list[tuple[int, int]]:
+    """(file offset, bytes) of the PT_LOAD segments of an ELF core file."""
+    try:
+        from elftools.common.exceptions import ELFError
+        from elftools.elf.elffile import ELFFile
+    except ImportError:  # pragma: no cover - pyelftools is a dependency
+        raise ImageError(f"image {path!r} is an ELF file, and reading one needs pyelftools") from None
+    try:
+        with open(path, "rb") as f:
+            elf = ELFFile(f)
+            if elf.header["e_type"] != "ET_CORE":
+                raise ImageError(f"image {path!r}: an ELF {elf.header['e_type']} file, not a core dump")
+            size = os.path.getsize(path)
+            out = []
+            for seg in elf.iter_segments():
+                if seg["p_type"] != "PT_LOAD" or not seg["p_filesz"]:
+                    continue
+                if seg["p_offset"] + seg["p_filesz"] > size:
+                    raise ImageError(f"image {path!r}: corrupt ELF core: a PT_LOAD segment runs past the end of the file")
+                out.append((seg["p_offset"], seg["p_filesz"]))
+            return out
+    except ELFError as exc:
+        raise ImageError(f"image {path!r}: corrupt ELF core: {exc}") from None
+    except (ValueError, KeyError, AssertionError, Exception) as exc:
+        if isinstance(exc, ImageError):
+            raise
+        raise ImageError(f"image {path!r}: corrupt ELF core: {type(exc).__name__}: {exc}") from None
+
+
+def image_layout(path: str) -> list[tuple[int, int]]:
+    """(file offset, bytes) of the guest memory in ``path``: a raw file, or an ELF core's PT_LOAD segments.
+
+    ImageError for a missing or unreadable file, an empty one, a raw file
+    whose size is not a multiple of 4096, or a corrupt ELF.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ImageError(f"image {path!r}: {exc.strerror or exc}") from None
+    if magic == _ELF_MAGIC:
+        segments = _elf_segments(path)
+        if not segments:
+            raise ImageError(f"image {path!r}: an ELF core with no memory (no PT_LOAD data)")
+        return segments
+    if size == 0 or size % PAGE_SIZE:
+        raise ImageError(f"image {path!r}: size {size} is not a positive multiple of {PAGE_SIZE} "
+                         "(nor an ELF core file)")
+    return [(0, size)]
+
+
+def image_pages(path: str) -> int:
+    """Pages of guest memory in an image (a partial last page of a segment counts as one)."""
+    return sum(-(-n // PAGE_SIZE) for _, n in image_layout(path))
+
+
+def iter_chunks(paths: Iterable[str], chunk_pages: int = _CHUNK_PAGES) -> Iterable[np.ndarray]:
+    """The pages of every image, ``chunk_pages`` at a time, as (n, 4096) uint8 arrays."""
     for path in paths:
         with open(path, "rb") as f:
-            while True:
-                data = f.read(_CHUNK_PAGES * PAGE_SIZE)
-                if not data:
-                    break
-                if len(data) % PAGE_SIZE:
-                    raise UsageError(f"image {path!r}: size is not a multiple of {PAGE_SIZE}")
-                yield np.frombuffer(data, np.uint8).reshape(-1, PAGE_SIZE)
+            for offset, length in image_layout(path):
+                f.seek(offset)
+                left = length
+                while left > 0:
+                    want = min(left, chunk_pages * PAGE_SIZE)
+                    data = f.read(want)
+                    if len(data) < want:
+                        raise ImageError(f"image {path!r}: truncated while reading")
+                    left -= want
+                    if len(data) % PAGE_SIZE:
+                        data += bytes(PAGE_SIZE - len(data) % PAGE_SIZE)
+                    yield np.frombuffer(data, np.uint8).reshape(-1, PAGE_SIZE)
+
+
+def digests(chunk: np.ndarray) -> npt.NDArray[np.uint64]:
+    """A 128-bit xxh3 digest of every page of a (pages, 4096) uint8 array, as (pages, 2) uint64."""
+    h = xxhash.xxh3_128_digest
+    return np.frombuffer(b"".join([h(row) for row in chunk]), np.uint64).reshape(-1, 2)
+
+
+def content_counts(paths: Sequence[str]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
+    """Every distinct page digest of ``paths`` and how many pages have it.
+
+    Streams the images; keeps 16 bytes a page (the digests), not the pages.
+    """
+    parts = [digests(chunk) for chunk in iter_chunks(paths)]
+    return count_digests(np.concatenate(parts) if parts else np.zeros((0, 2), np.uint64))
+
+
+def count_digests(d: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
+    """Distinct rows of a (n, 2) digest array, with their counts."""
+    if not len(d):
+        return d, np.zeros(0, np.int64)
+    order = np.lexsort((d[:, 1], d[:, 0]))
+    d = d[order]
+    new = np.ones(len(d), np.bool_)
+    new[1:] = (d[1:] != d[:-1]).any(axis=1)
+    starts = np.flatnonzero(new)
+    counts = np.diff(np.append(starts, len(d)))
+    return d[starts], counts
+
+
+def merge_counts(parts: Iterable[tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]]
+                 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
+    """Combine (digests, counts) of several image sets into one."""
+    parts = list(parts)
+    if not parts:
+        return np.zeros((0, 2), np.uint64), np.zeros(0, np.int64)
+    d = np.concatenate([p[0] for p in parts])
+    c = np.concatenate([p[1] for p in parts])
+    if not len(d):
+        return d, c
+    order = np.lexsort((d[:, 1], d[:, 0]))
+    d, c = d[order], c[order]
+    new = np.ones(len(d), np.bool_)
+    new[1:] = (d[1:] != d[:-1]).any(axis=1)
+    starts = np.flatnonzero(new)
+    return d[starts], np.add.reduceat(c, starts)
+
+
+ZERO_DIGEST: Final = np.frombuffer(xxhash.xxh3_128_digest(bytes(PAGE_SIZE)), np.uint64)
 
 
 def ideal(paths: Sequence[str], max_page_sharing: int = 256) -> Ideal:
     """Count the ideal dedup of ``paths`` by content (a 128-bit digest per page)."""
     if max_page_sharing < 2:
         raise UsageError(f"max_page_sharing must be at least 2, not {max_page_sharing}")
-    counts: Counter[bytes] = Counter()
-    for chunk in iter_chunks(paths):
-        counts.update(page_digests(chunk))
-    zero_key = xxhash.xxh3_128_digest(_ZERO_PAGE)
-    return from_counts(counts, counts.get(zero_key, 0), zero_key, max_page_sharing)
+    return ideal_from_counts(*content_counts(paths), max_page_sharing)
 
 
-def from_counts(counts: Counter[bytes], zero_pages: int, zero_key: bytes, m: int) -> Ideal:
-    """The ideal from per-content counts; the cap splits a content of n pages into ceil(n/m) KSM pages."""
-    shared = sharing = 0
-    for n in counts.values():
-        if n > 1:
-            k = -(-n // m)
-            # A last dup of one page cannot pair: it stays unshared (the selftest's N % M == 1).
-            if n % m == 1:
-                k -= 1
-            shared += k
-            sharing += n - k - (1 if n % m == 1 else 0)
-    zshared = zsharing = 0
-    if zero_pages > 1:
-        zshared = -(-zero_pages // m) - (1 if zero_pages % m == 1 else 0)
-        zsharing = zero_pages - zshared - (1 if zero_pages % m == 1 else 0)
-    return Ideal(pages=sum(counts.values()), distinct=len(counts), zero_pages=zero_pages,
+def ideal_from_counts(uniq: npt.NDArray[np.uint64], counts: npt.NDArray[np.int64], m: int) -> Ideal:
+    """The ideal from per-content counts.
+
+    A content of n pages takes ceil(n/m) KSM pages, except that a last dup of
+    a single page cannot pair and stays unshared (the selftest's N % M == 1).
+    """
+    zero_rows = (uniq == ZERO_DIGEST).all(axis=1) if len(uniq) else np.zeros(0, np.bool_)
+    zero_pages = int(counts[zero_rows].sum()) if zero_rows.any() else 0
+
+    def shared_sharing(n: npt.NDArray[np.int64]) -> tuple[int, int]:
+        n = n[n > 1]
+        lone = (n % m) == 1
+        k = -(-n // m) - lone
+        return int(k.sum()), int((n - k - lone).sum())
+
+    shared, sharing = shared_sharing(counts)
+    zshared, zsharing = shared_sharing(counts[zero_rows])
+    return Ideal(pages=int(counts.sum()), distinct=len(counts), zero_pages=zero_pages,
                  pages_shared=shared, pages_sharing=sharing,
                  pages_shared_zero=shared - zshared, pages_sharing_zero=sharing - zsharing,
                  max_page_sharing=m)

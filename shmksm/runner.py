@@ -14,26 +14,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import OutOfFrames, UsageError
-from .frames import PAGE_SIZE
+from .images import image_pages
 from .machine import Machine
 from .sysfs import counters
 
 RUN_COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned",
                 "full_scans", "stable_node_chains", "stable_node_dups", "ksm_zero_pages", "general_profit")
 _SETTLE_KEYS = ("pages_shared", "pages_sharing", "ksm_zero_pages")
-
-
-def image_pages(path: str) -> int:
-    """Pages in a raw image; UsageError if it is missing, empty or not a multiple of 4096 bytes."""
-    try:
-        size = os.path.getsize(path)
-    except OSError as exc:
-        raise UsageError(f"image {path!r}: {exc.strerror or exc}") from None
-    if size == 0 or size % PAGE_SIZE:
-        raise UsageError(f"image {path!r}: size {size} is not a positive multiple of {PAGE_SIZE}")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"image {path!r}: not readable")
-    return size // PAGE_SIZE
 
 
 def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, stable_scans: int = 3,

@@ -1,31 +1,27 @@
 """Guest entry point: load a raw memory image into the guest's address space.
 
-The image is a file of 4096-byte pages.  The guest writes it page by page
+The image is a raw file of 4096-byte pages or an ELF core file.  The guest writes it page by page
 (demand paging allocates a frame for each), optionally marks the whole
 address space MADV_MERGEABLE, and returns the number of pages loaded.
 """
 
 from __future__ import annotations
 
-import os
-
-import numpy as np
-
 from shmksm import MADV_MERGEABLE, PAGE_SIZE, GuestView
-
-_CHUNK_PAGES = 1024
+from shmksm.images import iter_chunks
 
 
 def load_image(view: GuestView, path: str, mergeable: bool = True) -> int:
-    """Copy the image at ``path`` into ``view`` from address 0; return pages loaded."""
-    size = os.path.getsize(path)
-    pages = size // PAGE_SIZE
-    with open(path, "rb") as f:
-        for start in range(0, pages, _CHUNK_PAGES):
-            count = min(_CHUNK_PAGES, pages - start)
-            chunk = np.fromfile(f, dtype=np.uint8, count=count * PAGE_SIZE).reshape(count, PAGE_SIZE)
-            for i in range(count):
-                view.write((start + i) * PAGE_SIZE, chunk[i])
-    if mergeable and pages:
-        view.madvise(0, pages * PAGE_SIZE, MADV_MERGEABLE)
-    return pages
+    """Copy the memory of the image at ``path`` into ``view`` from address 0; return pages loaded.
+
+    Raw images are copied whole; ELF core files, their PT_LOAD segments one
+    after the other.
+    """
+    page = 0
+    for chunk in iter_chunks([path], 1024):
+        for row in chunk:
+            view.write(page * PAGE_SIZE, row)
+            page += 1
+    if mergeable and page:
+        view.madvise(0, page * PAGE_SIZE, MADV_MERGEABLE)
+    return page

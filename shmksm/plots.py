@@ -1,0 +1,77 @@
+"""Plots (matplotlib, an optional extra: ``pip install 'shmksm[plot]'``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import UsageError
+
+
+def require_matplotlib() -> Any:
+    """The pyplot module, or a UsageError that says how to get it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("plots need matplotlib: pip install 'shmksm[plot]'") from None
+    return plt
+
+
+def plot_timeline(report: dict[str, Any], path: str) -> None:
+    """Counters of a run over time: pages_shared, pages_sharing, pages_unshared, ksm_zero_pages."""
+    plt = require_matplotlib()
+    timeline = report["timeline"]
+    t = [row["t"] for row in timeline]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name in ("pages_sharing", "pages_shared", "pages_unshared", "pages_volatile", "ksm_zero_pages"):
+        ax.step(t, [row[name] for row in timeline], where="post", label=name)
+    scans = [(row["t"], row["full_scans"]) for i, row in enumerate(timeline)
+             if i and row["full_scans"] != timeline[i - 1]["full_scans"]]
+    for x, n in scans:
+        ax.axvline(x, color="grey", lw=0.5, ls=":")
+        ax.text(x, ax.get_ylim()[1] * 0.98, f" scan {n}", fontsize=7, va="top", color="grey")
+    ax.set_xlabel("seconds since run=1")
+    ax.set_ylabel("pages")
+    knobs = ", ".join(f"{k} {v}" for k, v in report["knobs"].items())
+    ax.set_title(f"shmksm: {report['pages']} pages\n{knobs}", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_eras(result: dict[str, Any], path: str) -> None:
+    """Shadow faults per notifier era, split into merge and copy-on-write."""
+    plt = require_matplotlib()
+    eras = list(result["eras"])
+    merge = [result["eras"][e]["merge_faults"] for e in eras]
+    cow = [result["eras"][e]["cow_faults"] for e in eras]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(eras, merge, label="after merging")
+    ax.bar(eras, cow, bottom=merge, label="after copy-on-write")
+    ax.set_ylabel("shadow faults (emulated vmexits)")
+    ax.set_title("change_pte across the notifier eras", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(result: dict[str, Any], path: str) -> None:
+    """Convergence time, scanner CPU and memory saved against the swept knob."""
+    plt = require_matplotlib()
+    knob = result["knob"]
+    rows = result["points"]
+    xs = [r["value"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))
+    for ax, key, label in zip(axes, ("converged_seconds", "ksmd_cpu_seconds", "saved_mib"),
+                              ("seconds to converge", "scanner CPU seconds", "MiB saved")):
+        ax.errorbar(xs, [r[key]["mean"] for r in rows], yerr=[r[key]["stdev"] for r in rows], marker="o", capsize=3)
+        ax.set_xlabel(knob)
+        ax.set_ylabel(label)
+    fig.suptitle(f"shmksm sweep of {knob}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
