@@ -356,6 +356,109 @@ def experiment_notifier(guests: int, pages: int, shadows: int, eras: tuple[str, 
                    f"{r['lag_p99_us']:>12}{r['lag_max_us']:>12}")
 
 
+def _attached(machine: str | None) -> Any:
+    from .sysfs import AttachedKsm, running_machines
+
+    if machine is None:
+        found = running_machines()
+        if not found:
+            raise click.ClickException("no running shmksm machine (start one with shmksm demo or the Python API)")
+        if len(found) > 1:
+            raise click.UsageError(f"{len(found)} machines run; choose one with --machine: {', '.join(found)}")
+        machine = found[0]
+    return AttachedKsm(machine)
+
+
+_MACHINE_OPTION = click.option("--machine", default=None, metavar="NAME",
+                               help="Which running machine (its segment prefix); needed when several run.")
+
+
+@main.command()
+@_MACHINE_OPTION
+@friendly
+def stats(machine: str | None) -> None:
+    """Print the knobs and counters of a running machine, like grep . /sys/kernel/mm/ksm/*."""
+    with _attached(machine) as ksm:
+        for line in ksm.sysfs_lines():
+            click.echo(line)
+
+
+@main.command()
+@click.argument("settings", nargs=-1, metavar="[NAME=VALUE]...")
+@_MACHINE_OPTION
+@friendly
+def knobs(settings: tuple[str, ...], machine: str | None) -> None:
+    """Print the knobs of a running machine, or set some: shmksm knobs pages_to_scan=1000 run=1."""
+    pairs = []
+    for item in settings:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.UsageError(f"{item!r} is not NAME=VALUE")
+        pairs.append((name.strip(), value.strip()))
+    with _attached(machine) as ksm:
+        for name, value in pairs:
+            ksm.set(name, value)
+        for name, value in ksm.knobs().items():
+            click.echo(f"{name}: {value}")
+
+
+@main.command()
+@click.option("--guests", type=int, default=4, show_default=True, callback=_positive, help="Guest processes.")
+@click.option("--pages", type=int, default=2048, show_default=True, callback=_positive, help="Pages per guest.")
+@click.option("--seconds", type=float, default=10, show_default=True, callback=_positive, help="How long to run.")
+@click.option("--writes", type=int, default=None, callback=_positive,
+              help="Stop each guest after this many operations instead.")
+@click.option("--shadows", type=click.IntRange(0, 16), default=1, show_default=True,
+              help="Shadow workers reading the guests.")
+@click.option("--era", type=click.Choice(["2009", "2012", "2024", "interval"]), default="2024", show_default=True,
+              help="Notifier era.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@friendly
+def stress(guests: int, pages: int, seconds: float, writes: int | None, shadows: int, era: str, seed: int) -> None:
+    """Guests write, ksmd merges and copy-on-write breaks, all at full speed; every guest checks its memory.
+
+    Exits 1 if any guest read back something it did not write, a shadow read
+    a reused frame, or machine.check() finds a broken invariant.
+    """
+    import time
+
+    from .machine import Machine
+    from .sysfs import counters
+    from workers.guest_random import run as random_workload
+
+    total = guests * pages
+    with Machine(frames=total + 64, pages_to_scan=max(1000, total // 4), sleep_millisecs=0,
+                 notifier_era=era) as machine:
+        handles = [machine.add_guest(pages=pages) for _ in range(guests)]
+        for view in (g.view() for g in handles):
+            view.set_memory_merge(True)
+        mmus = [machine.add_shadow(handles, mode="free") for _ in range(shadows)]
+        machine.ksm.run = 1
+        limit = writes if writes is not None else 10**12
+        t0 = time.monotonic()
+        workers = [machine.spawn(random_workload, g, seed + i, seconds if writes is None else 1e9, limit,
+                                 name=f"stress{i}") for i, g in enumerate(handles)]
+        live = LiveView()
+        try:
+            while any(w.is_alive() for w in workers):
+                live.show(time.monotonic() - t0, counters(machine.system))
+                time.sleep(0.25)
+        finally:
+            live.close()
+        mismatches = [w.join() for w in workers]
+        machine.ksm.run = 0
+        summaries = [m.stop() for m in mmus]
+        stale = sum(s.get("stale_reads", 0) for s in summaries)
+        machine.check()
+        c = counters(machine.system)
+        click.echo(f"{guests} guests x {pages} pages for {time.monotonic() - t0:.1f} s, era {era}: "
+                   f"{c['full_scans']} full scans, {machine.system.get('cow_ksm')} COW breaks of KSM pages, "
+                   f"{sum(s.get('faults', 0) for s in summaries)} shadow faults")
+        click.echo(f"mismatched bytes per guest: {mismatches}; stale shadow reads: {stale}; check() passed")
+        if any(mismatches) or stale:
+            raise click.ClickException("memory was not what the guests wrote")
+
+
 @main.command()
 @friendly
 def cleanup() -> None:

@@ -7,6 +7,7 @@ store functions validate it (``-EINVAL`` → :class:`KnobError`, ``-EBUSY`` →
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 import numpy as np
@@ -31,12 +32,32 @@ def ksm_zero_pages_of(system: System, gid: int) -> int:
 
 def counters(system: System) -> dict[str, int]:
     """Every counter of /sys/kernel/mm/ksm, by name."""
-    out = {name: system.get(name) for name in control.COUNTERS}
-    out["ksm_zero_pages"] = sum(ksm_zero_pages_of(system, g) for g in system.live_guests())
-    items = system.get("rmap_items")
+    zero = sum(ksm_zero_pages_of(system, g) for g in system.live_guests())
+    return _counters(system.get, zero)
+
+
+def _counters(get: Callable[[str], int], ksm_zero_pages: int) -> dict[str, int]:
+    """The counters from the control words, with the derived ones (pages_volatile, general_profit)."""
+    out = {name: get(name) for name in control.COUNTERS}
+    out["ksm_zero_pages"] = ksm_zero_pages
+    items = get("rmap_items")
     out["pages_volatile"] = max(0, items - out["pages_shared"] - out["pages_sharing"] - out["pages_unshared"])
-    out["general_profit"] = (out["pages_sharing"] + out["ksm_zero_pages"]) * 4096 - items * RMAP_ITEM_BYTES
+    out["general_profit"] = (out["pages_sharing"] + ksm_zero_pages) * 4096 - items * RMAP_ITEM_BYTES
     return out
+
+
+def write_knob(name: str, value: Any, get: Callable[[str], int], put: Callable[[str, int], None]) -> None:
+    """A sysfs write: parse, refuse as the kernel refuses (EINVAL, EBUSY), store."""
+    parsed = parse_knob(name, value)
+    if name == "pages_to_scan" and get("advisor_mode"):
+        raise KnobError("pages_to_scan cannot be set while advisor_mode is scan-time (EINVAL)")
+    if name in _BUSY_KNOBS and parsed != get(name) and (get("pages_shared") or get("pages_sharing")):
+        raise KnobBusyError(f"{name} cannot change while pages are shared (EBUSY); write 2 to run first")
+    if name == "run" and parsed == 2:
+        put("full_scans", 0)
+    if name == "advisor_mode" and parsed:
+        put("pages_to_scan", get("advisor_min_pages_to_scan"))
+    put(name, parsed)
 
 
 def guest_ksm_stat(system: System, gid: int) -> dict[str, int]:
@@ -116,18 +137,8 @@ class Ksm:
     def set(self, name: str, value: Any) -> None:
         """Write knob ``name``; KnobError (EINVAL) or KnobBusyError (EBUSY) as the kernel."""
         system: System = object.__getattribute__(self, "_system")
-        parsed = parse_knob(name, value)
         with system.locks.stat:
-            if name == "pages_to_scan" and system.get("advisor_mode"):
-                raise KnobError("pages_to_scan cannot be set while advisor_mode is scan-time (EINVAL)")
-            if name in _BUSY_KNOBS and parsed != system.get(name):
-                if system.get("pages_shared") or system.get("pages_sharing"):
-                    raise KnobBusyError(f"{name} cannot change while pages are shared (EBUSY); write 2 to run first")
-            if name == "run" and parsed == 2:
-                system.set("full_scans", 0)
-            if name == "advisor_mode" and parsed:
-                system.set("pages_to_scan", system.get("advisor_min_pages_to_scan"))
-            system.set(name, parsed)
+            write_knob(name, value, system.get, system.set)
 
     def knobs(self) -> dict[str, Any]:
         """Every knob, by name."""
@@ -138,9 +149,98 @@ class Ksm:
 
     def sysfs_lines(self) -> list[str]:
         """``grep . /sys/kernel/mm/ksm/*``, line by line."""
-        values: dict[str, Any] = {**self.knobs(), **self.counters()}
-        if values["advisor_mode"] == "none":
-            values["advisor_mode"] = "[none] scan-time"
-        else:
-            values["advisor_mode"] = "none [scan-time]"
-        return [f"/sys/kernel/mm/ksm/{name}:{values[name]}" for name in sorted(values)]
+        return _sysfs_lines({**self.knobs(), **self.counters()})
+
+
+# -- a running machine, from another process ---------------------------------------------------
+
+
+def running_machines() -> list[str]:
+    """Segment prefixes of the machines whose hosts are alive, oldest first."""
+    import os
+
+    from . import segments
+
+    names = [e[:-len("_ctl")] for e in os.listdir(segments.SHM_DIR)
+             if e.startswith(segments.PREFIX) and e.endswith("_ctl")]
+    stale = set(segments.stale_segments())
+    live = [n for n in names if f"{n}_ctl" not in stale]
+    return sorted(live, key=lambda n: os.stat(os.path.join(segments.SHM_DIR, f"{n}_ctl")).st_mtime)
+
+
+class AttachedKsm:
+    """The knobs and counters of a machine run by another process (``shmksm stats``/``knobs``).
+
+    Attaches the control segment and the guests' page tables read-only in
+    spirit: only knob writes change anything, one word each, as a sysfs
+    write does.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        from . import segments
+
+        self.prefix = prefix
+        try:
+            self._seg = segments.attach(f"{prefix}_ctl")
+        except FileNotFoundError:
+            raise KnobError(f"no running shmksm machine {prefix!r}") from None
+        self.ctl = np.ndarray(control.WORDS, np.int64, self._seg.buf)
+
+    def close(self) -> None:
+        del self.ctl
+        self._seg.close()
+
+    def __enter__(self) -> AttachedKsm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def get(self, name: str) -> int:
+        return int(self.ctl[control.INDEX[name]])
+
+    def _zero_pages(self) -> int:
+        from . import pagetable, segments
+
+        total = 0
+        want = np.uint64(PRESENT | ZERO | KSM)
+        for gid in range(control.MAX_GUESTS):
+            if self.ctl[control.GUEST_BASE + control.GUEST_WORDS * gid] != control.GUEST_LIVE:
+                continue
+            try:
+                seg = segments.attach(f"{self.prefix}_g{gid}")
+            except FileNotFoundError:
+                continue
+            try:
+                pages = int(np.ndarray(1, np.int64, seg.buf)[0])
+                ptes = np.ndarray(pages, np.uint64, seg.buf, 8 * pagetable.HEADER_WORDS)
+                total += int(np.count_nonzero((ptes & want) == want))
+                del ptes
+            finally:
+                seg.close()
+        return total
+
+    def counters(self) -> dict[str, int]:
+        return _counters(self.get, self._zero_pages())
+
+    def knobs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: self.get(name) for name in control.KNOB_DEFAULTS}
+        out["advisor_mode"] = control.ADVISOR_MODES[out["advisor_mode"]]
+        return out
+
+    def set(self, name: str, value: Any) -> None:
+        """Write a knob, refused as the kernel refuses it (EINVAL, EBUSY)."""
+        write_knob(name, value, self.get, self._put)
+
+    def _put(self, name: str, value: int) -> None:
+        self.ctl[control.INDEX[name]] = value
+
+    def sysfs_lines(self) -> list[str]:
+        return _sysfs_lines({**self.knobs(), **self.counters()})
+
+
+def _sysfs_lines(values: dict[str, Any]) -> list[str]:
+    """``grep . /sys/kernel/mm/ksm/*``, line by line."""
+    values = dict(values)
+    values["advisor_mode"] = "[none] scan-time" if values["advisor_mode"] == "none" else "none [scan-time]"
+    return [f"/sys/kernel/mm/ksm/{name}:{values[name]}" for name in sorted(values)]
