@@ -260,8 +260,9 @@ class LiveView:
 @click.option("--memory", type=int, default=32, show_default=True, callback=_positive, help="MiB per guest.")
 @click.option("--seconds", type=float, default=20, show_default=True, callback=_positive, help="How long the guests run.")
 @click.option("--use-zero-pages", is_flag=True, help="Map empty pages to the zero page.")
+@click.option("--plot", default=None, metavar="FILE.png", help="Plot the counters over time (needs matplotlib).")
 @friendly
-def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool) -> None:
+def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool, plot: str | None) -> None:
     """A host with VM-like guests under ksmd, live counters, then what merging saved."""
     import time
 
@@ -269,6 +270,8 @@ def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool) -> None
     from .sysfs import counters
     from workers.guest_vm import run_vm
 
+    if plot:
+        _check_plot_path(plot)
     pages = memory * 256
     total = guests * pages
     # A full scan every ~2 s at 20 ms per batch: merging is visible as it happens.
@@ -282,14 +285,25 @@ def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool) -> None
         machine.ksm.run = 1
         live = LiveView()
         t0 = time.monotonic()
+        timeline = []
         try:
-            while any(w.is_alive() for w in workers):
-                live.show(time.monotonic() - t0, counters(machine.system))
+            while True:
+                running = any(w.is_alive() for w in workers)
+                snap = counters(machine.system)
+                timeline.append({"t": round(time.monotonic() - t0, 3), **snap})
+                live.show(time.monotonic() - t0, snap)
+                if not running:
+                    break
                 time.sleep(0.2)
-            live.show(time.monotonic() - t0, counters(machine.system))
         finally:
             live.close()
         results = [w.join() for w in workers]
+        if plot:
+            from .plots import plot_timeline
+
+            shown = ("pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages")
+            plot_timeline({"timeline": timeline, "pages": total,
+                           "knobs": {k: getattr(machine.ksm, k) for k in shown}}, plot)
         c = counters(machine.system)
         machine.ksm.run = 0
         machine.check()
@@ -319,8 +333,10 @@ def experiment() -> None:
 @click.option("--era", "eras", multiple=True, type=click.Choice(["2009", "2012", "2024", "interval"]),
               help="Run only these eras (repeatable); default: all four.")
 @click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result as JSON ('-' for stdout).")
+@click.option("--plot", default=None, metavar="FILE.png", help="Plot shadow faults per era (needs matplotlib).")
 @friendly
-def experiment_notifier(guests: int, pages: int, shadows: int, eras: tuple[str, ...], json_out: str | None) -> None:
+def experiment_notifier(guests: int, pages: int, shadows: int, eras: tuple[str, ...], json_out: str | None,
+                        plot: str | None) -> None:
     """The change_pte experiment: shadow faults per notifier era on one workload.
 
     Guests hold duplicate pages; shadow workers read every page (warm-up),
@@ -340,7 +356,13 @@ def experiment_notifier(guests: int, pages: int, shadows: int, eras: tuple[str, 
         if out is not sys.stdout:
             click.echo(f"  era {era:<9} shadow faults {r['shadow_faults']:6d}", err=out is not None)
 
+    if plot:
+        _check_plot_path(plot)
     result = notifier_experiment(guests, pages, shadows, eras or ("2009", "2012", "2024", "interval"), progress)
+    if plot:
+        from .plots import plot_eras
+
+        plot_eras(result, plot)
     if out is not None:
         json.dump(result, out, indent=1)
         out.write("\n")
@@ -457,6 +479,63 @@ def stress(guests: int, pages: int, seconds: float, writes: int | None, shadows:
         click.echo(f"mismatched bytes per guest: {mismatches}; stale shadow reads: {stale}; check() passed")
         if any(mismatches) or stale:
             raise click.ClickException("memory was not what the guests wrote")
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        values = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+    if not values:
+        raise click.BadParameter("give at least one value")
+    return values
+
+
+@experiment.command("sweep")
+@click.option("--knob", required=True, type=click.Choice(["pages_to_scan", "sleep_millisecs", "guests",
+                                                           "max_page_sharing", "use_zero_pages"]),
+              help="The knob to vary.")
+@click.option("--values", required=True, callback=_int_list, help="Comma-separated values, e.g. 100,1000,10000.")
+@click.option("--runs", type=int, default=3, show_default=True, callback=_positive, help="Runs per value.")
+@click.option("--scenario", default="default", show_default=True, help="The built-in scenario to run.")
+@click.option("--guests", type=int, default=4, show_default=True, callback=_positive, help="Guests (unless swept).")
+@click.option("--jobs", type=int, default=None, callback=_positive, help="Runs side by side (default: the cores).")
+@click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result as JSON ('-' for stdout).")
+@click.option("--plot", default=None, metavar="FILE.png", help="Plot the sweep (needs matplotlib).")
+@friendly
+def experiment_sweep(knob: str, values: list[int], runs: int, scenario: str, guests: int, jobs: int | None,
+                     json_out: str | None, plot: str | None) -> None:
+    """Vary one knob over values; report convergence time, scanner CPU and memory saved."""
+    from .experiments import sweep
+    from .sysfs import parse_knob
+
+    for v in values:
+        if knob == "guests":
+            if not 1 <= v <= 64:
+                raise click.BadParameter(f"guests must be 1..64, not {v}", param_hint="--values")
+        elif knob == "pages_to_scan" and v <= 0:
+            raise click.BadParameter(f"pages_to_scan must be positive, not {v}", param_hint="--values")
+        else:
+            parse_knob(knob, v)
+    out = _open_output(json_out) if json_out else None
+    if plot:
+        _check_plot_path(plot)
+    with click.progressbar(length=len(values) * runs, label=f"sweeping {knob}", file=sys.stderr) as bar:
+        result = sweep(knob, values, runs, scenario, guests, jobs=jobs, progress=lambda v, r: bar.update(1))
+    if plot:
+        from .plots import plot_sweep
+
+        plot_sweep(result, plot)
+    if out is not None:
+        json.dump(result, out, indent=1)
+        out.write("\n")
+        if out is not sys.stdout:
+            out.close()
+        return
+    click.echo(f"{knob:>18}{'converged s':>14}{'ksmd CPU s':>13}{'saved MiB':>12}{'full scans':>12}")
+    for p in result["points"]:
+        click.echo(f"{p['value']:>18}{p['converged_seconds']['mean']:>14.3f}{p['ksmd_cpu_seconds']['mean']:>13.3f}"
+                   f"{p['saved_mib']['mean']:>12.1f}{p['full_scans']['mean']:>12.1f}")
 
 
 @main.command()

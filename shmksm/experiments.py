@@ -95,3 +95,82 @@ def notifier_experiment(guests: int = 2, pages: int = 1024, shadows: int = 2, er
     return {"eras": results, "workload": {"guests": guests, "pages": pages, "shadows": shadows,
                                           "duplicate_pages": guests * (pages // 2)},
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+SWEEP_KNOBS = ("pages_to_scan", "sleep_millisecs", "guests", "max_page_sharing", "use_zero_pages")
+
+
+def sweep(knob: str, values: list[int], runs: int = 3, scenario: str = "default", guests: int = 4,
+          base: dict[str, int] | None = None, jobs: int | None = None, progress: Any = None) -> dict[str, Any]:
+    """Vary one knob over ``values``, ``runs`` runs each, as parallel ``shmksm run`` processes.
+
+    Every run is a separate host (its own machine and processes), so runs
+    may go side by side on the available cores.  Reports, per value, the
+    mean and standard deviation of the convergence time, the scanner's CPU
+    seconds and the memory saved.
+    """
+    import json
+    import os
+    import statistics
+    import subprocess
+    import sys
+    import tempfile
+
+    from .errors import ShmksmError, UsageError
+    from .images import MIXES
+
+    if knob not in SWEEP_KNOBS:
+        raise UsageError(f"cannot sweep {knob!r}; knobs: {', '.join(SWEEP_KNOBS)}")
+    if scenario not in MIXES:
+        raise UsageError(f"unknown scenario {scenario!r}; scenarios: {', '.join(MIXES)}")
+    knobs = {"pages_to_scan": 1000, "sleep_millisecs": 0, "max_page_sharing": 256, "use_zero_pages": 0,
+             **(base or {})}
+    jobs = jobs or os.cpu_count() or 1
+    tasks = [(value, i) for value in values for i in range(runs)]
+    results: dict[int, list[dict[str, Any]]] = {v: [] for v in values}
+    with tempfile.TemporaryDirectory(prefix="shmksm-sweep-") as tmp:
+        pending = list(tasks)
+        running: list[tuple[int, Any, str]] = []
+        while pending or running:
+            while pending and len(running) < jobs:
+                value, i = pending.pop(0)
+                k = {**knobs}
+                g = guests
+                if knob == "guests":
+                    g = value
+                else:
+                    k[knob] = value
+                out = os.path.join(tmp, f"{value}-{i}.json")
+                cmd = [sys.executable, "-m", "shmksm.cli", "run", "--scenario", scenario, "--guests", str(g),
+                       "--pages-to-scan", str(k["pages_to_scan"]), "--sleep-millisecs", str(k["sleep_millisecs"]),
+                       "--max-page-sharing", str(k["max_page_sharing"]), "--json", out]
+                if k["use_zero_pages"]:
+                    cmd.append("--use-zero-pages")
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                running.append((value, proc, out))
+            value, proc, out = running.pop(0)
+            _, err = proc.communicate()
+            if proc.returncode:
+                raise ShmksmError(f"a run with {knob}={value} failed: {err.strip().splitlines()[-1] if err else proc.returncode}")
+            with open(out) as f:
+                report = json.load(f)
+            results[value].append(report)
+            if progress is not None:
+                progress(value, report)
+
+    def stat(xs: list[float]) -> dict[str, float]:
+        return {"mean": round(statistics.fmean(xs), 4), "stdev": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0}
+
+    points = []
+    for value in values:
+        reps = results[value]
+        points.append({
+            "value": value,
+            "runs": len(reps),
+            "converged_seconds": stat([r["converged"]["seconds"] for r in reps]),
+            "ksmd_cpu_seconds": stat([r["converged"]["ksmd_cpu_seconds"] for r in reps]),
+            "saved_mib": stat([(r["ksm"]["pages_sharing"] + r["ksm"]["ksm_zero_pages"]) * PAGE_SIZE / 2**20
+                               for r in reps]),
+            "full_scans": stat([r["converged"]["full_scans"] for r in reps]),
+        })
+    return {"knob": knob, "scenario": scenario, "guests": guests, "base": knobs, "points": points}
