@@ -15,14 +15,15 @@ import numpy as np
 from . import control
 from .errors import AddressError, DataTypeError, OutOfFrames, UsageError
 from .frames import FramesPending, PAGE_SIZE
-from .pagetable import (DIRTY, H_MERGE_ANY, KSM, PFN_MASK, PRESENT, UNMAPPED, WRITE, YOUNG, ZERO,
-                        PageTable)
+from .pagetable import (DIRTY, H_MERGE_ANY, HIGH_READ_MASK, HIGH_READABLE, HIGH_WRITABLE, KSM, PFN_MASK, PRESENT,
+                        UNMAPPED, WRITE, YOUNG, ZERO, PageTable)
 from .system import System
 
 MADV_MERGEABLE: Final = 12
 MADV_UNMERGEABLE: Final = 13
 _ADVICE_NAMES: Final = {MADV_MERGEABLE: "MADV_MERGEABLE", MADV_UNMERGEABLE: "MADV_UNMERGEABLE"}
 _DIRTY_YOUNG: Final = DIRTY | YOUNG
+_UINT8: Final = np.dtype(np.uint8)
 _FRAME_WAIT_SECONDS: Final = 5.0
 
 
@@ -36,6 +37,8 @@ def as_bytes_view(data: Any) -> memoryview:
         raise DataTypeError(f"data must be bytes-like or a numpy array, not {type(data).__name__}") from None
     if view.format == "B" and view.ndim == 1 and view.c_contiguous:
         return view
+    if not view.nbytes:
+        return memoryview(b"")  # cast() refuses a shape with a zero in it
     if not view.c_contiguous:
         view = memoryview(np.ascontiguousarray(data))
     return view.cast("B")
@@ -73,11 +76,15 @@ class GuestView:
         self.table: PageTable = system.table(gid)
         self.pages = self.table.pages
         self.size = self.pages * PAGE_SIZE
+        # Bound once for the hot paths: the PTEs (whole, and as the halves that
+        # the hot paths test, see pagetable.HIGH_WRITABLE), the pool's mmap (its
+        # slices copy in one step, from bytes and arrays alike) and the lock of
+        # every run of 512 PTEs.
         self._pv = self.table.pv
-        self._flat = system.frames.flat
-        self._ptl = self.table.ptl_table
-        self._ptl_base = self.table.ptl_base
-        self._nptl = self.table.nptl
+        self._pte_low = self.table.pte_low
+        self._pte_high = self.table.pte_high
+        self._mm = system.frames.mm
+        self._run_locks = self.table.run_locks
 
     def __repr__(self) -> str:
         return f"<GuestView guest={self.gid} pages={self.pages}>"
@@ -92,8 +99,10 @@ class GuestView:
             raise AddressError(f"read of {n} bytes at {addr:#x} is outside guest {self.gid} ({self.size:#x} bytes)")
         page = addr >> 12
         off = addr & 4095
-        if off + n <= PAGE_SIZE:
+        if 0 < n <= PAGE_SIZE - off:
             return self._read_page(page, off, n)
+        if not n:
+            return b""
         out = bytearray(n)
         done = 0
         while done < n:
@@ -105,16 +114,20 @@ class GuestView:
         return bytes(out)
 
     def _read_page(self, page: int, off: int, n: int) -> bytes:
-        lock = self._ptl[(self._ptl_base + (page >> 9)) % self._nptl]
+        """``n`` bytes at ``off`` in ``page``.  Takes its PTL."""
+        lock = self._run_locks[page >> 9]
         lock.acquire()
         try:
-            pte = self._pv[page]
-            if not pte & PRESENT:
-                pte = self.table.handle_read_fault(page)
-            elif not pte & YOUNG:
-                self._pv[page] = pte | YOUNG
-            o = ((pte & PFN_MASK) << 12) | off
-            return bytes(self._flat[o:o + n])
+            if self._pte_high[page] & HIGH_READ_MASK == HIGH_READABLE:
+                o = (self._pte_low[page] << 12) | off
+            else:
+                pte = self._pv[page]
+                if not pte & PRESENT:
+                    pte = self.table.handle_read_fault(page)
+                elif not pte & YOUNG:
+                    self._pv[page] = pte | YOUNG
+                o = ((pte & PFN_MASK) << 12) | off
+            return self._mm[o:o + n]
         finally:
             lock.release()
 
@@ -126,23 +139,52 @@ class GuestView:
         Takes each page's PTL.  All pages are faulted in before any byte is
         written, so an error (out of frames, an unmapped page) writes nothing.
         """
-        view = as_bytes_view(data)
-        n = len(view)
+        # bytes and uint8 arrays skip the memoryview: a slice of the mmap takes
+        # their bytes as they are (and a uint8 array cannot fail to export them).
+        tp = type(data)
+        if tp is bytes:
+            n = len(data)
+        elif tp is np.ndarray and data.dtype is _UINT8:
+            n = data.nbytes
+        else:
+            data = as_bytes_view(data)
+            n = len(data)
+        # Within one page (then addr < size keeps it inside the guest): the hot
+        # path of every guest, _write_page inlined.
+        if type(addr) is int and 0 <= addr < self.size and 0 < n <= PAGE_SIZE - (off := addr & 4095):
+            page = addr >> 12
+            lock = self._run_locks[page >> 9]
+            lock.acquire()
+            try:
+                if self._pte_high[page] == HIGH_WRITABLE:
+                    o = (self._pte_low[page] << 12) | off
+                else:
+                    o = ((self._make_writable(page, n == PAGE_SIZE) & PFN_MASK) << 12) | off
+                try:
+                    self._mm[o:o + n] = data
+                except ValueError:  # numpy refuses a non-contiguous array this buffer
+                    self._mm[o:o + n] = np.ascontiguousarray(data)
+                return
+            except FramesPending:
+                pass  # nothing changed: wait for frames with the lock released, below
+            finally:
+                lock.release()
+            with_frames(self._write_page, page, off, data)
+            return
         if type(addr) is not int:
             addr = _check_addr(addr)
         if addr < 0 or addr + n > self.size:
             raise AddressError(f"write of {n} bytes at {addr:#x} is outside guest {self.gid} ({self.size:#x} bytes)")
+        if n:
+            self._write_pages(addr, as_bytes_view(data))
+
+    def _write_pages(self, addr: int, view: memoryview) -> None:
+        """A write that crosses pages: fault every page in, then copy page by page."""
+        n = len(view)
         off = addr & 4095
-        if off + n <= PAGE_SIZE:
-            if n:
-                try:
-                    self._write_page(addr >> 12, off, view)
-                except FramesPending:
-                    with_frames(self._write_page, addr >> 12, off, view)
-            return
         first, last = addr >> 12, (addr + n - 1) >> 12
         for page in range(first, last + 1):
-            with_frames(self._prefault, page, page != first and page != last)
+            with_frames(self._prefault, page)
         done = 0
         page = first
         while done < n:
@@ -152,25 +194,46 @@ class GuestView:
             page += 1
             off = 0
 
-    def _write_page(self, page: int, off: int, view: memoryview) -> None:
-        lock = self._ptl[(self._ptl_base + (page >> 9)) % self._nptl]
+    def _make_writable(self, page: int, whole: bool) -> int:
+        """Make ``page``'s PTE writable, dirty and young, faulting if need be; return it.  PTL held.
+
+        ``whole``: the caller overwrites the whole page (a new frame need not be zeroed).
+        Raises FramesPending (nothing changed) when frames wait for reclamation.
+        """
+        pte = self._pv[page]
+        if not pte & WRITE:
+            return self.table.handle_write_fault(page, whole)
+        pte |= _DIRTY_YOUNG
+        self._pv[page] = pte
+        return pte
+
+    def _write_page(self, page: int, off: int, data: Any) -> None:
+        """Copy ``data`` (bytes-like, within one page) to ``off`` in ``page``.  Takes its PTL."""
+        if type(data) is np.ndarray:
+            data = as_bytes_view(data)
+        n = len(data)
+        lock = self._run_locks[page >> 9]
         lock.acquire()
         try:
-            pv = self._pv
-            pte = pv[page]
-            if not pte & WRITE:
-                pte = self.table.handle_write_fault(page, len(view) == PAGE_SIZE)
-            elif pte & _DIRTY_YOUNG != _DIRTY_YOUNG:
-                pv[page] = pte | _DIRTY_YOUNG
-            o = ((pte & PFN_MASK) << 12) | off
-            self._flat[o:o + len(view)] = view
+            o = ((self._make_writable(page, n == PAGE_SIZE) & PFN_MASK) << 12) | off
+            self._mm[o:o + n] = data
         finally:
             lock.release()
 
-    def _prefault(self, page: int, whole: bool) -> None:
-        with self.table.ptl(page):  # type: ignore[attr-defined]
+    def _prefault(self, page: int) -> None:
+        """Make ``page`` writable ahead of a multi-page copy.  Takes its PTL.
+
+        A new frame is zeroed even where the copy will cover it: the copy takes
+        the lock again later, and until then nobody may see what a recycled
+        frame held before.
+        """
+        lock = self._run_locks[page >> 9]
+        lock.acquire()
+        try:
             if not self._pv[page] & WRITE:
-                self.table.handle_write_fault(page, whole)
+                self.table.handle_write_fault(page)
+        finally:
+            lock.release()
 
     # -- madvise, munmap, prctl ----------------------------------------------------------
 

@@ -24,6 +24,7 @@ every access through it, happens under the page-table lock of its run of 512.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Final
 
 import numpy as np
@@ -52,8 +53,21 @@ H_RANGES: Final = 8
 MAX_RANGES: Final = (HEADER_WORDS - H_RANGES) // 2
 
 ZERO_PTE: Final = PRESENT | ZERO | YOUNG
-_COW_KSM: Final = control.INDEX["cow_ksm"]
 KSM_ZERO_PTE: Final = PRESENT | ZERO | KSM
+
+# A PTE read as two uint32 halves, for the guests' hot paths: Python's bit
+# operations on a 47-bit int cost more than the lock itself.  Under its PTL a
+# PTE cannot change, so halves read one after the other are one PTE.  The high
+# half is the flags and pfn bits 32-39 (0 in any pool under 16 TiB); where
+# those are 0, the low half is the pfn.  A high half equal to HIGH_WRITABLE
+# needs no fault to write; one with HIGH_READ_MASK bits equal to HIGH_READABLE
+# needs no fault to read.
+_LOW_HALF, _HIGH_HALF = (0, 1) if sys.byteorder == "little" else (1, 0)
+HIGH_WRITABLE: Final = (PRESENT | WRITE | DIRTY | YOUNG) >> 32
+HIGH_READABLE: Final = (PRESENT | YOUNG) >> 32
+HIGH_READ_MASK: Final = HIGH_READABLE | PFN_MASK >> 32
+
+_COW_KSM: Final = control.INDEX["cow_ksm"]
 
 
 def segment_size(pages: int) -> int:
@@ -77,6 +91,9 @@ class PageTable:
         self.pages = int(self.header[H_PAGES])
         self.ptes: npt.NDArray[np.uint64] = np.ndarray(self.pages, np.uint64, buf, 8 * HEADER_WORDS)
         self.pv = buf[8 * HEADER_WORDS:8 * (HEADER_WORDS + self.pages)].cast("Q")
+        halves = self.pv.cast("B").cast("I")
+        self.pte_low = halves[_LOW_HALF::2]
+        self.pte_high = halves[_HIGH_HALF::2]
         self.frames = frames
         locks = frames.locks
         self.ptl_table = locks.ptl  # type: ignore[attr-defined]
@@ -90,7 +107,8 @@ class PageTable:
         self.notifier: Any = None
 
     def release_views(self) -> None:
-        self.pv.release()
+        for view in (self.pte_low, self.pte_high, self.pv):
+            view.release()
         del self.header, self.ptes
 
     def ptl(self, page: int) -> object:
