@@ -120,10 +120,12 @@ class Frames:
 
     # -- the allocator -------------------------------------------------------
 
-    def alloc(self) -> int:
+    def alloc(self, count: int = -1) -> int:
         """Take a free frame; return its pfn, flagged INUSE with mapcount 0.
 
         Takes the allocator lock (callers may hold a page-table or frame lock).
+        ``count``, a control word index, is incremented under the same lock
+        (the copy-on-write path counts cow_ksm there: one lock, not two).
         Raises FramesPending when only waiting frames remain, OutOfFrames when
         none remain at all.
         """
@@ -136,13 +138,15 @@ class Frames:
                 self._reclaim_locked()
                 pfn = cv[_FREE_HEAD]
                 if pfn < 0:
-                    if cv[control.INDEX["wait_count"]]:
+                    if cv[_WAIT_COUNT]:
                         raise FramesPending
                     raise OutOfFrames(f"out of frames: all {self.nframes - 1} frames of the pool are mapped")
             cv[_FREE_HEAD] = self.nx[pfn]
             cv[_FREE_COUNT] -= 1
             self.fl[pfn] = INUSE
             self.mc[pfn] = 0
+            if count >= 0:
+                cv[count] += 1
             return pfn
         finally:
             lock.release()

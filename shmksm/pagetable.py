@@ -167,18 +167,11 @@ class PageTable:
         """
         frames = self.frames
         old = pte & PFN_MASK
-        pfn = frames.alloc()
+        pfn = frames.alloc(_COW_KSM if frames.fl[old] & FRAME_KSM else -1)
         frames.copy_frame(pfn, old)
         frames.mc[pfn] = 1
         new = pfn | PRESENT | WRITE | YOUNG | (DIRTY if dirty else pte & DIRTY)
         self.pv[page] = new
-        if frames.fl[old] & FRAME_KSM:
-            stat = frames.stat_lock
-            stat.acquire()
-            try:
-                frames.cv[_COW_KSM] += 1
-            finally:
-                stat.release()
         if self.notifier is not None:
             self.notifier.change_pte(self.gid, page, new)
         frames.put(old)
