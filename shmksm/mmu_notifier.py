@@ -265,8 +265,9 @@ class Notifier:
         """Append one record with the notify lock held; wait while the ring is full."""
         cv, v = self.cv, self.v
         seq = cv[self.head_index]
-        if seq - v[H_TAIL] >= MAIN_N:
+        while seq - v[H_TAIL] >= MAIN_N:
             self._wait_for_room(seq)
+            seq = cv[self.head_index]
         base = (seq % MAIN_N) * REC
         ring = self.ring
         ring[base] = kind | gid << 8 | shadow << 16 | seq << 24
@@ -280,10 +281,20 @@ class Notifier:
         return seq  # type: ignore[no-any-return]
 
     def _wait_for_room(self, seq: int) -> None:
+        """The ring is full: wake the broker and wait, without the notify lock.
+
+        The broker takes the notify lock to lower the registration counts, so
+        waiting with it held could wait forever.  The caller still holds the
+        page-table lock of its PTE, so no event of that PTE can overtake it.
+        """
         deadline = time.monotonic() + 10.0
-        while seq - self.v[H_TAIL] >= MAIN_N:
-            self.v[H_SLEEPING] = 0
-            self.doorbell()
-            if time.monotonic() > deadline:
-                raise InternalError("the notifier broker stopped draining its ring")
-            time.sleep(0.0001)
+        self.lock.release()
+        try:
+            while seq - self.v[H_TAIL] >= MAIN_N:
+                self.v[H_SLEEPING] = 0
+                self.doorbell()
+                if time.monotonic() > deadline:
+                    raise InternalError("the notifier broker stopped draining its ring")
+                time.sleep(0.0001)
+        finally:
+            self.lock.acquire()
