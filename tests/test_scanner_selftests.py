@@ -1,0 +1,344 @@
+"""The kernel's KSM selftests (ksm_tests.c, ksm_functional_tests.c), run against ksmd.
+
+Each test has guest processes write and madvise their memory, starts the
+machine's ksmd process, lets it scan (``pages_to_scan`` large so that one
+batch is one full scan, ``sleep_millisecs`` 0) and checks the counters of
+/sys/kernel/mm/ksm and /proc/PID/ksm_stat against what the selftests expect
+of the kernel (see ``reference/linux-ksm.md``, "Selftest expectations").
+
+The helpers here (page contents, guest workloads, :func:`merged_machine`,
+:func:`pause` and :func:`resume`) serve test_scanner.py, test_knobs.py and
+test_runner.py too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from functools import cache
+
+import numpy as np
+import pytest
+
+import shmksm
+from shmksm import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE
+from shmksm.pagetable import KSM, PFN_MASK, PRESENT, ZERO
+from shmksm.scanner import RMAP_ITEM_BYTES
+
+FAST = {"pages_to_scan": 100_000, "sleep_millisecs": 0}
+
+
+@cache
+def content(key: int) -> bytes:
+    """Page content number ``key``: 0 is the empty page, others are pseudo-random bytes."""
+    if key == 0:
+        return bytes(PAGE_SIZE)
+    return np.random.default_rng(key).integers(0, 256, PAGE_SIZE, dtype=np.uint8).tobytes()
+
+
+def fill(view: shmksm.GuestView, keys: Sequence[int], merge: str = "madvise") -> int:
+    """Guest workload: page i gets ``content(keys[i])``; then the pages become mergeable.
+
+    ``merge`` is "madvise" (MADV_MERGEABLE on the range), "prctl" (the
+    whole-guest merge switch) or "none".
+    """
+    for page, key in enumerate(keys):
+        view.write(page * PAGE_SIZE, content(key))
+    if merge == "madvise":
+        view.madvise(0, len(keys) * PAGE_SIZE, MADV_MERGEABLE)
+    elif merge == "prctl":
+        view.set_memory_merge(True)
+    return len(keys)
+
+
+def advise(view: shmksm.GuestView, start: int, pages: int, advice: int) -> None:
+    """Guest workload: madvise ``pages`` pages from page ``start``."""
+    view.madvise(start * PAGE_SIZE, pages * PAGE_SIZE, advice)
+
+
+def merge_switch_off(view: shmksm.GuestView) -> None:
+    """Guest workload: prctl(PR_SET_MEMORY_MERGE, 0)."""
+    view.set_memory_merge(False)
+
+
+def poke_byte(first: int, i: int) -> bytes:
+    """The byte that :func:`poke_each` writes into its ``i``-th page: never 0."""
+    return bytes([1 + (first + i) % 255])
+
+
+def poke_each(view: shmksm.GuestView, start: int, pages: int, first: int) -> None:
+    """Guest workload: write ``poke_byte(first, i)`` at the start of page ``start + i``."""
+    for i in range(pages):
+        view.write((start + i) * PAGE_SIZE, poke_byte(first, i))
+
+
+def selftest_expectation(n: int, m: int) -> tuple[int, int]:
+    """(pages_shared, pages_sharing) for ``n`` identical pages, max_page_sharing ``m`` (ksm_tests.c)."""
+    if n % m in (0, 1):
+        shared = n // m
+        return shared, shared * (m - 1)
+    shared = n // m + 1
+    return shared, n - shared
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` with growing delays; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(2 * delay, 0.05)
+
+
+def distinct_frames(machine: shmksm.Machine, guests: Sequence[shmksm.Guest]) -> None:
+    """Assert that no two present, non-zero-page pages of ``guests`` map one frame, and none is KSM."""
+    pfns = []
+    for g in guests:
+        ptes = machine.system.table(g.id).ptes.copy()
+        present = (ptes & np.uint64(PRESENT | ZERO)) == np.uint64(PRESENT)
+        assert not ((ptes[present] & np.uint64(KSM)) != 0).any(), f"guest {g.id} still maps a KSM page"
+        pfns.append((ptes[present] & np.uint64(PFN_MASK)).astype(np.int64))
+    every = np.concatenate(pfns)
+    values, counts = np.unique(every, return_counts=True)
+    assert (counts == 1).all(), f"frames mapped more than once: {values[counts > 1][:10].tolist()}"
+
+
+def assert_data(guest: shmksm.Guest, keys: Sequence[int]) -> None:
+    """Assert that page i of ``guest`` holds ``content(keys[i])``."""
+    view = guest.view()
+    for page, key in enumerate(keys):
+        assert view.read(page * PAGE_SIZE, PAGE_SIZE) == content(key), f"guest {guest.id} page {page} changed"
+
+
+def start_ksmd(machine: shmksm.Machine) -> None:
+    """Start ksmd and wait until its scanner is set up.
+
+    ksmd takes the guests that are mergeable when it is set up as its first
+    full scan (see test_scanner.py's test of that), so the tests that count
+    full scans start it once their guests are ready.
+    """
+    ksmd = machine.start_ksmd()
+    wait_for(lambda: machine.system.get("scanner_pid") == ksmd.pid, 30, "ksmd to start")
+
+
+def pause(machine: shmksm.Machine) -> None:
+    """Stop ksmd between two full scans; :func:`resume` starts it again.
+
+    ksmd ends a full scan, then sleeps; run=0, written while it sleeps, is
+    what it finds when it wakes.  What the test does until it resumes happens
+    with no batch in flight (see test_scanner.py for what a batch in flight
+    does with a range made unmergeable under it), and the counters stay as
+    that full scan left them.
+    """
+    machine.ksm.sleep_millisecs = 300
+    machine.wait_full_scans(1)
+    machine.ksm.run = 0
+
+
+def resume(machine: shmksm.Machine, scans: int = 1) -> None:
+    """Run ksmd again with sleep_millisecs 0; return after ``scans`` more full scans."""
+    machine.ksm.sleep_millisecs = 0
+    machine.ksm.run = 1
+    machine.wait_full_scans(scans)
+
+
+def merged_machine(keys_per_guest: Sequence[Sequence[int]], merge: str = "madvise",
+                   **knobs: int) -> tuple[shmksm.Machine, list[shmksm.Guest]]:
+    """A running machine whose guests wrote ``keys_per_guest`` and that ksmd scanned twice."""
+    total = sum(len(k) for k in keys_per_guest)
+    machine = shmksm.Machine(frames=2 * total + 64, ksmd=False, **{**FAST, **knobs})
+    try:
+        guests = [machine.add_guest(pages=len(keys)) for keys in keys_per_guest]
+        workers = [machine.spawn(fill, g, list(keys), merge) for g, keys in zip(guests, keys_per_guest, strict=True)]
+        for w in workers:
+            w.join(30)
+        start_ksmd(machine)
+        machine.ksm.run = 1
+        machine.wait_full_scans(2)
+    except BaseException:
+        machine.close()
+        raise
+    return machine, guests
+
+
+# -- ksm_tests.c: merging identical pages, with and without max_page_sharing -----------------------
+
+
+@pytest.mark.parametrize(("n", "m", "shared", "sharing"), [
+    (10, 256, 1, 9),
+    (1000, 256, 4, 996),
+    (2, 2, 1, 1),
+    (7, 3, 2, 4),
+    (8, 3, 3, 5),
+    (9, 3, 3, 6),
+    (10, 3, 3, 6),
+])
+def test_merge_identical_pages(n: int, m: int, shared: int, sharing: int) -> None:
+    assert selftest_expectation(n, m) == (shared, sharing)
+    machine, (guest,) = merged_machine([[1] * n], max_page_sharing=m)
+    with machine:
+        c = machine.ksm.counters()
+        assert (c["pages_shared"], c["pages_sharing"]) == (shared, sharing), c
+        assert c["full_scans"] >= 2
+        # A page left over when every KSM page is full waits in the unstable tree,
+        # or counts as volatile while smart_scan skips it.
+        assert c["pages_unshared"] + c["pages_volatile"] == n - shared - sharing
+        chained = shared > 1
+        assert (c["stable_node_chains"], c["stable_node_dups"]) == (int(chained), shared if chained else 0)
+        stat = guest.ksm_stat()
+        assert stat["ksm_rmap_items"] == n
+        assert stat["ksm_merging_pages"] == shared + sharing
+        # The counters are stable: further scans change nothing.
+        machine.wait_full_scans(2)
+        again = machine.ksm.counters()
+        assert (again["pages_shared"], again["pages_sharing"]) == (shared, sharing)
+        # Every KSM page is mapped by at most max_page_sharing PTEs.
+        pfns = machine.system.table(guest.id).ptes & np.uint64(PFN_MASK)
+        assert np.bincount(pfns.astype(np.int64)).max() <= m
+        assert_data(guest, [1] * n)
+        machine.check()
+
+
+def test_merge_across_guests() -> None:
+    """The same content in three guests' processes merges into one KSM page."""
+    machine, guests = merged_machine([[1, 2, 3]] * 3)
+    with machine:
+        c = machine.ksm.counters()
+        assert (c["pages_shared"], c["pages_sharing"]) == (3, 6)
+        for g in guests:
+            assert g.ksm_stat()["ksm_merging_pages"] == 3
+            assert_data(g, [1, 2, 3])
+        kpfns = [machine.system.table(g.id).ptes[:3] & np.uint64(PFN_MASK) for g in guests]
+        assert all((k == kpfns[0]).all() for k in kpfns), "one KSM page per content, mapped by every guest"
+        machine.check()
+
+
+# -- ksm_tests.c: unmerging by writes --------------------------------------------------------------
+
+
+def test_unmerge_by_writes() -> None:
+    machine, (guest,) = merged_machine([[1, 1]])
+    with machine:
+        c = machine.ksm.counters()
+        assert (c["pages_shared"], c["pages_sharing"]) == (1, 1)
+        # The writes happen between two full scans: the next one must drop both pages.
+        pause(machine)
+        machine.spawn(poke_each, guest, 0, 2, 0x41).join(10)
+        lazy = machine.ksm.counters()
+        assert (lazy["pages_shared"], lazy["pages_sharing"]) == (1, 1), "counters drop when ksmd visits, not before"
+        resume(machine)
+        c = machine.ksm.counters()
+        assert (c["pages_shared"], c["pages_sharing"]) == (0, 0), c
+        view = guest.view()
+        for i in range(2):
+            assert view.read(i * PAGE_SIZE, PAGE_SIZE) == poke_byte(0x41, i) + content(1)[1:]
+        distinct_frames(machine, [guest])
+        machine.check()
+
+
+# -- ksm_tests.c / ksm_functional_tests.c: zero pages ----------------------------------------------
+
+
+@pytest.mark.parametrize("use_zero_pages", [0, 1])
+def test_zero_pages(use_zero_pages: int) -> None:
+    n = 10
+    machine, (guest,) = merged_machine([[0] * n], use_zero_pages=use_zero_pages)
+    with machine:
+        machine.wait_full_scans(1)
+        c = machine.ksm.counters()
+        stat = guest.ksm_stat()
+        ptes = machine.system.table(guest.id).ptes
+        if use_zero_pages:
+            assert (c["pages_shared"], c["pages_sharing"], c["ksm_zero_pages"]) == (0, 0, n), c
+            assert stat["ksm_zero_pages"] == n
+            assert ((ptes & np.uint64(ZERO | KSM)) == np.uint64(ZERO | KSM)).all()
+            # A page mapped to the zero page is not anonymous memory any more: its rmap item goes.
+            assert c["general_profit"] == n * PAGE_SIZE - stat["ksm_rmap_items"] * RMAP_ITEM_BYTES
+        else:
+            assert (c["pages_shared"], c["pages_sharing"], c["ksm_zero_pages"]) == (1, n - 1, 0), c
+            assert stat["ksm_zero_pages"] == 0
+        assert guest.view().read(0, n * PAGE_SIZE) == bytes(n * PAGE_SIZE)
+        machine.check()
+
+
+def test_unmerge_zero_pages() -> None:
+    """ksm_functional_tests.c test_unmerge_zero_pages: MADV_UNMERGEABLE and writes drop ksm_zero_pages."""
+    n = 512
+    machine, (guest,) = merged_machine([[0] * n], use_zero_pages=1)
+    with machine:
+        assert machine.ksm.counters()["ksm_zero_pages"] == n
+        assert guest.ksm_stat()["ksm_zero_pages"] == n
+        pause(machine)
+        machine.spawn(advise, guest, 0, n // 2, MADV_UNMERGEABLE).join(10)
+        assert machine.ksm.counters()["ksm_zero_pages"] == n // 2
+        assert guest.ksm_stat()["ksm_zero_pages"] == n // 2
+        machine.spawn(poke_each, guest, n // 2, n // 2, 1).join(10)
+        assert machine.ksm.counters()["ksm_zero_pages"] == 0
+        assert guest.ksm_stat()["ksm_zero_pages"] == 0
+        view = guest.view()
+        assert view.read(0, n // 2 * PAGE_SIZE) == bytes(n // 2 * PAGE_SIZE)
+        for i in range(n // 2):
+            page = view.read((n // 2 + i) * PAGE_SIZE, PAGE_SIZE)
+            assert page == poke_byte(1, i) + bytes(PAGE_SIZE - 1)
+        machine.check()
+
+
+# -- ksm_functional_tests.c: MADV_UNMERGEABLE, prctl off, run=2 ------------------------------------
+
+KEYS = [1] * 40 + [2] * 20 + [0] * 8 + list(range(10, 34))
+
+
+@pytest.mark.parametrize("how", ["madvise", "prctl", "run2"])
+def test_unmerge_leaves_no_shared_frame(how: str) -> None:
+    machine, guests = merged_machine([KEYS, KEYS], merge="prctl" if how == "prctl" else "madvise")
+    with machine:
+        c = machine.ksm.counters()
+        # Contents 1, 2 and 0 within and across guests, and 24 pages common to both guests.
+        assert (c["pages_shared"], c["pages_sharing"]) == (3 + 24, 79 + 39 + 15 + 24), c
+        if how == "run2":
+            machine.ksm.run = 2
+            wait_for(lambda: machine.ksm.pages_shared == 0 and machine.ksm.pages_sharing == 0, 10,
+                     "run=2 to unmerge everything")
+        else:
+            pause(machine)
+            if how == "madvise":
+                workers = [machine.spawn(advise, g, 0, len(KEYS), MADV_UNMERGEABLE) for g in guests]
+            else:
+                workers = [machine.spawn(merge_switch_off, g) for g in guests]
+            for w in workers:
+                w.join(10)
+            distinct_frames(machine, guests)
+            # Nothing left to scan: the counters drop as ksmd visits the guests again.
+            resume(machine, 2)
+            for g in guests:
+                assert g.ksm_stat()["ksm_merge_any"] == 0
+                assert g.ksm_stat()["ksm_mergeable"] == 0
+        distinct_frames(machine, guests)
+        machine.check()
+        c = machine.ksm.counters()
+        assert (c["pages_shared"], c["pages_sharing"], c["pages_unshared"]) == (0, 0, 0), c
+        if how == "run2":
+            assert c["full_scans"] == 0, "run=2 resets full_scans"
+            for g in guests:
+                assert g.ksm_stat()["ksm_rmap_items"] == 0
+        for g in guests:
+            assert g.ksm_stat()["ksm_merging_pages"] == 0
+            assert_data(g, KEYS)
+
+
+def test_run2_then_run1_merges_again() -> None:
+    machine, guests = merged_machine([[1] * 8, [1] * 8])
+    with machine:
+        assert machine.ksm.pages_sharing == 15
+        machine.ksm.run = 2
+        wait_for(lambda: machine.ksm.pages_sharing == 0, 10, "run=2 to unmerge")
+        distinct_frames(machine, guests)
+        machine.ksm.run = 1
+        machine.wait_full_scans(2)
+        c = machine.ksm.counters()
+        assert (c["pages_shared"], c["pages_sharing"]) == (1, 15)
+        for g in guests:
+            assert_data(g, [1] * 8)
+        machine.check()
