@@ -43,10 +43,10 @@ Message lag (now - the producer's time stamp) is counted per batch in a
 log-linear histogram (32 bins per power of two: p99 within 3 %), for the
 summary's p99 over every message; ``S_LAG_MAX_NS`` is exact.
 
-Waiting: an idle worker polls its ring for ``_SPIN_NS`` (yielding the CPU
-between looks, so that the broker and producers it waits for can run on a
-busy machine) before it sleeps on its doorbell; a burst that follows a
-burst is taken without a wake-up.
+Waiting: an idle worker polls its ring for ``_SPIN_NS`` before it sleeps on
+its doorbell (without sched_yield(), for the reason given in
+``workers/broker.py``); a burst that follows a burst is taken without a
+wake-up.
 
 Modes: ``rounds`` reads every mirrored page once each time the host asks;
 ``free`` reads continuously, a chunk at a time.  Both look at the ring every
@@ -73,7 +73,7 @@ _READ_BYTES = 64
 _FREE_CHUNK = 256
 _POLL_READS = 8  # reads between two looks at the ring
 _VECTOR_MIN = 16  # shorter batches run record by record
-_SPIN_NS = int(os.environ.get('SPIN', '50000'))  # an idle worker polls this long before sleeping on its doorbell
+_SPIN_NS = 100_000  # an idle worker polls this long before sleeping on its doorbell
 _LAG_BINS = 2048
 
 
@@ -358,7 +358,7 @@ class Shadow:
     def catch_up(self, seq: int, timeout: float = 10.0) -> None:
         """Process callbacks until every event before ``seq`` has been seen.
 
-        Polls, yielding the CPU, for ``_SPIN_NS``; then sleeps 50 us between looks.
+        Polls for ``_SPIN_NS``; then sleeps 50 us between looks.
         """
         v, base = self.v, self.base
         start = time.monotonic_ns()
@@ -409,7 +409,7 @@ class Shadow:
             if (self.ring_pending() or v[base + mn.S_STOP]
                     or v[base + mn.S_ROUND_REQ] > v[base + mn.S_ROUND_DONE]):
                 return
-            v[base + mn.S_SLEEPING] = 1
+        v[base + mn.S_SLEEPING] = 1
         if not self.ring_pending():
             bell.acquire(timeout=0.02)
         v[base + mn.S_SLEEPING] = 0
@@ -422,7 +422,6 @@ class Shadow:
             "updated_in_place": int(row[mn.S_UPDATED]), "releases": int(row[mn.S_RELEASES]),
             "stale_reads": int(row[mn.S_STALE_READS]), "after_release": int(row[mn.S_AFTER_RELEASE]),
             "lag_max_us": round(int(row[mn.S_LAG_MAX_NS]) / 1000, 1),
-            "hist": {lag_bin_top(i) // 1000: int(c) for i, c in enumerate(self.lag_hist) if c},
             "lag_p99_us": round(min(lag_percentile(self.lag_hist, 99), int(row[mn.S_LAG_MAX_NS])) / 1000, 1),
         }
 
