@@ -24,6 +24,7 @@ MADV_UNMERGEABLE: Final = 13
 _ADVICE_NAMES: Final = {MADV_MERGEABLE: "MADV_MERGEABLE", MADV_UNMERGEABLE: "MADV_UNMERGEABLE"}
 _DIRTY_YOUNG: Final = DIRTY | YOUNG
 _UINT8: Final = np.dtype(np.uint8)
+_NDARRAY: Final = np.ndarray  # one global load instead of a module attribute on the hot path
 _FRAME_WAIT_SECONDS: Final = 5.0
 
 
@@ -140,11 +141,11 @@ class GuestView:
         written, so an error (out of frames, an unmapped page) writes nothing.
         """
         # bytes and uint8 arrays skip the memoryview: a slice of the mmap takes
-        # their bytes as they are (and a uint8 array cannot fail to export them).
+        # their bytes as they are (a non-contiguous array is copied, below).
         tp = type(data)
         if tp is bytes:
             n = len(data)
-        elif tp is np.ndarray and data.dtype is _UINT8:
+        elif tp is _NDARRAY and data.dtype is _UINT8:
             n = data.nbytes
         else:
             data = as_bytes_view(data)
@@ -162,7 +163,7 @@ class GuestView:
                     o = ((self._make_writable(page, n == PAGE_SIZE) & PFN_MASK) << 12) | off
                 try:
                     self._mm[o:o + n] = data
-                except ValueError:  # numpy refuses a non-contiguous array this buffer
+                except ValueError:  # numpy exports no plain buffer of a non-contiguous array
                     self._mm[o:o + n] = np.ascontiguousarray(data)
                 return
             except FramesPending:
