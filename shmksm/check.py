@@ -25,7 +25,7 @@ from .errors import CheckError
 from .frames import INUSE, KSM as FRAME_KSM, WAITING, ZERO_PFN
 from .locks import stop_the_world
 from .mmu_notifier import RELEASE
-from .pagetable import KSM, PFN_MASK, PRESENT, UNMAPPED, WRITE, ZERO, describe
+from .pagetable import H_MM_OWNER, KSM, PFN_MASK, PRESENT, UNMAPPED, WRITE, ZERO, describe
 from .system import System
 
 
@@ -120,13 +120,21 @@ def check_locked(system: System) -> None:
         raise CheckError(f"frame {int(stray[0])} is flagged KSM but not in use")
 
 
-def check(system: System) -> None:
+def check(system: System, busy_timeout: float | None = None) -> None:
     """Verify every accounting invariant; raise CheckError naming the first violation.
 
-    Takes every lock of the machine for the duration (a live machine pauses).
+    Takes every lock of the machine for the duration (a live machine pauses);
+    raises locks.LocksBusy if one is not had within ``busy_timeout``.
     """
-    with stop_the_world(system.locks):
+    with stop_the_world(system.locks, busy_timeout=busy_timeout):
         check_locked(system)
+
+
+def mm_owner(system: System, gid: int) -> int:
+    """The pid holding guest ``gid``'s mm lock, 0 if none (or no such guest)."""
+    if gid not in system.live_guests():
+        return 0
+    return int(system.table(gid).header[H_MM_OWNER])
 
 
 def recover(system: System, dead_guests: list[int]) -> int:
@@ -135,7 +143,7 @@ def recover(system: System, dead_guests: list[int]) -> int:
     Tears down the address spaces of ``dead_guests`` (exit_mmap) first.
     Takes every lock, taking over those a dead process held.
     """
-    with stop_the_world(system.locks):
+    with stop_the_world(system.locks, takeover=True, mm_owner=lambda gid: mm_owner(system, gid)):
         for gid in dead_guests:
             # release runs before the guest's frames are freed: they are
             # dropped after this event, so none is reused before every

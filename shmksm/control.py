@@ -66,6 +66,7 @@ _INTERNAL: Final = (
     "scanner_rss_kb",  # the peak of the scanner's private resident memory (RssAnon), sampled
     "notifier_era",
     "scanner_stop",  # the host asks the scanner to exit
+    "scanner_unmerges",  # run=2 passes the scanner finished
 )
 
 FIELDS: Final[tuple[str, ...]] = tuple(KNOB_DEFAULTS) + COUNTERS + _INTERNAL

@@ -18,6 +18,8 @@ is freed, so a stale name is refused instead of merged into a reused frame.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Final
 
 from .frames import KSM as FRAME_KSM, PAGE_SIZE, ZERO_PFN, Frames
@@ -188,36 +190,60 @@ def replace_with_zero_page(table: PageTable, page: int, pfn: int) -> bool:
     return True
 
 
-def try_to_merge_one_page(table: PageTable, page: int, pfn: int, kpfn: int, kgen: int) -> bool:
-    """replace_page under ``page``'s PTL (which it takes)."""
-    lock = table.ptl(page)
-    lock.acquire()  # type: ignore[attr-defined]
-    try:
-        return replace_page(table, page, pfn, kpfn, kgen)
-    finally:
-        lock.release()  # type: ignore[attr-defined]
+@contextmanager
+def mergeable_vma(table: PageTable, page: int, check: bool = True) -> Iterator[bool]:
+    """Hold the guest's mm lock; yield whether ``page`` is still mergeable (find_mergeable_vma).
+
+    The scanner picked the page under the mm lock, but merges later: a
+    concurrent MADV_UNMERGEABLE (or the merge switch turned off) must win.
+    With ``check`` False (a merge by hand), no lock and always True.
+    """
+    if not check:
+        yield True
+        return
+    with table.mm_lock:
+        yield table.is_mergeable(page)
 
 
-def try_to_merge_two_pages(a: PageTable, apage: int, apfn: int,
-                           b: PageTable, bpage: int, bpfn: int) -> tuple[int, int]:
+def try_to_merge_one_page(table: PageTable, page: int, pfn: int, kpfn: int, kgen: int,
+                          check_vma: bool = False) -> bool:
+    """replace_page under ``page``'s PTL (which it takes), and its mm lock with ``check_vma``."""
+    with mergeable_vma(table, page, check_vma) as mergeable:
+        if not mergeable:
+            return False
+        lock = table.ptl(page)
+        lock.acquire()  # type: ignore[attr-defined]
+        try:
+            return replace_page(table, page, pfn, kpfn, kgen)
+        finally:
+            lock.release()  # type: ignore[attr-defined]
+
+
+def try_to_merge_two_pages(a: PageTable, apage: int, apfn: int, b: PageTable, bpage: int, bpfn: int,
+                           check_vma: bool = False) -> tuple[int, int]:
     """Merge two pages into a new KSM page made of the first; return (kpfn, kgen) or (-1, -1).
 
-    Takes each page's PTL in turn, never both.  If the second half fails,
-    the first page's sharing is broken again, as the kernel's break_cow.
+    Takes each page's PTL (and with ``check_vma`` its mm lock) in turn, never
+    both.  If the second half fails, the first page's sharing is broken
+    again, as the kernel's break_cow.
     """
-    lock = a.ptl(apage)
-    lock.acquire()  # type: ignore[attr-defined]
-    try:
-        kgen = make_ksm_page(a, apage, apfn)
-    finally:
-        lock.release()  # type: ignore[attr-defined]
+    with mergeable_vma(a, apage, check_vma) as mergeable:
+        if not mergeable:
+            return -1, -1
+        lock = a.ptl(apage)
+        lock.acquire()  # type: ignore[attr-defined]
+        try:
+            kgen = make_ksm_page(a, apage, apfn)
+        finally:
+            lock.release()  # type: ignore[attr-defined]
     if kgen < 0:
         return -1, -1
-    if try_to_merge_one_page(b, bpage, bpfn, apfn, kgen):
+    if try_to_merge_one_page(b, bpage, bpfn, apfn, kgen, check_vma):
         return apfn, kgen
     from .guest import break_ksm, with_frames
 
-    with_frames(break_ksm, a, apage)
+    with mergeable_vma(a, apage, check_vma):
+        with_frames(break_ksm, a, apage)
     return -1, -1
 
 

@@ -18,15 +18,18 @@ and at most one lock of each class at a time.  Whoever holds a page-table lock m
 
 When a process dies holding a lock, nobody else can release it for it: the
 host's recovery (:func:`stop_the_world`) takes every lock in order and treats a
-lock that stays held for ``STUCK_SECONDS`` after a death as the dead
-process's, taking it over.  A live holder never keeps a lock that long: every
-critical section is a bounded copy or compare of a few pages.
+page-table, frame, allocator, notify or stat lock that stays held for
+``STUCK_SECONDS`` after a death as the dead process's, taking it over: those
+critical sections are a bounded copy or compare of a few pages.  An mm lock
+can be held for long (an madvise of a large range), so its holder's pid is
+recorded (:class:`shmksm.pagetable.MmLock`) and it is taken over only from
+a dead holder.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing import util
 from multiprocessing.context import BaseContext
@@ -35,7 +38,7 @@ from typing import Any, Final
 NPTL: Final = 256
 NFRAME: Final = 64
 PTES_PER_LOCK_SHIFT: Final = 9  # 512 PTEs per page-table lock, as a PMD's worth
-STUCK_SECONDS: Final = 0.5
+STUCK_SECONDS: Final = 2.0
 
 
 class LockTable:
@@ -78,26 +81,54 @@ class LockTable:
         return (guest_id * 97 + (page >> PTES_PER_LOCK_SHIFT)) % NPTL
 
 
+class LocksBusy(Exception):
+    """stop_the_world gave up waiting for a lock (``busy_timeout``); nothing is held."""
+
+
 @contextmanager
-def stop_the_world(locks: LockTable, stuck_seconds: float = STUCK_SECONDS) -> Iterator[int]:
+def stop_the_world(locks: LockTable, takeover: bool = False, mm_owner: Callable[[int], int] | None = None,
+                   busy_timeout: float | None = None) -> Iterator[int]:
     """Hold every lock of the machine; yield how many were taken over.
 
-    For recovery after a death and for a consistent check() of a live
-    machine.  A lock still held after ``stuck_seconds`` belongs to a process
-    that died inside its critical section: it is taken over, and released
-    with the others at the end.
+    For a consistent check() of a live machine (``takeover`` False: wait for
+    every holder) and for recovery after a death (``takeover`` True).  Then a
+    page-table, frame, allocator, notify or stat lock still held after
+    ``STUCK_SECONDS`` belongs to a process that died inside its critical
+    section, which is short and never sleeps; an mm lock is taken over only
+    if ``mm_owner(index)`` names no living process.  Taken-over locks are
+    released with the others at the end.  Without ``takeover``, a lock not
+    had within ``busy_timeout`` raises LocksBusy (the caller may have to let
+    a recovery run first).
     """
     held = []
     taken_over = 0
+    nmm = len(locks.mm)
     try:
-        for lock in locks.in_order():
-            if not lock.acquire(timeout=stuck_seconds):
-                taken_over += 1
+        for i, lock in enumerate(locks.in_order()):
+            if not takeover:
+                if not lock.acquire(timeout=busy_timeout):
+                    raise LocksBusy
+            elif not lock.acquire(timeout=STUCK_SECONDS):
+                while i < nmm and mm_owner is not None and _alive(mm_owner(i)):
+                    if lock.acquire(timeout=STUCK_SECONDS):
+                        break
+                else:
+                    taken_over += 1
             held.append(lock)
         yield taken_over
     finally:
         for lock in reversed(held):
             lock.release()
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def default_context() -> BaseContext:

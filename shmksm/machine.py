@@ -33,7 +33,7 @@ from . import check as checker, control, mmu_notifier, segments
 from .errors import ProcessDied, UsageError
 from .frames import PAGE_SIZE
 from .guest import GuestView
-from .locks import LockTable, default_context
+from .locks import STUCK_SECONDS, LocksBusy, LockTable, default_context
 from .scanner import MAX_GUEST_PAGES
 from .secondary import ShadowMMU, clear_flush_young
 from .sysfs import Ksm, guest_ksm_stat
@@ -88,6 +88,7 @@ class Worker:
         self.gid = gid
         self._result = result
         self._outcome: tuple[Any, ...] | None = None
+        self.reaped = False
 
     @property
     def pid(self) -> int:
@@ -168,6 +169,7 @@ class Machine:
         self.ctx = ctx or default_context()
         self.overcommit = overcommit
         self._lock = threading.RLock()
+        self._stw = threading.Lock()  # one stop-the-world pass (check, recovery) at a time in this host
         self._workers: list[Worker] = []
         self._guests: dict[int, Guest] = {}
         self.deaths: list[Death] = []
@@ -339,7 +341,8 @@ class Machine:
             for w in self._workers:
                 if w.gid == guest.id and w.is_alive():
                     raise UsageError(f"guest {guest.id} still has a running process (pid {w.pid})")
-            checker.recover(self.system, [guest.id])
+            with self._stw:
+                checker.recover(self.system, [guest.id])
             del self._guests[guest.id]
             self.system.forget_guest(guest.id)
 
@@ -401,10 +404,13 @@ class Machine:
                     worker = live.get(sentinel)  # type: ignore[call-overload]
                     if worker is not None:
                         worker.process.join(0)
-                        self._reaped(worker)
+                        self._reap(worker)
 
-    def _reaped(self, worker: Worker) -> None:
-        """A worker exited (lock held).  Killed by a signal → recover the machine."""
+    def _reap(self, worker: Worker) -> None:
+        """A worker exited (``_lock`` held): once per worker, a killed one → recover the machine."""
+        if worker.reaped:
+            return
+        worker.reaped = True
         code = worker.process.exitcode
         for shadow in list(self._shadows.values()):
             if shadow.worker is worker:
@@ -412,7 +418,8 @@ class Machine:
         if code is None or code >= 0:
             return
         dead = [worker.gid] if worker.gid is not None and worker.gid in self._guests else []
-        reclaimed = checker.recover(self.system, dead)
+        with self._stw:
+            reclaimed = checker.recover(self.system, dead)
         for gid in dead:
             del self._guests[gid]
         self.deaths.append(Death(worker.name, worker.pid, -code, worker.gid, reclaimed))
@@ -424,10 +431,24 @@ class Machine:
     # -- checks and reclamation ------------------------------------------------------------------
 
     def check(self) -> None:
-        """Raise CheckError naming the first broken accounting invariant."""
-        with self._lock:
-            self._require_open()
-            checker.check(self.system)
+        """Raise CheckError naming the first broken accounting invariant.
+
+        Recovers first from any worker that died meanwhile: a lock it held
+        would otherwise keep the check waiting.
+        """
+        while True:
+            with self._lock:
+                self._require_open()
+                for worker in self._workers:
+                    if worker.process.exitcode is not None:
+                        self._reap(worker)
+            with self._stw:
+                try:
+                    checker.check(self.system, busy_timeout=STUCK_SECONDS)
+                    return
+                except LocksBusy:
+                    pass
+            time.sleep(0.01)
 
     def reclaim(self) -> int:
         """Run a reclaim pass; return how many waiting frames became free."""

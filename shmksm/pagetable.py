@@ -3,7 +3,7 @@
 A guest's segment is organized as follows::
 
     int64[HEADER_WORDS]  header: pages, merge_any, nranges, ksm_rmap_items,
-                         ksm_merging_pages, and from word 8 nranges (start, end)
+                         ksm_merging_pages, mm lock holder, and from word 8 nranges (start, end)
                          page-number pairs of MADV_MERGEABLE ranges
     uint64[pages]        PTEs
 
@@ -23,6 +23,8 @@ every access through it, happens under the page-table lock of its run of 512.
 """
 
 from __future__ import annotations
+
+import os
 
 import sys
 from typing import Any, Final
@@ -49,6 +51,7 @@ H_MERGE_ANY: Final = 1
 H_NRANGES: Final = 2
 H_RMAP_ITEMS: Final = 3  # ksm_stat, written by the scanner
 H_MERGING: Final = 4  # ksm_merging_pages, written by the scanner
+H_MM_OWNER: Final = 5  # pid of the holder of the guest's mm lock, 0 if none
 H_RANGES: Final = 8
 MAX_RANGES: Final = (HEADER_WORDS - H_RANGES) // 2
 
@@ -82,6 +85,28 @@ def describe(pte: int) -> str:
     return f"pfn {pte & PFN_MASK} {'|'.join(names) or 'none'}"
 
 
+class MmLock:
+    """A guest's mmap_lock: a semaphore, and its holder's pid in the guest header.
+
+    The pid lets recovery tell a holder that died (its lock is taken over)
+    from one that is merely slow (an madvise unmerging a large range).
+    """
+
+    def __init__(self, sem: Any, header: npt.NDArray[np.int64]) -> None:
+        self.sem = sem
+        self.owner = memoryview(header)[H_MM_OWNER:H_MM_OWNER + 1]
+        self.pid = os.getpid()
+
+    def __enter__(self) -> MmLock:
+        self.sem.acquire()
+        self.owner[0] = self.pid
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.owner[0] = 0
+        self.sem.release()
+
+
 class PageTable:
     """One guest's page table as seen from one process (host, guest, scanner)."""
 
@@ -97,7 +122,7 @@ class PageTable:
         self.frames = frames
         locks = frames.locks
         self.ptl_table = locks.ptl  # type: ignore[attr-defined]
-        self.mm_lock = locks.mm[gid]  # type: ignore[attr-defined]
+        self.mm_lock = MmLock(locks.mm[gid], self.header)  # type: ignore[attr-defined]
         # ptl_index(gid, page) is (gid * 97 + (page >> 9)) % NPTL: precompute the base,
         # and the lock of every run of 512 PTEs, so that a hot path finds it with one index.
         self.ptl_base = gid * 97
@@ -107,7 +132,7 @@ class PageTable:
         self.notifier: Any = None
 
     def release_views(self) -> None:
-        for view in (self.pte_low, self.pte_high, self.pv):
+        for view in (self.pte_low, self.pte_high, self.pv, self.mm_lock.owner):
             view.release()
         del self.header, self.ptes
 
@@ -203,6 +228,10 @@ class PageTable:
         if self.header[H_MERGE_ANY]:
             return [(0, self.pages)]
         return self.stored_ranges()
+
+    def is_mergeable(self, page: int) -> bool:
+        """Is ``page`` in a mergeable range?  (mm lock held: the VMA's VM_MERGEABLE)"""
+        return any(start <= page < end for start, end in self.mergeable_ranges())
 
     def stored_ranges(self) -> list[tuple[int, int]]:
         """The ranges madvise(MADV_MERGEABLE) marked, whatever merge_any says."""

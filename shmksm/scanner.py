@@ -234,7 +234,12 @@ class Scanner:
         self.scan_started = time.monotonic()
         self.scan_cpu_started = time.process_time()
         self.advisor_scan_time_ewma = 100
-        self._new_full_scan()
+        self.slots: list[MmSlot] = []
+        self.slot_index = 0
+        # A pass takes its guests when it begins — at the first batch after the
+        # previous one ended — so a guest made mergeable in between is in it,
+        # as an mm added to the kernel's list while the cursor is at its head.
+        self.pass_pending = True
 
     # -- mm slots --------------------------------------------------------------------------
 
@@ -245,7 +250,7 @@ class Scanner:
         return slot
 
     def _new_full_scan(self) -> None:
-        """Start a pass: empty the unstable tree, take the guests that have mergeable memory."""
+        """Begin a pass: empty the unstable tree, take the guests that have mergeable memory."""
         self.unstable.clear()
         live = set(self.system.live_guests())
         for gid in [g for g in self.by_gid if g not in live]:
@@ -258,6 +263,7 @@ class Scanner:
                 slot.cursor = 0
                 self.slots.append(slot)
         self.slot_index = 0
+        self.pass_pending = not self.slots
         self.scan_started = time.monotonic()
         self.scan_cpu_started = time.process_time()
 
@@ -330,12 +336,10 @@ class Scanner:
         A batch ends early at the end of a full scan, as in the kernel.
         """
         done = 0
-        if not self.slots:
-            # No guest had mergeable memory when this pass began: look again,
-            # and count no full scan over nothing (the kernel's empty mm list).
+        if self.pass_pending:
             self._new_full_scan()
             if not self.slots:
-                return 0
+                return 0  # no full scan over nothing (the kernel's empty mm list)
         while done < scan_npages:
             if self.slot_index >= len(self.slots):
                 self._end_full_scan()
@@ -361,7 +365,7 @@ class Scanner:
             slot.publish()
         if self.system.get("advisor_mode"):
             self._scan_time_advisor()
-        self._new_full_scan()
+        self.pass_pending = True
 
     def _next_pages(self, slot: MmSlot, budget: int) -> npt.NDArray[np.intp]:
         """The next pages of ``slot`` to process, at most ``budget`` of them (scan_get_next_rmap_item).
@@ -510,8 +514,12 @@ class Scanner:
                 continue
             group = indices[at:at + max_sharing - st.count_v[nid]]
             cursor[key] = at + len(group)
-            merged = ksm.replace_pages(slot.table, [pages[k] for k in group], [pfns[k] for k in group],
-                                       st.kpfn_v[nid], st.kgen_v[nid])
+            table = slot.table
+            with table.mm_lock:  # merge only what is still mergeable (find_mergeable_vma)
+                ranges = table.mergeable_ranges()
+                group = [k for k in group if any(a <= pages[k] < b for a, b in ranges)]
+                merged = ksm.replace_pages(table, [pages[k] for k in group], [pfns[k] for k in group],
+                                           st.kpfn_v[nid], st.kgen_v[nid])
             for k, ok in zip(group, merged):
                 if ok:
                     self._append(slot, pages[k], nid)
@@ -520,14 +528,14 @@ class Scanner:
         """The checksum of ``page`` is unchanged since the last visit: try to merge it."""
         table = slot.table
         if use_zero and key == ZERO_CHECKSUM:
-            with table.ptl(page):  # type: ignore[attr-defined]
-                if ksm.replace_with_zero_page(table, page, pfn):
+            with ksm.mergeable_vma(table, page) as mergeable, table.ptl(page):  # type: ignore[attr-defined]
+                if mergeable and ksm.replace_with_zero_page(table, page, pfn):
                     return
         st = self.stable
         if st.heads.get(key) >= 0:
             nid = self._stable_dup(key, max_sharing)
             if nid >= 0:
-                if ksm.try_to_merge_one_page(table, page, pfn, st.kpfn_v[nid], st.kgen_v[nid]):
+                if ksm.try_to_merge_one_page(table, page, pfn, st.kpfn_v[nid], st.kgen_v[nid], check_vma=True):
                     self._append(slot, page, nid)
                 return
         ref = self.unstable.get(key)
@@ -539,7 +547,8 @@ class Scanner:
                 tree_pfn = tree_pte & PFN_MASK
                 if tree_pte & (PRESENT | ZERO | UNMAPPED | KSM) != PRESENT or tree_pfn == pfn:
                     return
-                kpfn, kgen = ksm.try_to_merge_two_pages(table, page, pfn, tree_slot.table, tree_page, tree_pfn)
+                kpfn, kgen = ksm.try_to_merge_two_pages(table, page, pfn, tree_slot.table, tree_page, tree_pfn,
+                                                        check_vma=True)
                 if kpfn >= 0:
                     self.unstable.delete(key)
                     self.pages_unshared -= 1
@@ -605,7 +614,8 @@ class Scanner:
         self.unstable.clear()
         self.pages_shared = self.pages_sharing = self.pages_unshared = 0
         self.full_scans = 0
-        self._new_full_scan()
+        self.slots = []
+        self.pass_pending = True
         self.publish()
         return broken
 
@@ -631,6 +641,9 @@ class Scanner:
     def publish(self) -> None:
         """Write the counters to the control segment (the scanner is their only writer)."""
         s = self.system
+        # full_scans first: a reader never sees a pass's last merges under the
+        # previous pass number (the kernel counts the pass after its last page).
+        s.set("full_scans", self.full_scans)
         s.set("pages_shared", self.pages_shared)
         s.set("pages_sharing", self.pages_sharing)
         s.set("pages_unshared", self.pages_unshared)
@@ -639,7 +652,6 @@ class Scanner:
         s.set("stable_node_chains", self.stable.chains)
         s.set("stable_node_dups", self.stable.dups)
         s.set("rmap_items", self.rmap_items)
-        s.set("full_scans", self.full_scans)
         for slot in self.slots:
             slot.publish()
 

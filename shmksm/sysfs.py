@@ -55,9 +55,43 @@ def write_knob(name: str, value: Any, get: Callable[[str], int], put: Callable[[
         raise KnobBusyError(f"{name} cannot change while pages are shared (EBUSY); write 2 to run first")
     if name == "run" and parsed == 2:
         put("full_scans", 0)
-    if name == "advisor_mode" and parsed:
-        put("pages_to_scan", get("advisor_min_pages_to_scan"))
+    if name == "advisor_mode" and parsed != get(name):
+        # set_advisor_defaults: the advisor starts from its minimum, and leaving it restores the default.
+        put("pages_to_scan", get("advisor_min_pages_to_scan") if parsed else control.KNOB_DEFAULTS["pages_to_scan"])
     put(name, parsed)
+
+
+def _pid_alive(pid: int) -> bool:
+    """A process that runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_unmerged(get: Callable[[str], int], before: int, fallback: Callable[[], None] | None,
+                  timeout: float = 60.0) -> None:
+    """After run=2 was written: return once every KSM mapping is broken, as run_store does.
+
+    ksmd unmerges at its next batch boundary and counts it in
+    ``scanner_unmerges``; with no ksmd running, ``fallback`` does it here.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while get("scanner_unmerges") <= before:
+        pid = get("scanner_pid")
+        if not pid or not _pid_alive(pid):
+            if fallback is None:
+                raise KnobBusyError("run=2: no ksmd runs to unmerge (EBUSY)")
+            fallback()
+            return
+        if get("run") != 2:
+            return  # another writer changed run meanwhile
+        if time.monotonic() > deadline:
+            raise KnobBusyError(f"run=2: ksmd did not unmerge within {timeout} s (EBUSY)")
+        time.sleep(0.001)
 
 
 def guest_ksm_stat(system: System, gid: int) -> dict[str, int]:
@@ -74,6 +108,24 @@ def guest_ksm_stat(system: System, gid: int) -> dict[str, int]:
         "ksm_merge_any": int(table.header[H_MERGE_ANY]),
         "ksm_mergeable": int(bool(table.header[H_MERGE_ANY] or table.stored_ranges())),
     }
+
+
+def unmerge_everything(system: System) -> None:
+    """run=2 with no ksmd running: break every KSM mapping here, and zero the counters.
+
+    A ksmd started later begins with empty trees.
+    """
+    from .guest import unmerge_range
+
+    for gid in system.live_guests():
+        table = system.table(gid)
+        with table.mm_lock:
+            unmerge_range(table, 0, table.pages)
+        table.header[H_RMAP_ITEMS] = table.header[H_MERGING] = 0
+    for name in ("pages_shared", "pages_sharing", "pages_unshared", "stable_node_chains", "stable_node_dups",
+                 "rmap_items"):
+        system.set(name, 0)
+    system.set("scanner_unmerges", system.get("scanner_unmerges") + 1)
 
 
 def parse_knob(name: str, value: Any) -> int:
@@ -138,7 +190,11 @@ class Ksm:
         """Write knob ``name``; KnobError (EINVAL) or KnobBusyError (EBUSY) as the kernel."""
         system: System = object.__getattribute__(self, "_system")
         with system.locks.stat:
+            unmerge = name == "run" and system.get("run") != 2 and parse_knob(name, value) == 2
+            before = system.get("scanner_unmerges")
             write_knob(name, value, system.get, system.set)
+        if unmerge:
+            wait_unmerged(system.get, before, lambda: unmerge_everything(system))
 
     def knobs(self) -> dict[str, Any]:
         """Every knob, by name."""
@@ -229,8 +285,12 @@ class AttachedKsm:
         return out
 
     def set(self, name: str, value: Any) -> None:
-        """Write a knob, refused as the kernel refuses it (EINVAL, EBUSY)."""
+        """Write a knob, refused as the kernel refuses it (EINVAL, EBUSY); run=2 waits for the unmerge."""
+        unmerge = name == "run" and self.get("run") != 2 and parse_knob(name, value) == 2
+        before = self.get("scanner_unmerges")
         write_knob(name, value, self.get, self._put)
+        if unmerge:
+            wait_unmerged(self.get, before, None)
 
     def _put(self, name: str, value: int) -> None:
         self.ctl[control.INDEX[name]] = value

@@ -129,10 +129,6 @@ def test_pages_to_scan_is_refused_while_the_advisor_runs(machine: shmksm.Machine
     assert machine.ksm.pages_to_scan == 1000
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "shmksm/sysfs.py Ksm.set: switching advisor_mode back to 'none' keeps the advisor's pages_to_scan; "
-    "mm/ksm.c advisor_mode_store calls set_advisor_defaults() on a mode change, which sets "
-    "pages_to_scan to DEFAULT_PAGES_TO_SCAN (100)"))
 def test_leaving_the_advisor_restores_the_default_pages_to_scan(machine: shmksm.Machine) -> None:
     machine.ksm.advisor_mode = "scan-time"
     assert machine.ksm.pages_to_scan == 500
@@ -163,11 +159,6 @@ def test_max_page_sharing_is_busy_while_pages_are_shared() -> None:
         machine.check()
 
 
-@pytest.mark.xfail(strict=True, raises=shmksm.KnobBusyError, reason=(
-    "shmksm/sysfs.py Ksm.set + workers/ksmd.py: writing run=2 only records the value; the unmerge "
-    "happens later in the ksmd process (and never without one).  mm/ksm.c run_store unmerges "
-    "synchronously (unmerge_and_remove_all_rmap_items) before the write returns, so the next write "
-    "of max_page_sharing must not fail with EBUSY"))
 def test_run2_has_unmerged_everything_when_the_write_returns() -> None:
     machine, _ = merged_machine([[1] * 8])
     with machine:

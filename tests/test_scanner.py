@@ -88,11 +88,6 @@ def test_merging_happens_on_the_second_full_scan() -> None:
         machine.check()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "shmksm/scanner.py Scanner.__init__ and _end_full_scan call _new_full_scan() at once, fixing the "
-    "guests of the next full scan when the scanner is set up or the previous scan ends, not when the "
-    "scan starts; mm/ksm.c's __ksm_enter adds an mm behind the scan cursor, which is the list head "
-    "between scans, so every mm madvised before ksmd starts a pass is in that pass"))
 def test_a_guest_made_mergeable_before_run_is_in_the_first_full_scan() -> None:
     with shmksm.Machine(frames=64, ksmd=False, pages_to_scan=100_000, sleep_millisecs=600) as machine:
         a, b = machine.add_guest(pages=4), machine.add_guest(pages=4)
@@ -106,12 +101,6 @@ def test_a_guest_made_mergeable_before_run_is_in_the_first_full_scan() -> None:
         assert (machine.ksm.pages_shared, machine.ksm.pages_sharing) == (1, 7)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "shmksm/scanner.py Scanner._next_pages reads the guest's mergeable ranges under its mm lock, "
-    "then _scan_pages merges the pages it picked without the lock and without looking again: a "
-    "madvise(MADV_UNMERGEABLE) or set_memory_merge(False) that returns while a batch is in flight "
-    "is followed by merges in the range it unmerged, and those KSM mappings stay (mm/ksm.c merges "
-    "under mmap_read_lock after find_mergeable_vma checks VM_MERGEABLE again)"))
 def test_a_range_made_unmergeable_during_a_batch_is_not_merged(machine: shmksm.Machine,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     guest = machine.add_guest(pages=4)

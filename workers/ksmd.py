@@ -63,8 +63,11 @@ def ksmd(system: System, started_ns: int = 0) -> dict[str, int]:
         elif run == 2 and not unmerged:
             scanner.unmerge_all()
             unmerged = True
+            system.set("scanner_unmerges", get("scanner_unmerges") + 1)
         else:
+            unmerged = run == 2 and unmerged
             time.sleep(0.005)
         if os.getppid() != host:
             break
+    system.set("scanner_pid", 0)
     return {"full_scans": scanner.full_scans, "pages_scanned": scanner.pages_scanned}
