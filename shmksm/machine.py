@@ -343,8 +343,14 @@ class Machine:
                     raise UsageError(f"guest {guest.id} still has a running process (pid {w.pid})")
             with self._stw:
                 checker.recover(self.system, [guest.id])
-            del self._guests[guest.id]
-            self.system.forget_guest(guest.id)
+            self._guest_gone(guest.id)
+
+    def _guest_gone(self, gid: int) -> None:
+        """Forget a torn-down guest (``_lock`` held): its page table, its registrations (released)."""
+        del self._guests[gid]
+        self.system.forget_guest(gid)
+        for shadow in self._shadows.values():
+            shadow.registered.discard(gid)
 
     def guests(self) -> list[Guest]:
         return list(self._guests.values())
@@ -421,7 +427,7 @@ class Machine:
         with self._stw:
             reclaimed = checker.recover(self.system, dead)
         for gid in dead:
-            del self._guests[gid]
+            self._guest_gone(gid)
         self.deaths.append(Death(worker.name, worker.pid, -code, worker.gid, reclaimed))
 
     def join_all(self, timeout: float | None = None) -> list[Any]:

@@ -102,7 +102,11 @@ class ShadowMMU:
     def stop(self, timeout: float = 10.0) -> dict[str, Any]:
         """Unregister from every guest, stop the worker, free the slot; return its summary."""
         for gid in sorted(self.registered):
-            self.unregister(self.machine._guests[gid], timeout)
+            guest = self.machine._guests.get(gid)
+            if guest is None:
+                self.registered.discard(gid)  # the guest exited: its release ran already
+            else:
+                self.unregister(guest, timeout)
         summary: dict[str, Any] = {}
         if self.worker is not None and self.worker.is_alive():
             self._row[mn.S_STOP] = 1
@@ -141,7 +145,7 @@ def clear_flush_young(machine: Machine, guest: Guest, clear: bool = True, timeou
         seq = system.notifier.emit(kind, guest.id, start, end)
         for s in shadows:
             system.locks.broker_bell.release()
-            _wait(lambda s=s: s._row[mn.S_ACKED] > seq or not s.alive, timeout, "clear_flush_young")
+            _wait(lambda s=s, seq=seq: s._row[mn.S_ACKED] > seq or not s.alive, timeout, "clear_flush_young")
             if s.alive:
                 young[start:end] |= area.young[s.slot, :end - start] != 0
     return young
