@@ -117,6 +117,40 @@ def lag_percentile(hist: npt.NDArray[np.int64], q: float) -> int:
     return lag_bin_top(int(np.searchsorted(np.cumsum(hist), rank)))
 
 
+def apply_points(spte: npt.NDArray[np.uint64], sgen: npt.NDArray[np.uint32], gen: npt.NDArray[np.uint32],
+                 kind: npt.NDArray[np.int64], pages: npt.NDArray[np.int64],
+                 vals: npt.NDArray[np.int64]) -> tuple[int, int, int]:
+    """Apply one guest's run of one-page records to its tables, as one by one in order.
+
+    Returns (change_pte that updated an entry, invalidate_range_start minus
+    _end, interval invalidations).
+    """
+    inval = (kind == mn.INVALIDATE_PAGE) | (kind == mn.RANGE_START) | (kind == mn.INVALIDATE)
+    in_progress = int(np.count_nonzero(kind == mn.RANGE_START)) - int(np.count_nonzero(kind == mn.RANGE_END))
+    interval = int(np.count_nonzero(kind == mn.INVALIDATE))
+    cpos = np.flatnonzero(kind == mn.CHANGE_PTE)
+    ipos = np.flatnonzero(inval)
+    updated = 0
+    if len(cpos):
+        cpages = pages[cpos]
+        live = spte[cpages] != 0  # valid before the run
+        if len(ipos) and live.any():
+            # ... and no invalidation of the same page before the change_pte
+            ipages, first = np.unique(pages[ipos], return_index=True)
+            j = np.minimum(np.searchsorted(ipages, cpages), len(ipages) - 1)
+            live &= (ipages[j] != cpages) | (ipos[first][j] > cpos)
+        updated = int(np.count_nonzero(live))
+        if updated:
+            # the last effective change_pte of each page gives the entry
+            upages, last = np.unique(cpages[live][::-1], return_index=True)
+            ptes = vals[cpos[live]][::-1][last]
+            spte[upages] = ptes.view(np.uint64) | _VALID64
+            sgen[upages] = gen[ptes & PFN_MASK]
+    if len(ipos):
+        spte[pages[ipos]] = 0
+    return updated, in_progress, interval
+
+
 class Shadow:
     """The worker's state: its shadow tables and counters."""
 
@@ -256,8 +290,11 @@ class Shadow:
             return
         start = 0
         for at in [*special.tolist(), len(recs)]:
-            if at > start:
+            if at - start >= _VECTOR_MIN:
                 self._run_points(recs[start:at], kind[start:at])
+            elif at > start:
+                for rec in recs[start:at].tolist():
+                    self.callback(rec)
             if at < len(recs):
                 self.callback(recs[at].tolist())
             start = at + 1
@@ -269,7 +306,7 @@ class Shadow:
         if (gids == g0).all():
             self._run_guest_points(g0, kind, recs[:, 1], recs[:, 2])
             return
-        for g in np.unique(gids).tolist():
+        for g in np.flatnonzero(np.bincount(gids)).tolist():
             sel = gids == g
             self._run_guest_points(g, kind[sel], recs[sel, 1], recs[sel, 2])
 
@@ -280,31 +317,20 @@ class Shadow:
             v[base + mn.S_AFTER_RELEASE] += len(kind)
             return
         spte = self._table(gid)
-        inval = (kind == mn.INVALIDATE_PAGE) | (kind == mn.RANGE_START) | (kind == mn.INVALIDATE)
-        self.in_progress += int(np.count_nonzero(kind == mn.RANGE_START)) - int(np.count_nonzero(kind == mn.RANGE_END))
-        interval = int(np.count_nonzero(kind == mn.INVALIDATE))
+        updated, in_progress, interval = apply_points(spte, self.sgen[gid], self.gen, kind, pages, vals)
+        self.in_progress += in_progress
         if interval:
             self.interval_seq[gid] += interval
-        cpos = np.flatnonzero(kind == mn.CHANGE_PTE)
-        ipos = np.flatnonzero(inval)
-        if len(cpos):
-            cpages = pages[cpos]
-            live = spte[cpages] != 0  # valid before the run
-            if len(ipos) and live.any():
-                # ... and no invalidation of the same page before the change_pte
-                ipages, first = np.unique(pages[ipos], return_index=True)
-                j = np.minimum(np.searchsorted(ipages, cpages), len(ipages) - 1)
-                live &= (ipages[j] != cpages) | (ipos[first][j] > cpos)
-            updated = int(np.count_nonzero(live))
-            if updated:
-                # the last effective change_pte of each page gives the entry
-                upages, last = np.unique(cpages[live][::-1], return_index=True)
-                ptes = vals[cpos[live]][::-1][last]
-                spte[upages] = ptes.view(np.uint64) | _VALID64
-                self.sgen[gid][upages] = self.gen[ptes & PFN_MASK]
-                v[base + mn.S_UPDATED] += updated
-        if len(ipos):
-            spte[pages[ipos]] = 0
+        if updated:
+            v[base + mn.S_UPDATED] += updated
+
+    def warm_up(self) -> None:
+        """Run the batch path once on scratch tables: numpy's first calls import modules (tens of ms)."""
+        kind = np.array([mn.CHANGE_PTE, mn.RANGE_START, mn.CHANGE_PTE, mn.RANGE_END, mn.INVALIDATE], np.int64)
+        apply_points(np.full(4, _VALID64), np.zeros(4, np.uint32), self.gen, kind,
+                     np.array([0, 1, 1, 1, 2], np.int64), np.zeros(5, np.int64))
+        lag_bins(np.arange(0, 1 << 20, 4099, dtype=np.int64))
+        lag_percentile(self.lag_hist, 99)
 
     # -- the vCPU --------------------------------------------------------------------------------
 
@@ -429,6 +455,7 @@ class Shadow:
 def shadow(system: System, slot: int, guests: list[int], mode: str = "rounds") -> dict[str, Any]:
     """The shadow worker's main loop: callbacks, and reads as ``mode`` says."""
     s = Shadow(system, slot)
+    s.warm_up()
     for gid in guests:
         s._table(gid)
     v, base = s.v, s.base
