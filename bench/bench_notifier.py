@@ -146,9 +146,9 @@ def produce(system: System, gid: int, slot: int, count: int, batch: int, many: b
     pages = system.table(gid).pages
     t0 = time.monotonic_ns()
     if batch <= 1:
-        emit = notifier.emit
+        emit, kind = notifier.emit, mn.CHANGE_PTE
         for i in range(count):
-            emit(mn.CHANGE_PTE, gid, i % pages, 0)
+            emit(kind, gid, i % pages, 0)
     elif many:
         zeros = np.zeros(batch, np.int64)
         for first in range(0, count, batch):
@@ -212,9 +212,9 @@ def notifier_rates(s: Settings, batch: int, ctx: BaseContext, many: bool = False
 def _queue_producer(q: Any, go: Any, out: Any, count: int) -> None:
     go.wait()
     t0 = time.monotonic_ns()
-    put = q.put
+    put, kind, now = q.put, mn.CHANGE_PTE, time.monotonic_ns
     for i in range(count):
-        put((mn.CHANGE_PTE, i % GUEST_PAGES, 0, time.monotonic_ns()))
+        put((kind, i % GUEST_PAGES, 0, now()))
     out.put(("t0", t0))
 
 
