@@ -30,12 +30,12 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import kernel_ksm  # noqa: E402
+import kernel_ksm
 
-from shmksm import Machine  # noqa: E402
-from shmksm.images import MIXES, Mix, ideal, write_mix  # noqa: E402
-from shmksm.runner import run_images  # noqa: E402
-from workers.guest_image import load_image  # noqa: E402
+from shmksm import Machine
+from shmksm.images import MIXES, Mix, ideal, write_mix
+from shmksm.runner import run_images
+from workers.guest_image import load_image
 
 KNOBS = {"pages_to_scan": 1000, "sleep_millisecs": 0, "max_page_sharing": 256, "use_zero_pages": 0, "smart_scan": 1}
 
@@ -64,7 +64,7 @@ def _steady_rate(paths: list[str], pages: int, extra_scans: int, smart_scan: int
     """Load, merge to convergence, then pages_scanned ÷ scanner CPU over ``extra_scans`` full scans."""
     with Machine(frames=pages + 1024, pages_to_scan=20000, sleep_millisecs=0, smart_scan=smart_scan) as m:
         guests = [m.add_guest(pages=pages // len(paths)) for _ in paths]
-        for w in [m.spawn(load_image, g, p) for g, p in zip(guests, paths)]:
+        for w in [m.spawn(load_image, g, p) for g, p in zip(guests, paths, strict=True)]:
             w.join()
         m.ksm.run = 1
         m.wait_full_scans(3, timeout=600)
@@ -138,7 +138,8 @@ def main() -> int:
     if "memory" in sections:
         r = results["memory"] = memory()
         print(f"memory: {r['bytes_per_page']} bytes of scanner RssAnon per page at {r['pages']:,} pages; "
-              f"converged at full scan {r['converged_full_scans']}, counters equal the ideal: {r['counters_equal_ideal']}")
+              f"converged at full scan {r['converged_full_scans']}, "
+              f"counters equal the ideal: {r['counters_equal_ideal']}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -19,10 +19,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import kernel_ksm  # noqa: E402
+import kernel_ksm
 
-from shmksm.images import MIXES, ideal, write_mix  # noqa: E402
-from shmksm.runner import run_images  # noqa: E402
+from shmksm.images import MIXES, ideal, write_mix
+from shmksm.runner import run_images
 
 COMPARED = ("pages_shared", "pages_sharing", "ksm_zero_pages", "stable_node_chains", "stable_node_dups")
 

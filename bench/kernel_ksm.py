@@ -9,6 +9,7 @@ scans.  The knobs are restored and everything is unmerged (run=2) at the end.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import multiprocessing as mp
 import os
@@ -118,8 +119,6 @@ def run(images: list[str], knobs: dict[str, int], stable_scans: int = 3, timeout
         _write("run", 2)
         time.sleep(0.3)
         for name in ("max_page_sharing", "use_zero_pages", "smart_scan", "pages_to_scan", "sleep_millisecs"):
-            try:
+            with contextlib.suppress(OSError):
                 _write(name, saved[name])
-            except OSError:
-                pass
         _write("run", saved["run"])
