@@ -48,7 +48,7 @@ def notifier_era_run(era: str, guests: int = 2, pages: int = 1024, shadows: int 
         mmus = [machine.add_shadow(handles) for _ in range(shadows)]
         warm = [s.round()["faults"] for s in mmus]
         machine.ksm.run = 1
-        machine.wait_full_scans(3)
+        machine.wait_converged()
         machine.ksm.run = 0
         merge = [s.round() for s in mmus]
         for g in handles:

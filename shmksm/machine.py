@@ -213,6 +213,20 @@ class Machine:
         self.system.set("scanner_stop", 1)
         return worker.join(timeout) if worker.process.exitcode is None or worker.process.exitcode >= 0 else None
 
+    def wait_converged(self, stable_scans: int = 3, timeout: float = 120.0) -> dict[str, int]:
+        """Wait until pages_shared, pages_sharing and ksm_zero_pages stay the same for ``stable_scans``
+        full scans (at least two scans after now: merging needs them); return the counters."""
+        deadline = time.monotonic() + timeout
+        self.wait_full_scans(2, timeout)
+        last, same = None, 0
+        while same < stable_scans:
+            c = self.ksm.counters()
+            key = (c["pages_shared"], c["pages_sharing"], c["ksm_zero_pages"])
+            same = same + 1 if key == last else 0
+            last = key
+            self.wait_full_scans(1, max(0.001, deadline - time.monotonic()))
+        return self.ksm.counters()
+
     def wait_full_scans(self, n: int, timeout: float = 60.0) -> int:
         """Wait until ``full_scans`` has grown by ``n``; return the new value."""
         start = self.system.get("full_scans")
@@ -346,11 +360,9 @@ class Machine:
             self._guest_gone(guest.id)
 
     def _guest_gone(self, gid: int) -> None:
-        """Forget a torn-down guest (``_lock`` held): its page table, its registrations (released)."""
+        """Forget a torn-down guest (``_lock`` held): its page table goes; its release ran."""
         del self._guests[gid]
         self.system.forget_guest(gid)
-        for shadow in self._shadows.values():
-            shadow.registered.discard(gid)
 
     def guests(self) -> list[Guest]:
         return list(self._guests.values())

@@ -71,6 +71,8 @@ class ShadowMMU:
         if guest.id not in self.registered:
             raise UsageError(f"shadow {self.slot} is not registered for guest {guest.id}")
         self.registered.discard(guest.id)
+        if not guest.alive:
+            return  # the guest exited: its release ran, and nothing of it can run any more
         seq = self.machine.system.notifier.emit(mn.UNREGISTER, guest.id, 0, 0, shadow=self.slot)
         if self.alive:
             _wait(lambda: self._row[mn.S_ACKED] > seq or not self.alive, timeout, "unregister")

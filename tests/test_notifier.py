@@ -537,9 +537,6 @@ def test_a_guest_exits_during_a_shadow_round(which: str) -> None:
         machine.check()
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "shmksm/secondary.py ShadowMMU.stop: after the guest exited (remove_guest or a killed guest process) "
-    "the gid stays in shadow.registered and stop() looks it up in machine._guests: KeyError"))
 def test_stop_after_the_guest_exited() -> None:
     with shmksm.Machine(frames=64, ksmd=False) as machine:
         g = machine.add_guest(pages=4)
@@ -552,10 +549,6 @@ def test_stop_after_the_guest_exited() -> None:
         assert summary["after_release"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "workers/shadow.py Shadow.callback: a guest once released stays in Shadow.released and its tables are "
-    "gone, and the broker does not pass REGISTER on, so a second registration of the same guest is never "
-    "mirrored: its callbacks count as after_release and its release is not counted"))
 def test_a_second_registration_gets_its_own_release() -> None:
     with shmksm.Machine(frames=64, ksmd=False) as machine:
         g = machine.add_guest(pages=4)
@@ -770,19 +763,11 @@ def _reuse_stress(era: str, seconds: float = 1.5) -> tuple[dict[str, Any], dict[
     return summaries[0], summaries[1], frees
 
 
-_FAULT_RACE = (
-    "workers/shadow.py Shadow.fault: outside the interval era nothing tells the fault that an invalidation "
-    "of the page ran during catch_up() (no mmu_invalidate_seq / retry, as KVM has): the entry is installed "
-    "from the PTE read before it, the shadow has already acknowledged the invalidation, the frame is "
-    "reclaimed and reused, and the shadow reads it (reclaimed_reads, stale_installs, entries that differ "
-    "from the primary at the quiescent point)")
-
-
 @pytest.mark.parametrize("era", [
     "2009",  # entries are updated in place: no fault after the warm-up, so no window
     # Not strict: under stress the race shows in most runs, not all (test_an_invalidation_during_a_shadow_fault
     # pins it down deterministically).
-    pytest.param("2024", marks=pytest.mark.xfail(strict=False, reason=_FAULT_RACE)),
+    "2024",
     "interval",  # read_begin / read_retry close the window
 ])
 def test_free_shadows_never_read_a_reused_frame(era: str) -> None:
@@ -796,8 +781,7 @@ def test_free_shadows_never_read_a_reused_frame(era: str) -> None:
 
 
 @pytest.mark.parametrize("era", [
-    *(pytest.param(era, marks=pytest.mark.xfail(strict=True, reason=_FAULT_RACE)) for era in ("2009", "2012", "2024")),
-    "interval",
+    "2009", "2012", "2024", "interval",
 ])
 def test_an_invalidation_during_a_shadow_fault(era: str) -> None:
     """The PTE changes while a shadow fault is between reading it and installing the entry."""
@@ -838,15 +822,7 @@ def test_an_invalidation_during_a_shadow_fault(era: str) -> None:
         machine.check()
 
 
-_STALE_COUNTER = (
-    "workers/shadow.py Shadow.read counts as stale any read through an entry whose frame generation changed, "
-    "but shmksm/frames.py Frames.free_locked bumps the generation when a frame is dropped, not when it leaves "
-    "the waiting list: a read of a frame that still waits for this shadow's acknowledgment (its invalidation "
-    "in flight, which reclamation allows) is counted, so stale_reads > 0 with no frame reused, against "
-    "docs/architecture.md ('an entry whose frame was freed and left the waiting list')")
 
-
-@pytest.mark.xfail(strict=True, reason=_STALE_COUNTER)
 def test_free_shadows_count_no_stale_read() -> None:
     real, checking, _ = reuse_stress("interval")
     assert checking["reclaimed_reads"] == 0  # no frame was reused under a shadow ...
@@ -854,7 +830,6 @@ def test_free_shadows_count_no_stale_read() -> None:
     assert checking["stale_reads"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=_STALE_COUNTER)
 def test_a_read_before_the_invalidation_arrives_is_not_stale() -> None:
     with shmksm.Machine(frames=64, ksmd=False) as machine:
         a, b = machine.add_guest(pages=1), machine.add_guest(pages=1)
@@ -879,9 +854,6 @@ def test_a_read_before_the_invalidation_arrives_is_not_stale() -> None:
         assert r["stale_reads"] == 0
 
 
-@pytest.mark.xfail(strict=True, raises=shmksm.ProcessDied, reason=(
-    "workers/shadow.py Shadow.fault calls PageTable.handle_read_fault, which raises SegmentationFault "
-    "for an unmapped page: a shadow round after the guest's munmap kills the shadow worker"))
 def test_a_shadow_round_after_munmap() -> None:
     with shmksm.Machine(frames=64, ksmd=False) as machine:
         g = machine.add_guest(pages=4)

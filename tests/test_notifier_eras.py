@@ -43,13 +43,7 @@ def test_every_era_runs_the_same_workload(results: dict[str, dict[str, Any]], er
 
 @pytest.mark.parametrize("era", [
     # Not strict: it fails only when the shadow reads before the broker delivered (a loaded machine).
-    pytest.param("2009", marks=pytest.mark.xfail(strict=False, reason=(
-        "workers/shadow.py Shadow.read counts a read of a frame that waits for reclamation as stale "
-        "(generation bumped at drop time by Frames.free_locked): in 2009 no fault makes the round catch up, so "
-        "it reads through entries whose change_pte is still in flight, and the experiment reports "
-        "stale_reads > 0 when the broker lags; see test_notifier.py::"
-        "test_a_read_before_the_invalidation_arrives_is_not_stale"))),
-    "2012", "2024", "interval",
+    "2009", "2012", "2024", "interval",
 ])
 def test_no_stale_reads(results: dict[str, dict[str, Any]], era: str) -> None:
     assert results[era]["stale_reads"] == 0

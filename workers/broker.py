@@ -185,8 +185,9 @@ def _control(fan: Fanout, rec: npt.NDArray[np.int64], notify_lock: Any) -> int:
     if kind == mn.REGISTER:
         if fan.live(shadow):
             fan.set_mask(shadow, fan.masks[shadow] | bit)
-        else:
-            _unregistered(fan.area, gid, notify_lock)
+            # The shadow learns of it in order too: a guest it had released is mirrored again.
+            return _write(fan, shadow, rec[None, :])
+        _unregistered(fan.area, gid, notify_lock)
         return 0
     targets = [shadow] if kind == mn.UNREGISTER else [s for s in range(mn.MAX_SHADOWS) if fan.masks[s] & bit]
     written = 0

@@ -64,7 +64,8 @@ import numpy.typing as npt
 
 from shmksm import control
 from shmksm import mmu_notifier as mn
-from shmksm.pagetable import PFN_MASK, PRESENT
+from shmksm.frames import WAITING
+from shmksm.pagetable import PFN_MASK, PRESENT, UNMAPPED
 from shmksm.system import System
 
 VALID = 1 << 63
@@ -124,11 +125,10 @@ def apply_points(spte: npt.NDArray[np.uint64], sgen: npt.NDArray[np.uint32], gen
     """Apply one guest's run of one-page records to its tables, as one by one in order.
 
     Returns (change_pte that updated an entry, invalidate_range_start minus
-    _end, interval invalidations).
+    _end, records that touched entries: every change_pte and invalidation).
     """
     inval = (kind == mn.INVALIDATE_PAGE) | (kind == mn.RANGE_START) | (kind == mn.INVALIDATE)
     in_progress = int(np.count_nonzero(kind == mn.RANGE_START)) - int(np.count_nonzero(kind == mn.RANGE_END))
-    interval = int(np.count_nonzero(kind == mn.INVALIDATE))
     cpos = np.flatnonzero(kind == mn.CHANGE_PTE)
     ipos = np.flatnonzero(inval)
     updated = 0
@@ -149,7 +149,10 @@ def apply_points(spte: npt.NDArray[np.uint64], sgen: npt.NDArray[np.uint32], gen
             sgen[upages] = gen[ptes & PFN_MASK]
     if len(ipos):
         spte[pages[ipos]] = 0
-    return updated, in_progress, interval
+    return updated, in_progress, len(cpos) + len(ipos)
+
+
+_TOUCHING = frozenset((mn.CHANGE_PTE, mn.INVALIDATE_PAGE, mn.RANGE_START, mn.INVALIDATE))
 
 
 class Shadow:
@@ -167,6 +170,7 @@ class Shadow:
         self.frames = system.frames
         self.flat = system.frames.flat
         self.gn = system.frames.gn
+        self.fl = system.frames.fl
         self.gen = system.frames.gen
         self.cv = system.frames.cv
         self.epoch = control.INDEX["epoch"]
@@ -178,8 +182,10 @@ class Shadow:
         self.sgen_v: dict[int, memoryview] = {}
         self.accessed_v: dict[int, memoryview] = {}
         self.released: set[int] = set()
-        self.interval_seq: dict[int, int] = {}
-        self.in_progress = 0
+        # Per guest: callbacks that touched its entries (KVM's mmu_invalidate_seq),
+        # and invalidate_range_start calls not yet ended (mmu_invalidate_in_progress).
+        self.mmu_seq: dict[int, int] = {}
+        self.in_progress: dict[int, int] = {}
         self.lag_hist = np.zeros(_LAG_BINS, np.int64)
         self.part = int(self.row[mn.S_PART])
 
@@ -195,7 +201,8 @@ class Shadow:
             self.spte_v[gid] = memoryview(spte).cast("B").cast("Q")
             self.sgen_v[gid] = memoryview(self.sgen[gid]).cast("B").cast("I")
             self.accessed_v[gid] = memoryview(self.accessed[gid])
-            self.interval_seq[gid] = 0
+            self.mmu_seq.setdefault(gid, 0)
+            self.in_progress.setdefault(gid, 0)
         return spte
 
     def process(self) -> int:
@@ -249,10 +256,17 @@ class Shadow:
         word, a, b, _t = rec
         kind, gid = word & 0xFF, (word >> 8) & 0xFF
         v, base = self.v, self.base
+        if kind == mn.REGISTER:
+            # A new registration (after a release, too): mirror the guest afresh.
+            self.released.discard(gid)
+            self._table(gid)
+            return
         if gid in self.released:
             v[base + mn.S_AFTER_RELEASE] += 1
             return
         spte = self._table(gid)
+        if kind in _TOUCHING:
+            self.mmu_seq[gid] += 1
         if kind == mn.CHANGE_PTE:
             if spte[a]:
                 pfn = b & PFN_MASK
@@ -263,12 +277,11 @@ class Shadow:
             spte[a] = 0
         elif kind == mn.RANGE_START:
             spte[a:b] = 0
-            self.in_progress += 1
+            self.in_progress[gid] += 1
         elif kind == mn.RANGE_END:
-            self.in_progress -= 1
+            self.in_progress[gid] -= 1
         elif kind == mn.INVALIDATE:
             spte[a:b] = 0
-            self.interval_seq[gid] += 1
         elif kind in (mn.CLEAR_YOUNG, mn.TEST_YOUNG):
             end = min(b, a + mn.YOUNG_PAGES)
             acc = self.accessed[gid]
@@ -318,10 +331,9 @@ class Shadow:
             v[base + mn.S_AFTER_RELEASE] += len(kind)
             return
         spte = self._table(gid)
-        updated, in_progress, interval = apply_points(spte, self.sgen[gid], self.gen, kind, pages, vals)
-        self.in_progress += in_progress
-        if interval:
-            self.interval_seq[gid] += interval
+        updated, in_progress, touched = apply_points(spte, self.sgen[gid], self.gen, kind, pages, vals)
+        self.in_progress[gid] += in_progress
+        self.mmu_seq[gid] += touched
         if updated:
             v[base + mn.S_UPDATED] += updated
 
@@ -346,9 +358,13 @@ class Shadow:
         e = sv[page]
         if not e:
             e = self.fault(gid, page)
+            if not e:
+                return b""  # unmapped: no memory there (KVM would find no memory slot)
         pfn = e & PFN_MASK
         v, base = self.v, self.base
-        if self.gn[pfn] != self.sgen_v[gid][page]:
+        if self.gn[pfn] != self.sgen_v[gid][page] and self.fl[pfn] != WAITING:
+            # Freed since the entry was filled, and no longer waiting for this
+            # shadow's acknowledgment: the frame was reused under the entry.
             v[base + mn.S_STALE_READS] += 1
         self.accessed_v[gid][page] = 1
         v[base + mn.S_READS] += 1
@@ -360,11 +376,14 @@ class Shadow:
         v[base + mn.S_FAULTS] += 1
         table = self.system.table(gid)
         while True:
-            seq0 = self.interval_seq[gid]
+            self.process()
+            seq0 = self.mmu_seq[gid]  # read_begin
             lock = table.ptl(page)
             lock.acquire()  # type: ignore[attr-defined]
             try:
                 pte = table.pv[page]
+                if pte & UNMAPPED:
+                    return 0
                 if not pte & PRESENT:
                     pte = table.handle_read_fault(page)
                 gen = self.gn[pte & PFN_MASK]
@@ -374,7 +393,10 @@ class Shadow:
             self.catch_up(seen)
             if gid in self.released:
                 raise Released(f"guest {gid} was released")
-            if self.interval_seq[gid] != seq0:
+            if self.mmu_seq[gid] != seq0 or self.in_progress[gid]:
+                # read_retry: a callback touched this guest's entries since
+                # read_begin, so the PTE read may be stale already — and its
+                # invalidation acknowledged (KVM's mmu_invalidate_retry).
                 v[base + mn.S_RETRIES] += 1
                 continue
             entry = pte | VALID
