@@ -30,7 +30,7 @@ def friendly(fn: F) -> F:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        signal.signal(signal.SIGTERM, _sigterm)
+        previous = signal.signal(signal.SIGTERM, _sigterm)
         try:
             return fn(*args, **kwargs)
         except UsageError as exc:
@@ -40,14 +40,37 @@ def friendly(fn: F) -> F:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper  # type: ignore[return-value]
 
 
 def _positive(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    if value is not None and value <= 0:
-        raise click.BadParameter(f"must be positive, not {value}")
+    if value is not None and not (0 < value < float("inf")):  # nan fails this too
+        raise click.BadParameter(f"must be a positive finite number, not {value}")
     return value
+
+
+def _check_size(guests: int, pages: int) -> None:
+    """Refuse, before building anything, guests the machine could never hold."""
+    import shutil
+
+    from .control import MAX_GUESTS
+    from .scanner import MAX_GUEST_PAGES
+
+    if guests > MAX_GUESTS:
+        raise click.UsageError(f"at most {MAX_GUESTS} guests, not {guests}")
+    if pages > MAX_GUEST_PAGES:
+        raise click.UsageError(f"a guest has at most {MAX_GUEST_PAGES} pages ({MAX_GUEST_PAGES >> 8} MiB), not {pages}")
+    need = guests * pages * 4096 * 9 // 8
+    try:
+        free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return
+    if need > free:
+        raise click.UsageError(f"guests of {guests} x {pages} pages need {need / 2**30:.1f} GiB of shared memory, "
+                               f"/dev/shm has {free / 2**30:.1f} GiB free")
 
 
 def _open_output(path: str) -> Any:
@@ -114,6 +137,8 @@ def run(images: tuple[str, ...], scenario: str | None, guests: int, pages_to_sca
     del until  # the only mode; --scans and --seconds stop earlier
     if bool(images) == bool(scenario):
         raise click.UsageError("give either --image FILE (repeatable) or --scenario NAME")
+    if scenario is not None:
+        _check_size(guests, 1)
     if scenario is not None and scenario not in MIXES:
         raise click.UsageError(f"unknown scenario {scenario!r}; scenarios: {', '.join(MIXES)}")
     for path in images:
@@ -273,6 +298,7 @@ def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool, plot: s
     if plot:
         _check_plot_path(plot)
     pages = memory * 256
+    _check_size(guests, pages)
     total = guests * pages
     # A full scan every ~2 s at 20 ms per batch: merging is visible as it happens.
     pages_to_scan = max(100, total // 100)
@@ -448,6 +474,7 @@ def stress(guests: int, pages: int, seconds: float, writes: int | None, shadows:
     from .sysfs import counters
     from workers.guest_random import run as random_workload
 
+    _check_size(guests, pages)
     total = guests * pages
     with Machine(frames=total + 64, pages_to_scan=max(1000, total // 4), sleep_millisecs=0,
                  notifier_era=era) as machine:

@@ -7,6 +7,7 @@ bytes per *distinct* page of the fleet.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from .errors import ShmksmError, UsageError
@@ -19,12 +20,21 @@ def ideal_on_cluster(paths: Sequence[str], scheduler: str, max_page_sharing: int
         from distributed import Client
     except ImportError:
         raise UsageError("--scheduler needs Dask: pip install 'shmksm[dask]'") from None
+    paths = [os.path.abspath(p) for p in paths]  # the workers do not share our working directory
     try:
         client = Client(scheduler, timeout=10)
-    except (OSError, TimeoutError) as exc:
-        raise ShmksmError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+    except ValueError as exc:  # a malformed address: no port, an unknown scheme
+        raise UsageError(f"bad Dask scheduler address {scheduler!r}: {exc}") from None
+    except Exception as exc:  # OSError, TimeoutError: nobody answers there
+        raise ShmksmError(f"cannot reach the Dask scheduler at {scheduler}: {type(exc).__name__}: {exc}") from None
     try:
-        futures = client.map(lambda p: content_counts([p]), list(paths), pure=False)
-        return ideal_from_counts(*merge_counts(client.gather(futures)), max_page_sharing)
+        futures = client.map(lambda p: content_counts([p]), paths, pure=False)
+        try:
+            parts = client.gather(futures)
+        except ShmksmError:
+            raise
+        except Exception as exc:  # a worker's error, as the worker raised it
+            raise ShmksmError(f"a Dask worker failed: {type(exc).__name__}: {exc}") from None
+        return ideal_from_counts(*merge_counts(parts), max_page_sharing)
     finally:
         client.close()

@@ -4,7 +4,7 @@ The pool is ``uint8[nframes, 4096]`` in one segment; frame 0 is the zero page.
 The metadata segment is organized as follows (``n`` = nframes)::
 
     int32[n]   mapcount   PTEs mapping the frame; while WAITING, the epoch it was dropped in (mod 2**32)
-    uint32[n]  gen        bumped every time the frame is freed
+    uint32[n]  gen        bumped every time the frame is freed (or a KSM page becomes private)
     int32[n]   next       link of the free list or of the waiting list, -1 ends a list
     uint8[n]   flags      INUSE, WAITING, KSM
 
@@ -252,6 +252,25 @@ class Frames:
                 self.free(pfn)
             elif left < 0:
                 raise InternalError(f"frame {pfn}: mapcount below zero")
+        finally:
+            lock.release()
+
+    def take_last_mapping(self, pfn: int) -> bool:
+        """Make KSM page ``pfn`` private again if one PTE maps it; return whether it did.
+
+        The caller holds the PTL of that one mapping.  Takes the frame lock:
+        once the KSM flag is gone, no merge can add a mapping (replace_page
+        checks it under the same lock) and the scanner finds its node stale.
+        """
+        lock = self._frame_locks[pfn % self._nframe_locks]
+        lock.acquire()
+        try:
+            if self.mc[pfn] != 1 or not self.fl[pfn] & KSM:
+                return False
+            self.fl[pfn] = INUSE
+            # A new life for the frame: no stable node may take it for the KSM page it was.
+            self.gn[pfn] = (self.gn[pfn] + 1) & 0xFFFFFFFF
+            return True
         finally:
             lock.release()
 

@@ -152,8 +152,9 @@ def image_pages(path: str) -> int:
 def iter_chunks(paths: Iterable[str], chunk_pages: int = _CHUNK_PAGES) -> Iterable[np.ndarray]:
     """The pages of every image, ``chunk_pages`` at a time, as (n, 4096) uint8 arrays."""
     for path in paths:
+        layout = image_layout(path)
         with open(path, "rb") as f:
-            for offset, length in image_layout(path):
+            for offset, length in layout:
                 f.seek(offset)
                 left = length
                 while left > 0:

@@ -17,6 +17,7 @@ kernel's exit_mmap), and the death is reported by ``machine.deaths``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -54,12 +55,25 @@ class Death:
 
 
 def _die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this worker when its parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    """Ask the kernel to SIGKILL this worker when its parent dies (Linux prctl PR_SET_PDEATHSIG).
+
+    A worker's parent is the forkserver, which exits when the host dies —
+    unless a worker still holds the forkserver's "alive" pipe, inherited at
+    fork: the worker lets it go, so a killed host takes its workers along.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None  # type: ignore[union-attr]
 
 
 def worker_main(spec: SystemSpec, gid: int | None, fn: Callable[..., Any], args: tuple[Any, ...],
@@ -435,7 +449,10 @@ class Machine:
                 self._shadow_gone(shadow)
         if code is None or code >= 0:
             return
-        dead = [worker.gid] if worker.gid is not None and worker.gid in self._guests else []
+        # The address space goes with its last process (exit_mmap); a guest
+        # with another live process only needs the repair.
+        others = [w for w in self._workers if w is not worker and w.gid == worker.gid and w.is_alive()]
+        dead = [worker.gid] if worker.gid is not None and worker.gid in self._guests and not others else []
         with self._stw:
             reclaimed = checker.recover(self.system, dead)
         for gid in dead:

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import control
-from .errors import SegmentationFault
+from .errors import OutOfFrames, SegmentationFault
 from .frames import INUSE, KSM as FRAME_KSM, PAGE_SHIFT, PAGE_SIZE, ZERO_PFN, Frames
 
 PFN_MASK: Final = (1 << 40) - 1
@@ -192,7 +192,18 @@ class PageTable:
         """
         frames = self.frames
         old = pte & PFN_MASK
-        pfn = frames.alloc(_COW_KSM if frames.fl[old] & FRAME_KSM else -1)
+        try:
+            pfn = frames.alloc(_COW_KSM if frames.fl[old] & FRAME_KSM else -1)
+        except OutOfFrames:
+            # Out of frames: the last mapping of a KSM page may keep the page
+            # itself, made private again, instead of a copy (no new frame).
+            if not frames.take_last_mapping(old):
+                raise
+            new = old | PRESENT | WRITE | YOUNG | (DIRTY if dirty else pte & DIRTY)
+            self.pv[page] = new
+            if self.notifier is not None:
+                self.notifier.change_pte(self.gid, page, new)
+            return new
         frames.copy_frame(pfn, old)
         frames.mc[pfn] = 1
         new = pfn | PRESENT | WRITE | YOUNG | (DIRTY if dirty else pte & DIRTY)

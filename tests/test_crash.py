@@ -118,9 +118,6 @@ def _read_later(view: shmksm.GuestView, seconds: float, n: int) -> bytes:
     return view.read(0, n)
 
 
-@pytest.mark.xfail(strict=True, reason="Machine._reaped tears a guest down when any one of its processes is "
-                   "killed, though another process of the guest still runs (the kernel's exit_mmap runs when "
-                   "the last user of an mm is gone)")
 def test_a_guest_outlives_one_of_its_two_processes() -> None:
     with shmksm.Machine(frames=64, ksmd=False) as machine:
         guest = machine.add_guest(pages=4)
@@ -206,8 +203,6 @@ def test_a_killed_hosts_segments_disappear(killed_host: tuple[int, int]) -> None
     assert left() == [], "segments of the killed host are left"
 
 
-@pytest.mark.xfail(strict=True, reason="workers are forkserver children: PR_SET_PDEATHSIG fires when the "
-                   "forkserver dies, and it waits for every worker, since each holds its alive pipe")
 def test_a_killed_hosts_guests_die_with_it(killed_host: tuple[int, int]) -> None:
     _, worker_pid = killed_host
     deadline = time.monotonic() + 3.0

@@ -85,18 +85,11 @@ def test_an_unreachable_scheduler_is_a_one_line_error(fleet: list[str]) -> None:
     pytest.param("garbage", id="no-port"),
     pytest.param("nosuchproto://127.0.0.1:1", id="unknown-scheme"),
 ])
-@pytest.mark.xfail(strict=True, reason="BUG: fleet.ideal_on_cluster catches only OSError and TimeoutError from "
-                                       "distributed.Client; a malformed address raises ValueError ('missing port "
-                                       "number', 'unknown address scheme'): a traceback and exit 1, not a one-line "
-                                       "usage error with exit 2")
 def test_a_malformed_scheduler_address_is_a_usage_error(fleet: list[str], address: str) -> None:
     proc = run_cli("estimate", fleet[0], "--scheduler", address, timeout=60)
     assert_one_line_error(proc, 2, "scheduler")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: estimate --scheduler sends the image paths as given; a relative path "
-                                       "that the command checked in its own folder is looked up in the workers' "
-                                       "folder, and a worker's FileNotFoundError comes back as a traceback (exit 1)")
 def test_relative_image_paths_work_with_a_scheduler(cluster: str, fleet: list[str]) -> None:
     folder = Path(fleet[0]).parent
     names = [Path(p).name for p in fleet]

@@ -308,11 +308,7 @@ def test_bad_images_are_image_errors(tmp_path: Path, kind: str, message: str) ->
     ("ragged", "not a positive multiple of 4096"),
     ("garbage_elf", "corrupt ELF core"),
     ("truncated_core", "runs past the end"),
-    pytest.param("missing", "No such file", marks=pytest.mark.xfail(
-        strict=True, raises=FileNotFoundError,
-        reason="BUG: iter_chunks() (and so ideal(), content_counts() and the Dask workers of estimate "
-               "--scheduler) open the file before image_layout() checks it: a missing image raises a bare "
-               "FileNotFoundError, not ImageError")),
+    ("missing", "No such file"),
 ])
 def test_streaming_a_bad_image_is_an_image_error(tmp_path: Path, kind: str, message: str) -> None:
     path = str(write_bad_images(tmp_path)[kind])

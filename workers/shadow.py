@@ -362,9 +362,11 @@ class Shadow:
                 return b""  # unmapped: no memory there (KVM would find no memory slot)
         pfn = e & PFN_MASK
         v, base = self.v, self.base
-        if self.gn[pfn] != self.sgen_v[gid][page] and self.fl[pfn] != WAITING:
-            # Freed since the entry was filled, and no longer waiting for this
-            # shadow's acknowledgment: the frame was reused under the entry.
+        if (self.gn[pfn] != self.sgen_v[gid][page] and self.fl[pfn] != WAITING
+                and self.system.table(gid).pv[page] & PFN_MASK != pfn):
+            # A new life since the entry was filled, not waiting for this
+            # shadow's acknowledgment, and not the page's own frame any more:
+            # the frame was reused under the entry.
             v[base + mn.S_STALE_READS] += 1
         self.accessed_v[gid][page] = 1
         v[base + mn.S_READS] += 1
