@@ -1,7 +1,18 @@
 """shmksm: Linux KSM and MMU notifiers, emulated with real processes and real shared memory."""
 
-from .errors import (AddressError, CheckError, DataTypeError, InternalError, KnobBusyError, KnobError,
-                     OutOfFrames, ProcessDied, SegmentationFault, ShmksmError, UsageError)
+from .errors import (
+                     AddressError,
+                     CheckError,
+                     DataTypeError,
+                     InternalError,
+                     KnobBusyError,
+                     KnobError,
+                     OutOfFrames,
+                     ProcessDied,
+                     SegmentationFault,
+                     ShmksmError,
+                     UsageError,
+)
 from .frames import PAGE_SIZE
 from .guest import MADV_MERGEABLE, MADV_UNMERGEABLE, GuestView
 from .machine import Death, Guest, Machine, Worker

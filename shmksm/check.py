@@ -22,7 +22,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import CheckError
-from .frames import INUSE, KSM as FRAME_KSM, WAITING, ZERO_PFN
+from .frames import INUSE, WAITING, ZERO_PFN
+from .frames import KSM as FRAME_KSM
 from .locks import stop_the_world
 from .mmu_notifier import RELEASE
 from .pagetable import H_MM_OWNER, KSM, PFN_MASK, PRESENT, UNMAPPED, WRITE, ZERO, describe
@@ -50,7 +51,8 @@ def _mapcounts(system: System) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bo
         pfns = (ptes[mapped] & np.uint64(PFN_MASK)).astype(np.int64)
         if len(pfns) and int(pfns.max()) >= n:
             bad = int(np.flatnonzero(mapped)[int(np.argmax(pfns >= n))])
-            raise CheckError(f"guest {gid} page {bad:#x}: PTE maps frame {int(ptes[bad]) & PFN_MASK} outside the pool of {n}")
+            raise CheckError(f"guest {gid} page {bad:#x}: PTE maps frame {int(ptes[bad]) & PFN_MASK} "
+                             f"outside the pool of {n}")
         counts += np.bincount(pfns, minlength=n)
         ksm_pfns = (ptes[mapped & ((ptes & np.uint64(KSM)) != 0)] & np.uint64(PFN_MASK)).astype(np.int64)
         ksm[ksm_pfns] = True
@@ -63,14 +65,15 @@ def check_locked(system: System) -> None:
     n = frames.nframes
     if frames.pool[ZERO_PFN].any():
         raise CheckError("the zero page (frame 0) is not all zeros")
-    counts, ksm = _mapcounts(system)
+    counts, _ = _mapcounts(system)
     flags = frames.flags
     for gid in system.live_guests():
         ptes = system.table(gid).ptes
         zero = (ptes & np.uint64(PRESENT | ZERO)) == np.uint64(PRESENT | ZERO)
         bad = np.flatnonzero(zero & ((ptes & np.uint64(PFN_MASK | WRITE)) != 0))
         if len(bad):
-            raise CheckError(f"guest {gid} page {int(bad[0]):#x}: zero-page PTE is writable or has a pfn ({describe(int(ptes[bad[0]]))})")
+            raise CheckError(f"guest {gid} page {int(bad[0]):#x}: zero-page PTE is writable or has a pfn "
+                             f"({describe(int(ptes[bad[0]]))})")
         mapped = (ptes & np.uint64(PRESENT | ZERO | UNMAPPED)) == np.uint64(PRESENT)
         pfn = (ptes & np.uint64(PFN_MASK)).astype(np.int64)
         writable = mapped & ((ptes & np.uint64(WRITE)) != 0)
@@ -110,7 +113,8 @@ def check_locked(system: System) -> None:
     if free and (flags[free] != 0).any():
         raise CheckError(f"frame {free[int(np.argmax(flags[free] != 0))]} is on the free list but not free")
     if waiting and (flags[waiting] != WAITING).any():
-        raise CheckError(f"frame {waiting[int(np.argmax(flags[waiting] != WAITING))]} is on the waiting list but not waiting")
+        first = waiting[int(np.argmax(flags[waiting] != WAITING))]
+        raise CheckError(f"frame {first} is on the waiting list but not waiting")
     nfree = int((flags[1:] == 0).sum())
     nwait = int((flags[1:] == WAITING).sum())
     if nfree != len(free) or nwait != len(waiting):

@@ -110,14 +110,17 @@ def _scenario_help() -> str:
 @click.option("--use-zero-pages", is_flag=True, help="Map empty pages to the zero page (use_zero_pages=1).")
 @click.option("--smart-scan/--no-smart-scan", default=True, show_default=True, help="smart_scan.")
 @click.option("--until", type=click.Choice(["converged"]), default="converged", show_default=True,
-              help="Run until pages_shared, pages_sharing and ksm_zero_pages stay the same for --stable-scans full scans.")
+              help="Run until pages_shared, pages_sharing and ksm_zero_pages stay the same for --stable-scans "
+                   "full scans.")
 @click.option("--stable-scans", type=int, default=3, show_default=True, callback=_positive,
               help="Full scans without a change that mean converged.")
 @click.option("--scans", type=int, default=None, callback=_positive, help="Stop after this many full scans instead.")
 @click.option("--seconds", type=float, default=None, callback=_positive, help="Stop after this many seconds instead.")
-@click.option("--timeout", type=float, default=600, show_default=True, callback=_positive, help="Give up after this long.")
+@click.option("--timeout", type=float, default=600, show_default=True, callback=_positive,
+              help="Give up after this long.")
 @click.option("--json", "json_out", default=None, metavar="FILE", help="Write the report as JSON ('-' for stdout).")
-@click.option("--csv", "csv_out", default=None, metavar="FILE", help="Write the counters' timeline as CSV ('-' for stdout).")
+@click.option("--csv", "csv_out", default=None, metavar="FILE",
+              help="Write the counters' timeline as CSV ('-' for stdout).")
 @click.option("--plot", default=None, metavar="FILE.png", help="Plot the counters over time (needs matplotlib).")
 @friendly
 def run(images: tuple[str, ...], scenario: str | None, guests: int, pages_to_scan: int, sleep_millisecs: int,
@@ -283,7 +286,8 @@ class LiveView:
 @main.command()
 @click.option("--guests", type=int, default=4, show_default=True, callback=_positive, help="VM-like guests.")
 @click.option("--memory", type=int, default=32, show_default=True, callback=_positive, help="MiB per guest.")
-@click.option("--seconds", type=float, default=20, show_default=True, callback=_positive, help="How long the guests run.")
+@click.option("--seconds", type=float, default=20, show_default=True, callback=_positive,
+              help="How long the guests run.")
 @click.option("--use-zero-pages", is_flag=True, help="Map empty pages to the zero page.")
 @click.option("--plot", default=None, metavar="FILE.png", help="Plot the counters over time (needs matplotlib).")
 @friendly
@@ -291,9 +295,10 @@ def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool, plot: s
     """A host with VM-like guests under ksmd, live counters, then what merging saved."""
     import time
 
+    from workers.guest_vm import run_vm
+
     from .machine import Machine
     from .sysfs import counters
-    from workers.guest_vm import run_vm
 
     if plot:
         _check_plot_path(plot)
@@ -339,7 +344,8 @@ def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool, plot: s
         click.echo("")
         click.echo(f"memory saved      {_mib(saved)} of {_mib(mapped)} "
                    f"({100 * saved / mapped:.1f}%), dedup ratio {mapped / max(1, used):.2f}:1")
-        click.echo(f"pages_shared      {c['pages_shared']} KSM pages stand for {c['pages_shared'] + c['pages_sharing']} mappings")
+        mappings = c["pages_shared"] + c["pages_sharing"]
+        click.echo(f"pages_shared      {c['pages_shared']} KSM pages stand for {mappings} mappings")
         click.echo(f"COW breaks        {machine.system.get('cow_ksm')} writes into KSM pages got a private copy")
         click.echo(f"full scans        {c['full_scans']}, guests wrote {sum(r['writes'] for r in results)} times, "
                    f"{sum(r['mismatches'] for r in results)} read-back mismatches")
@@ -470,9 +476,10 @@ def stress(guests: int, pages: int, seconds: float, writes: int | None, shadows:
     """
     import time
 
+    from workers.guest_random import run as random_workload
+
     from .machine import Machine
     from .sysfs import counters
-    from workers.guest_random import run as random_workload
 
     _check_size(guests, pages)
     total = guests * pages

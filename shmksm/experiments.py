@@ -151,7 +151,8 @@ def sweep(knob: str, values: list[int], runs: int = 3, scenario: str = "default"
             value, proc, out = running.pop(0)
             _, err = proc.communicate()
             if proc.returncode:
-                raise ShmksmError(f"a run with {knob}={value} failed: {err.strip().splitlines()[-1] if err else proc.returncode}")
+                why = err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}"
+                raise ShmksmError(f"a run with {knob}={value} failed: {why}")
             with open(out) as f:
                 report = json.load(f)
             results[value].append(report)

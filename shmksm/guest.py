@@ -14,9 +14,22 @@ import numpy as np
 
 from . import control
 from .errors import AddressError, DataTypeError, OutOfFrames, UsageError
-from .frames import FramesPending, PAGE_SIZE
-from .pagetable import (DIRTY, H_MERGE_ANY, HIGH_READ_MASK, HIGH_READABLE, HIGH_WRITABLE, KSM, PFN_MASK, PRESENT,
-                        UNMAPPED, WRITE, YOUNG, ZERO, PageTable)
+from .frames import PAGE_SIZE, FramesPending
+from .pagetable import (
+    DIRTY,
+    H_MERGE_ANY,
+    HIGH_READ_MASK,
+    HIGH_READABLE,
+    HIGH_WRITABLE,
+    KSM,
+    PFN_MASK,
+    PRESENT,
+    UNMAPPED,
+    WRITE,
+    YOUNG,
+    ZERO,
+    PageTable,
+)
 from .system import System
 
 MADV_MERGEABLE: Final = 12
@@ -63,7 +76,8 @@ def with_frames(op: Any, *args: Any) -> Any:
             return op(*args)
         except FramesPending:
             if time.monotonic() > deadline:
-                raise OutOfFrames("out of frames: dropped frames were never acknowledged by the shadow workers") from None
+                raise OutOfFrames("out of frames: dropped frames were never acknowledged by the shadow workers"
+                                  ) from None
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
 

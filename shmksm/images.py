@@ -110,7 +110,8 @@ def _elf_segments(path: str) -> list[tuple[int, int]]:
                 if seg["p_type"] != "PT_LOAD" or not seg["p_filesz"]:
                     continue
                 if seg["p_offset"] + seg["p_filesz"] > size:
-                    raise ImageError(f"image {path!r}: corrupt ELF core: a PT_LOAD segment runs past the end of the file")
+                    raise ImageError(f"image {path!r}: corrupt ELF core: "
+                                     "a PT_LOAD segment runs past the end of the file")
                 out.append((seg["p_offset"], seg["p_filesz"]))
             return out
     except ELFError as exc:

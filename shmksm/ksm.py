@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final
 
-from .frames import KSM as FRAME_KSM, PAGE_SIZE, ZERO_PFN, Frames
+from .frames import KSM as FRAME_KSM
+from .frames import PAGE_SIZE, ZERO_PFN, Frames
 from .pagetable import DIRTY, KSM, KSM_ZERO_PTE, PFN_MASK, PRESENT, UNMAPPED, WRITE, YOUNG, ZERO, PageTable
 
 ZERO_BYTES: Final = bytes(PAGE_SIZE)

@@ -30,7 +30,8 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from . import check as checker, control, mmu_notifier, segments
+from . import check as checker
+from . import control, mmu_notifier, segments
 from .errors import ProcessDied, UsageError
 from .frames import PAGE_SIZE
 from .guest import GuestView
@@ -141,10 +142,8 @@ class Worker:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.process.pid is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.process.pid, sig)
-            except ProcessLookupError:
-                pass
 
 
 class Guest:
@@ -301,7 +300,8 @@ class Machine:
             for g in guests:
                 self._require_live(g)
             area = self.system.notify_area
-            free = [s for s in range(mmu_notifier.MAX_SHADOWS) if area.slots[s, mmu_notifier.S_STATE] == mmu_notifier.SLOT_FREE]
+            free = [s for s in range(mmu_notifier.MAX_SHADOWS)
+                    if area.slots[s, mmu_notifier.S_STATE] == mmu_notifier.SLOT_FREE]
             if not free:
                 raise UsageError(f"at most {mmu_notifier.MAX_SHADOWS} shadow workers per machine")
             slot = free[0]

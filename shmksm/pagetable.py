@@ -25,7 +25,6 @@ every access through it, happens under the page-table lock of its run of 512.
 from __future__ import annotations
 
 import os
-
 import sys
 from typing import Any, Final
 
@@ -34,7 +33,8 @@ import numpy.typing as npt
 
 from . import control
 from .errors import OutOfFrames, SegmentationFault
-from .frames import INUSE, KSM as FRAME_KSM, PAGE_SHIFT, PAGE_SIZE, ZERO_PFN, Frames
+from .frames import INUSE, PAGE_SHIFT, PAGE_SIZE, ZERO_PFN, Frames
+from .frames import KSM as FRAME_KSM
 
 PFN_MASK: Final = (1 << 40) - 1
 PRESENT: Final = 1 << 40

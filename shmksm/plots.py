@@ -67,7 +67,7 @@ def plot_sweep(result: dict[str, Any], path: str) -> None:
     xs = [r["value"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))
     for ax, key, label in zip(axes, ("converged_seconds", "ksmd_cpu_seconds", "saved_mib"),
-                              ("seconds to converge", "scanner CPU seconds", "MiB saved")):
+                              ("seconds to converge", "scanner CPU seconds", "MiB saved"), strict=True):
         ax.errorbar(xs, [r[key]["mean"] for r in rows], yerr=[r[key]["stdev"] for r in rows], marker="o", capsize=3)
         ax.set_xlabel(knob)
         ax.set_ylabel(label)

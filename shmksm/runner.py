@@ -42,7 +42,8 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
 
     with Machine(frames=nframes, **knobs) as machine:
         guests = [machine.add_guest(pages=n) for n in sizes]
-        loaders = [machine.spawn(load_image, g, os.path.abspath(p), name=f"load{g.id}") for g, p in zip(guests, images)]
+        loaders = [machine.spawn(load_image, g, os.path.abspath(p), name=f"load{g.id}")
+                   for g, p in zip(guests, images, strict=True)]
         for loader in loaders:
             loader.join()
         system = machine.system

@@ -58,7 +58,8 @@ import numpy.typing as npt
 import xxhash
 
 from . import ksm
-from .frames import KSM as FRAME_KSM, PAGE_SIZE
+from .frames import KSM as FRAME_KSM
+from .frames import PAGE_SIZE
 from .guest import unmerge_range
 from .keytable import KeyTable
 from .pagetable import H_MERGING, H_RMAP_ITEMS, KSM, PFN_MASK, PRESENT, UNMAPPED, ZERO, PageTable
@@ -153,7 +154,8 @@ class StableTree:
         self.kpfn, self.kgen, self.count = grown(self.kpfn, -1), grown(self.kgen, 0), grown(self.count, 0)
         self.key, self.next_dup, self.chain_len = grown(self.key, 0), grown(self.next_dup, -1), grown(self.chain_len, 0)
         self.kpfn_v, self.kgen_v, self.count_v = memoryview(self.kpfn), memoryview(self.kgen), memoryview(self.count)
-        self.key_v, self.next_v, self.len_v = memoryview(self.key), memoryview(self.next_dup), memoryview(self.chain_len)
+        self.key_v, self.next_v = memoryview(self.key), memoryview(self.next_dup)
+        self.len_v = memoryview(self.chain_len)
 
     def new_node(self, key: int, kpfn: int, kgen: int) -> int:
         """A new dup for KSM page (kpfn, kgen) of content ``key``: the newest of its chain."""
@@ -423,7 +425,8 @@ class Scanner:
         slot.cursor = pos
         return np.concatenate(out) if out else np.zeros(0, np.intp)
 
-    def _would_skip(self, slot: MmSlot, idx: npt.NDArray[np.intp], ptes: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+    def _would_skip(self, slot: MmSlot, idx: npt.NDArray[np.intp],
+                    ptes: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
         """should_skip_rmap_item's verdict, without its side effects."""
         not_ksm = (ptes & _KSM) == 0
         return not_ksm & (slot.age[idx] >= 3) & (slot.skips[idx] > 0) & (slot.state[idx] != NONE)
@@ -471,7 +474,6 @@ class Scanner:
         use_zero = self.system.get("use_zero_pages")
         max_sharing = self.system.get("max_page_sharing")
         keys = sums[steady]
-        klist = keys.tolist()
         # The common case, unique content: a key on neither tree and not twice
         # in this batch can only be inserted into the unstable tree.  Do those
         # in bulk; everything else goes through cmp_and_merge_page in order.
@@ -520,7 +522,7 @@ class Scanner:
                 group = [k for k in group if any(a <= pages[k] < b for a, b in ranges)]
                 merged = ksm.replace_pages(table, [pages[k] for k in group], [pfns[k] for k in group],
                                            st.kpfn_v[nid], st.kgen_v[nid])
-            for k, ok in zip(group, merged):
+            for k, ok in zip(group, merged, strict=True):
                 if ok:
                     self._append(slot, pages[k], nid)
 

@@ -118,7 +118,8 @@ class ShadowMMU:
         return summary
 
 
-def clear_flush_young(machine: Machine, guest: Guest, clear: bool = True, timeout: float = 10.0) -> npt.NDArray[np.bool_]:
+def clear_flush_young(machine: Machine, guest: Guest, clear: bool = True,
+                      timeout: float = 10.0) -> npt.NDArray[np.bool_]:
     """Which pages of ``guest`` were accessed since the last pass, by the guest or any shadow.
 
     Clears the primary YOUNG bits (under each run's page-table lock) and asks

@@ -13,6 +13,7 @@ SIGKILL, its resource tracker (which outlives it) unlinks what it created.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import types
@@ -52,10 +53,8 @@ def unlink(segment: shared_memory.SharedMemory) -> None:
     try:
         segment.close()
     finally:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             segment.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def _pid_alive(pid: int) -> bool:

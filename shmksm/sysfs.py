@@ -14,10 +14,9 @@ import numpy as np
 
 from . import control
 from .errors import KnobBusyError, KnobError
-from .scanner import RMAP_ITEM_BYTES
 from .pagetable import H_MERGE_ANY, H_MERGING, H_RMAP_ITEMS, KSM, PRESENT, ZERO
+from .scanner import RMAP_ITEM_BYTES
 from .system import System
-
 
 _BOOL_KNOBS: Final = ("use_zero_pages", "merge_across_nodes", "smart_scan")
 _BUSY_KNOBS: Final = ("max_page_sharing", "merge_across_nodes")
@@ -134,12 +133,11 @@ def parse_knob(name: str, value: Any) -> int:
         if name in control.COUNTERS:
             raise KnobError(f"{name} is a counter, not a knob: it is read-only")
         raise KnobError(f"no knob named {name!r}; knobs: {', '.join(control.KNOB_DEFAULTS)}")
-    if name == "advisor_mode":
-        if isinstance(value, str):
-            text = value.strip().strip("[]")
-            if text not in control.ADVISOR_MODES:
-                raise KnobError(f"advisor_mode must be one of {', '.join(control.ADVISOR_MODES)}, not {value!r}")
-            return control.ADVISOR_MODES.index(text)
+    if name == "advisor_mode" and isinstance(value, str):
+        text = value.strip().strip("[]")
+        if text not in control.ADVISOR_MODES:
+            raise KnobError(f"advisor_mode must be one of {', '.join(control.ADVISOR_MODES)}, not {value!r}")
+        return control.ADVISOR_MODES.index(text)
     if isinstance(value, bool):
         value = int(value)
     if isinstance(value, str):

@@ -47,7 +47,7 @@ class System:
         self.spec = spec
         self.owner = owner
         self.locks = spec.locks
-        open_ = (lambda name, size: segments.create(name, size)) if owner else (lambda name, size: segments.attach(name))
+        open_ = segments.create if owner else (lambda name, size: segments.attach(name))
         self._segments: list[shared_memory.SharedMemory] = []
         self._guest_segments: dict[int, shared_memory.SharedMemory] = {}
         self.tables: dict[int, PageTable] = {}
