@@ -54,7 +54,7 @@ def as_bytes_view(data: Any) -> memoryview:
     if not view.nbytes:
         return memoryview(b"")  # cast() refuses a shape with a zero in it
     if not view.c_contiguous:
-        view = memoryview(np.ascontiguousarray(data))
+        view = np.ascontiguousarray(data).data
     return view.cast("B")
 
 
@@ -178,7 +178,7 @@ class GuestView:
                 try:
                     self._mm[o:o + n] = data
                 except ValueError:  # numpy exports no plain buffer of a non-contiguous array
-                    self._mm[o:o + n] = np.ascontiguousarray(data)
+                    self._mm[o:o + n] = data.tobytes()
                 return
             except FramesPending:
                 pass  # nothing changed: wait for frames with the lock released, below
