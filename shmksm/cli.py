@@ -233,9 +233,9 @@ def estimate(images: tuple[str, ...], max_page_sharing: int, scheduler: str | No
     else:
         best = ideal(list(images), max_page_sharing)
     seconds = time.perf_counter() - t0
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = {**best.as_dict(), "images": list(images), "seconds": round(seconds, 3),
-              "bytes_per_second": round(total * 4096 / max(seconds, 1e-9)),
-              "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+              "bytes_per_second": round(total * 4096 / max(seconds, 1e-9)), "peak_rss_kb": peak_kb}
     if out is not None:
         json.dump(result, out, indent=1)
         out.write("\n")
@@ -249,7 +249,7 @@ def estimate(images: tuple[str, ...], max_page_sharing: int, scheduler: str | No
     click.echo(f"with use_zero_pages: pages_shared {best.pages_shared_zero}, pages_sharing "
                f"{best.pages_sharing_zero}, ksm_zero_pages {best.zero_pages}")
     click.echo(f"{total * 4096 / 2**30:.2f} GiB in {seconds:.2f} s "
-               f"({total * 4096 / max(seconds, 1e-9) / 1e9:.2f} GB/s), peak RSS {result['peak_rss_kb'] // 1024} MiB")
+               f"({total * 4096 / max(seconds, 1e-9) / 1e9:.2f} GB/s), peak RSS {peak_kb // 1024} MiB")
 
 
 def _mib(pages: int) -> str:

@@ -22,7 +22,7 @@ def ideal_on_cluster(paths: Sequence[str], scheduler: str, max_page_sharing: int
         raise UsageError("--scheduler needs Dask: pip install 'shmksm[dask]'") from None
     paths = [os.path.abspath(p) for p in paths]  # the workers do not share our working directory
     try:
-        client = Client(scheduler, timeout=10)
+        client = Client(scheduler, timeout=10)  # type: ignore[no-untyped-call]
     except ValueError as exc:  # a malformed address: no port, an unknown scheme
         raise UsageError(f"bad Dask scheduler address {scheduler!r}: {exc}") from None
     except Exception as exc:  # OSError, TimeoutError: nobody answers there
@@ -30,11 +30,11 @@ def ideal_on_cluster(paths: Sequence[str], scheduler: str, max_page_sharing: int
     try:
         futures = client.map(lambda p: content_counts([p]), paths, pure=False)
         try:
-            parts = client.gather(futures)
+            parts = client.gather(futures)  # type: ignore[no-untyped-call]
         except ShmksmError:
             raise
         except Exception as exc:  # a worker's error, as the worker raised it
             raise ShmksmError(f"a Dask worker failed: {type(exc).__name__}: {exc}") from None
         return ideal_from_counts(*merge_counts(parts), max_page_sharing)
     finally:
-        client.close()
+        client.close()  # type: ignore[no-untyped-call]

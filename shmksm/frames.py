@@ -88,7 +88,7 @@ class Frames:
         self.fl = meta_buf[12 * n:13 * n]
         self.gn = meta_buf[4 * n:8 * n].cast("I")
         self.ctl = ctl
-        self.cv = memoryview(ctl).cast("B").cast("q")
+        self.cv = ctl.data.cast("B").cast("q")
         self.locks = locks
         self.alloc_lock: Any = locks.alloc  # type: ignore[attr-defined]
         self.stat_lock: Any = locks.stat  # type: ignore[attr-defined]

@@ -33,8 +33,8 @@ class KeyTable:
         self.mask = cap - 1
         self.used = 0  # live entries and tombstones
         self.live = 0
-        self._kv = memoryview(self.keys)
-        self._vv = memoryview(self.values)
+        self._kv = self.keys.data
+        self._vv = self.values.data
 
     def __len__(self) -> int:
         return self.live
@@ -58,7 +58,7 @@ class KeyTable:
             if v == EMPTY:
                 return -1
             if v >= 0 and kv[pos] == key:
-                return v  # type: ignore[no-any-return]
+                return int(v)
             pos = (pos + 1) & mask
 
     def set(self, key: int, value: int) -> None:

@@ -433,7 +433,7 @@ class Machine:
                 if self._closed:
                     return
                 for sentinel in ready:
-                    worker = live.get(sentinel)  # type: ignore[call-overload]
+                    worker = live.get(sentinel)
                     if worker is not None:
                         worker.process.join(0)
                         self._reap(worker)

@@ -168,7 +168,7 @@ class NotifyArea:
         off += young_words
         self.nreg = self.words[off:off + control.MAX_GUESTS]
         # Scalar views for the hot paths.
-        flat = memoryview(self.words).cast("B").cast("q")
+        flat = self.words.data.cast("B").cast("q")
         self.v = flat
         self.ring_v = flat[HDR:HDR + REC * MAIN_N]
         self.nreg_v = flat[len(flat) - control.MAX_GUESTS:]
@@ -275,7 +275,7 @@ class Notifier:
             if v[H_SLEEPING]:
                 v[H_SLEEPING] = 0
                 self.doorbell()
-            return seq  # type: ignore[no-any-return]
+            return int(seq)
         finally:
             lock.release()
 
@@ -296,7 +296,7 @@ class Notifier:
         if v[H_SLEEPING]:
             v[H_SLEEPING] = 0
             self.doorbell()
-        return seq  # type: ignore[no-any-return]
+        return int(seq)
 
     def _wait_for_room(self, seq: int) -> None:
         """The ring is full: wake the broker and wait, without the notify lock.

@@ -94,7 +94,7 @@ class MmLock:
 
     def __init__(self, sem: Any, header: npt.NDArray[np.int64]) -> None:
         self.sem = sem
-        self.owner = memoryview(header)[H_MM_OWNER:H_MM_OWNER + 1]
+        self.owner = header.data[H_MM_OWNER:H_MM_OWNER + 1]
         self.pid = os.getpid()
 
     def __enter__(self) -> MmLock:
@@ -261,11 +261,6 @@ class PageTable:
             h[H_RANGES + 2 * i + 1] = end
         h[H_NRANGES] = len(ranges)
 
-
-def present_frames(ptes: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
-    """Pfns of the PTEs that map a frame other than the zero page."""
-    present = (ptes & np.uint64(PRESENT | ZERO)) == np.uint64(PRESENT)
-    return (ptes[present] & np.uint64(PFN_MASK)).astype(np.int64)
 
 
 __all__ = ["PAGE_SIZE", "PAGE_SHIFT", "ZERO_PFN", "INUSE", "PageTable"]

@@ -107,8 +107,8 @@ class MmSlot:
         self.age = np.zeros(n, np.uint8)
         self.skips = np.zeros(n, np.uint8)
         # Scalar access through memoryviews is several times faster than numpy's.
-        self.state_v = memoryview(self.state)
-        self.node_v = memoryview(self.node)
+        self.state_v = self.state.data
+        self.node_v = self.node.data
         self.cursor = 0
         self.items = 0
         self.merging = 0
@@ -132,7 +132,7 @@ class StableTree:
     def __init__(self, nframes: int) -> None:
         self.heads = KeyTable()
         self.node_of_pfn = np.full(nframes, -1, np.int32)
-        self.node_of_pfn_v = memoryview(self.node_of_pfn)
+        self.node_of_pfn_v = self.node_of_pfn.data
         self.free_ids: list[int] = []
         self.next_id = 0
         self.chains = 0  # contents with more than one dup
@@ -153,9 +153,9 @@ class StableTree:
 
         self.kpfn, self.kgen, self.count = grown(self.kpfn, -1), grown(self.kgen, 0), grown(self.count, 0)
         self.key, self.next_dup, self.chain_len = grown(self.key, 0), grown(self.next_dup, -1), grown(self.chain_len, 0)
-        self.kpfn_v, self.kgen_v, self.count_v = memoryview(self.kpfn), memoryview(self.kgen), memoryview(self.count)
-        self.key_v, self.next_v = memoryview(self.key), memoryview(self.next_dup)
-        self.len_v = memoryview(self.chain_len)
+        self.kpfn_v, self.kgen_v, self.count_v = self.kpfn.data, self.kgen.data, self.count.data
+        self.key_v, self.next_v = self.key.data, self.next_dup.data
+        self.len_v = self.chain_len.data
 
     def new_node(self, key: int, kpfn: int, kgen: int) -> int:
         """A new dup for KSM page (kpfn, kgen) of content ``key``: the newest of its chain."""
@@ -220,9 +220,7 @@ class Scanner:
     def __init__(self, system: System) -> None:
         self.system = system
         self.frames = system.frames
-        self.slots: list[MmSlot] = []
         self.by_gid: dict[int, MmSlot] = {}
-        self.slot_index = 0
         self.stable = StableTree(self.frames.nframes)
         self.unstable = KeyTable()  # key → gid << REF_SHIFT | page
         self.seqnr = 0
@@ -393,11 +391,12 @@ class Scanner:
             ptes = table.ptes[pos:end]
             eligible &= (ptes & _ANON_MASK) == _ANON
             idx = np.flatnonzero(eligible) + pos
+            skip: npt.NDArray[np.bool_] | None = None
+            counted: npt.NDArray[np.intp]
             if smart and len(idx):
                 skip = self._would_skip(slot, idx, ptes[idx - pos])
                 counted = np.cumsum(~skip)
             else:
-                skip = None
                 counted = np.arange(1, len(idx) + 1)
             if len(idx) and counted[-1] > budget:
                 cut = int(np.searchsorted(counted, budget)) + 1
@@ -429,7 +428,9 @@ class Scanner:
                     ptes: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
         """should_skip_rmap_item's verdict, without its side effects."""
         not_ksm = (ptes & _KSM) == 0
-        return not_ksm & (slot.age[idx] >= 3) & (slot.skips[idx] > 0) & (slot.state[idx] != NONE)
+        verdict: npt.NDArray[np.bool_] = (not_ksm & (slot.age[idx] >= 3) & (slot.skips[idx] > 0)
+                                          & (slot.state[idx] != NONE))
+        return verdict
 
     def _apply_skip(self, slot: MmSlot, idx: npt.NDArray[np.intp], ptes: npt.NDArray[np.uint64]) -> None:
         """should_skip_rmap_item's side effects on the pages actually taken."""

@@ -111,6 +111,7 @@ class ShadowMMU:
                 self.unregister(guest, timeout)
         summary: dict[str, Any] = {}
         if self.worker is not None and self.worker.is_alive():
+            self.sync(timeout)  # every callback produced so far runs first (a release among them)
             self._row[mn.S_STOP] = 1
             self.machine.system.locks.shadow_bells[self.slot].release()
             summary = self.worker.join(timeout)

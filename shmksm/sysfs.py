@@ -162,7 +162,7 @@ def parse_knob(name: str, value: Any) -> int:
         raise KnobError(f"advisor_max_cpu: {value} is not a percentage in 1..100 (EINVAL)")
     if name in ("advisor_target_scan_time", "advisor_min_pages_to_scan", "advisor_max_pages_to_scan") and value < 1:
         raise KnobError(f"{name}: {value} must be at least 1 (EINVAL)")
-    return value
+    return int(value)
 
 
 class Ksm:

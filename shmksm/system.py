@@ -25,6 +25,13 @@ from .locks import LockTable
 from .pagetable import PageTable
 
 
+def _buf(segment: shared_memory.SharedMemory) -> memoryview:
+    """A segment's buffer (open segments always have one)."""
+    buf = segment.buf
+    assert buf is not None
+    return buf
+
+
 @dataclass(frozen=True)
 class SystemSpec:
     """Names and locks of one machine: everything a worker needs to attach."""
@@ -52,28 +59,28 @@ class System:
         self._guest_segments: dict[int, shared_memory.SharedMemory] = {}
         self.tables: dict[int, PageTable] = {}
         try:
-            ctl_seg = self._open(open_, "ctl", 8 * control.WORDS)
-            pool_seg = self._open(open_, "frames", PAGE_SIZE * spec.nframes)
-            meta_seg = self._open(open_, "meta", meta_size(spec.nframes))
-            notify_seg = self._open(open_, "notify", 8 * mmu_notifier.segment_words())
+            ctl_buf = self._open(open_, "ctl", 8 * control.WORDS)
+            pool_buf = self._open(open_, "frames", PAGE_SIZE * spec.nframes)
+            meta_buf = self._open(open_, "meta", meta_size(spec.nframes))
+            notify_buf = self._open(open_, "notify", 8 * mmu_notifier.segment_words())
         except BaseException:
             self.close()
             raise
-        self.ctl: npt.NDArray[np.int64] = np.ndarray(control.WORDS, np.int64, ctl_seg.buf)
+        self.ctl: npt.NDArray[np.int64] = np.ndarray(control.WORDS, np.int64, ctl_buf)
         if owner:
             for name, value in control.KNOB_DEFAULTS.items():
                 self.ctl[control.INDEX[name]] = value
-            Frames.format(np.ndarray((spec.nframes, PAGE_SIZE), np.uint8, pool_seg.buf), meta_seg.buf, self.ctl)
-        self.frames = Frames(pool_seg.buf, meta_seg.buf, self.ctl, self.locks)
-        self.notify_area = mmu_notifier.NotifyArea(notify_seg.buf)
+            Frames.format(np.ndarray((spec.nframes, PAGE_SIZE), np.uint8, pool_buf), meta_buf, self.ctl)
+        self.frames = Frames(pool_buf, meta_buf, self.ctl, self.locks)
+        self.notify_area = mmu_notifier.NotifyArea(notify_buf)
         self.notifier = mmu_notifier.Notifier(self.notify_area, self.frames.cv, self.locks.notify,
                                               self.locks.broker_bell)
         self.pid = os.getpid()
 
-    def _open(self, open_: Any, what: str, size: int) -> shared_memory.SharedMemory:
-        seg = open_(self.spec.segment_name(what), size)
+    def _open(self, open_: Any, what: str, size: int) -> memoryview:
+        seg: shared_memory.SharedMemory = open_(self.spec.segment_name(what), size)
         self._segments.append(seg)
-        return seg
+        return _buf(seg)
 
     @classmethod
     def create(cls, nframes: int, locks: LockTable) -> System:
@@ -121,7 +128,7 @@ class System:
             if seg is None:
                 seg = segments.attach(self.spec.segment_name(f"g{gid}"))
                 self._guest_segments[gid] = seg
-            table = self.tables[gid] = PageTable(gid, seg.buf, self.frames)
+            table = self.tables[gid] = PageTable(gid, _buf(seg), self.frames)
             table.notifier = self.notifier
         return table
 

@@ -64,7 +64,7 @@ class Fanout:
         self.targets = [s for s in range(mn.MAX_SHADOWS) if self.masks[s]]
 
     def live(self, slot: int) -> bool:
-        return self.v[self.bases[slot] + mn.S_STATE] == mn.SLOT_LIVE  # type: ignore[no-any-return]
+        return bool(self.v[self.bases[slot] + mn.S_STATE] == mn.SLOT_LIVE)
 
     def ring(self, slot: int) -> None:
         """Wake shadow ``slot`` if it sleeps."""

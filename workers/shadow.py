@@ -198,9 +198,9 @@ class Shadow:
             spte = self.sptes[gid] = np.zeros(pages, np.uint64)
             self.sgen[gid] = np.zeros(pages, np.uint32)
             self.accessed[gid] = np.zeros(pages, np.uint8)
-            self.spte_v[gid] = memoryview(spte).cast("B").cast("Q")
-            self.sgen_v[gid] = memoryview(self.sgen[gid]).cast("B").cast("I")
-            self.accessed_v[gid] = memoryview(self.accessed[gid])
+            self.spte_v[gid] = spte.data.cast("B").cast("Q")
+            self.sgen_v[gid] = self.sgen[gid].data.cast("B").cast("I")
+            self.accessed_v[gid] = self.accessed[gid].data
             self.mmu_seq.setdefault(gid, 0)
             self.in_progress.setdefault(gid, 0)
         return spte
@@ -231,7 +231,7 @@ class Shadow:
             if last != v[b + mn.S_ACKED]:
                 v[b + mn.S_ACKED] = last
                 self.frames.acknowledge(self.part, last)
-        return n  # type: ignore[no-any-return]
+        return int(n)
 
     def _count_lags(self, stamps: list[int]) -> None:
         now = time.monotonic_ns()
@@ -404,7 +404,7 @@ class Shadow:
             entry = pte | VALID
             self.sptes[gid][page] = entry
             self.sgen[gid][page] = gen
-            return entry  # type: ignore[no-any-return]
+            return int(entry)
 
     def catch_up(self, seq: int, timeout: float = 10.0) -> None:
         """Process callbacks until every event before ``seq`` has been seen.
@@ -432,7 +432,7 @@ class Shadow:
     def ring_pending(self) -> bool:
         """Is there anything to run or to acknowledge?"""
         v, b = self.v, self.base
-        return v[b + mn.S_HEAD] != v[b + mn.S_TAIL] or v[b + mn.S_THROUGH] != v[b + mn.S_ACKED]  # type: ignore[no-any-return]
+        return bool(v[b + mn.S_HEAD] != v[b + mn.S_TAIL] or v[b + mn.S_THROUGH] != v[b + mn.S_ACKED])
 
     def read_run(self, gid: int, start: int, end: int) -> None:
         """Read pages [start, end) of guest ``gid`` once each, running callbacks as they arrive."""
