@@ -289,10 +289,15 @@ class LiveView:
 @click.option("--seconds", type=float, default=20, show_default=True, callback=_positive,
               help="How long the guests run.")
 @click.option("--use-zero-pages", is_flag=True, help="Map empty pages to the zero page.")
+@click.option("--shadows", type=click.IntRange(0, 16), default=1, show_default=True,
+              help="Shadow workers (secondary MMUs) reading the guests' memory every second.")
+@click.option("--era", type=click.Choice(["2009", "2012", "2024", "interval"]), default="2024", show_default=True,
+              help="Notifier era: what the shadows are told when ksmd or a copy-on-write changes a PTE.")
 @click.option("--plot", default=None, metavar="FILE.png", help="Plot the counters over time (needs matplotlib).")
 @friendly
-def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool, plot: str | None) -> None:
-    """A host with VM-like guests under ksmd, live counters, then what merging saved."""
+def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool, shadows: int, era: str,
+         plot: str | None) -> None:
+    """A host with VM-like guests and shadow MMUs under ksmd, live counters, then what merging saved."""
     import time
 
     from workers.guest_vm import run_vm
@@ -307,16 +312,18 @@ def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool, plot: s
     total = guests * pages
     # A full scan every ~2 s at 20 ms per batch: merging is visible as it happens.
     pages_to_scan = max(100, total // 100)
-    click.echo(f"shmksm demo: {guests} guests x {memory} MiB ({total} pages), ksmd pages_to_scan {pages_to_scan}, "
-               f"sleep_millisecs 20, for {seconds:g} s")
+    click.echo(f"shmksm demo: {guests} guests x {memory} MiB ({total} pages), {shadows} shadow MMU(s), era {era}, "
+               f"ksmd pages_to_scan {pages_to_scan}, sleep_millisecs 20, for {seconds:g} s")
     with Machine(frames=total + 1 + total // 8, pages_to_scan=pages_to_scan, sleep_millisecs=20,
-                 use_zero_pages=int(use_zero_pages)) as machine:
+                 use_zero_pages=int(use_zero_pages), notifier_era=era) as machine:
         handles = [machine.add_guest(pages=pages) for _ in range(guests)]
+        mmus = [machine.add_shadow(handles) for _ in range(shadows)]
         workers = [machine.spawn(run_vm, g, i, seconds, name=f"vm{i}") for i, g in enumerate(handles)]
         machine.ksm.run = 1
         live = LiveView()
         t0 = time.monotonic()
         timeline = []
+        last_round = 0.0
         try:
             while True:
                 running = any(w.is_alive() for w in workers)
@@ -325,10 +332,15 @@ def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool, plot: s
                 live.show(time.monotonic() - t0, snap)
                 if not running:
                     break
+                if time.monotonic() - last_round >= 1.0:
+                    last_round = time.monotonic()
+                    for mmu in mmus:
+                        mmu.request_round()  # the vCPUs read all memory once a second
                 time.sleep(0.2)
         finally:
             live.close()
         results = [w.join() for w in workers]
+        shadow_stats = [mmu.stop() for mmu in mmus]
         if plot:
             from .plots import plot_timeline
 
@@ -347,6 +359,10 @@ def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool, plot: s
         mappings = c["pages_shared"] + c["pages_sharing"]
         click.echo(f"pages_shared      {c['pages_shared']} KSM pages stand for {mappings} mappings")
         click.echo(f"COW breaks        {machine.system.get('cow_ksm')} writes into KSM pages got a private copy")
+        if shadow_stats:
+            click.echo(f"shadow faults     {sum(r['faults'] for r in shadow_stats)} (emulated vmexits) in "
+                       f"{sum(r['reads'] for r in shadow_stats)} shadow reads; "
+                       f"{sum(r['updated_in_place'] for r in shadow_stats)} entries updated in place by change_pte")
         click.echo(f"full scans        {c['full_scans']}, guests wrote {sum(r['writes'] for r in results)} times, "
                    f"{sum(r['mismatches'] for r in results)} read-back mismatches")
         if any(r["mismatches"] for r in results):

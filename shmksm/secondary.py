@@ -77,6 +77,11 @@ class ShadowMMU:
         if self.alive:
             _wait(lambda: self._row[mn.S_ACKED] > seq or not self.alive, timeout, "unregister")
 
+    def request_round(self) -> None:
+        """Ask the worker (mode ``rounds``) to read every mirrored page once more; do not wait."""
+        self._row[mn.S_ROUND_REQ] += 1
+        self.machine.system.locks.shadow_bells[self.slot].release()
+
     def round(self, timeout: float = 60.0) -> dict[str, int]:
         """Read every mirrored page once; return the counters after the round."""
         before = self.stats()
