@@ -301,10 +301,10 @@ class GuestView:
         """prctl(PR_SET_MEMORY_MERGE): make every page mergeable, or stop and unmerge all."""
         with self.table.mm_lock:
             if enable:
-                self.table.header[H_MERGE_ANY] = 1
+                self.table.set_merge_any(True)
             else:
                 was = self.table.header[H_MERGE_ANY]
-                self.table.header[H_MERGE_ANY] = 0
+                self.table.set_merge_any(False)
                 if was:
                     unmerge_range(self.table, 0, self.pages)
                     self.table.set_mergeable_ranges([])

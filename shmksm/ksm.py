@@ -192,16 +192,12 @@ def replace_with_zero_page(table: PageTable, page: int, pfn: int) -> bool:
 
 
 @contextmanager
-def mergeable_vma(table: PageTable, page: int, check: bool = True) -> Iterator[bool]:
+def mergeable_vma(table: PageTable, page: int) -> Iterator[bool]:
     """Hold the guest's mm lock; yield whether ``page`` is still mergeable (find_mergeable_vma).
 
     The scanner picked the page under the mm lock, but merges later: a
     concurrent MADV_UNMERGEABLE (or the merge switch turned off) must win.
-    With ``check`` False (a merge by hand), no lock and always True.
     """
-    if not check:
-        yield True
-        return
     with table.mm_lock:
         yield table.is_mergeable(page)
 
@@ -209,8 +205,11 @@ def mergeable_vma(table: PageTable, page: int, check: bool = True) -> Iterator[b
 def try_to_merge_one_page(table: PageTable, page: int, pfn: int, kpfn: int, kgen: int,
                           check_vma: bool = False) -> bool:
     """replace_page under ``page``'s PTL (which it takes), and its mm lock with ``check_vma``."""
-    with mergeable_vma(table, page, check_vma) as mergeable:
-        if not mergeable:
+    mm = table.mm_lock if check_vma else None
+    if mm is not None:
+        mm.__enter__()
+    try:
+        if mm is not None and not table.is_mergeable(page):
             return False
         lock = table.ptl(page)
         lock.acquire()  # type: ignore[attr-defined]
@@ -218,6 +217,9 @@ def try_to_merge_one_page(table: PageTable, page: int, pfn: int, kpfn: int, kgen
             return replace_page(table, page, pfn, kpfn, kgen)
         finally:
             lock.release()  # type: ignore[attr-defined]
+    finally:
+        if mm is not None:
+            mm.__exit__()
 
 
 def try_to_merge_two_pages(a: PageTable, apage: int, apfn: int, b: PageTable, bpage: int, bpfn: int,
@@ -228,8 +230,11 @@ def try_to_merge_two_pages(a: PageTable, apage: int, apfn: int, b: PageTable, bp
     both.  If the second half fails, the first page's sharing is broken
     again, as the kernel's break_cow.
     """
-    with mergeable_vma(a, apage, check_vma) as mergeable:
-        if not mergeable:
+    mm = a.mm_lock if check_vma else None
+    if mm is not None:
+        mm.__enter__()
+    try:
+        if mm is not None and not a.is_mergeable(apage):
             return -1, -1
         lock = a.ptl(apage)
         lock.acquire()  # type: ignore[attr-defined]
@@ -237,13 +242,19 @@ def try_to_merge_two_pages(a: PageTable, apage: int, apfn: int, b: PageTable, bp
             kgen = make_ksm_page(a, apage, apfn)
         finally:
             lock.release()  # type: ignore[attr-defined]
+    finally:
+        if mm is not None:
+            mm.__exit__()
     if kgen < 0:
         return -1, -1
     if try_to_merge_one_page(b, bpage, bpfn, apfn, kgen, check_vma):
         return apfn, kgen
     from .guest import break_ksm, with_frames
 
-    with mergeable_vma(a, apage, check_vma):
+    if check_vma:
+        with a.mm_lock:
+            with_frames(break_ksm, a, apage)
+    else:
         with_frames(break_ksm, a, apage)
     return -1, -1
 

@@ -52,6 +52,7 @@ H_NRANGES: Final = 2
 H_RMAP_ITEMS: Final = 3  # ksm_stat, written by the scanner
 H_MERGING: Final = 4  # ksm_merging_pages, written by the scanner
 H_MM_OWNER: Final = 5  # pid of the holder of the guest's mm lock, 0 if none
+H_RANGES_GEN: Final = 6  # bumped by every change of the mergeable ranges or merge_any (mm lock held)
 H_RANGES: Final = 8
 MAX_RANGES: Final = (HEADER_WORDS - H_RANGES) // 2
 
@@ -123,6 +124,9 @@ class PageTable:
         locks = frames.locks
         self.ptl_table = locks.ptl  # type: ignore[attr-defined]
         self.mm_lock = MmLock(locks.mm[gid], self.header)  # type: ignore[attr-defined]
+        self._hv = self.header.data
+        self._ranges: list[tuple[int, int]] = []
+        self._ranges_gen = -1
         # ptl_index(gid, page) is (gid * 97 + (page >> 9)) % NPTL: precompute the base,
         # and the lock of every run of 512 PTEs, so that a hot path finds it with one index.
         self.ptl_base = gid * 97
@@ -132,7 +136,7 @@ class PageTable:
         self.notifier: Any = None
 
     def release_views(self) -> None:
-        for view in (self.pte_low, self.pte_high, self.pv, self.mm_lock.owner):
+        for view in (self.pte_low, self.pte_high, self.pv, self.mm_lock.owner, self._hv):
             view.release()
         del self.header, self.ptes
 
@@ -235,14 +239,25 @@ class PageTable:
     # -- mergeable ranges (the VMAs' VM_MERGEABLE), under the mm lock -------------
 
     def mergeable_ranges(self) -> list[tuple[int, int]]:
-        """The page ranges KSM may scan, sorted; merge_any means the whole guest."""
-        if self.header[H_MERGE_ANY]:
-            return [(0, self.pages)]
-        return self.stored_ranges()
+        """The page ranges KSM may scan, sorted; merge_any means the whole guest.
+
+        Cached per process, and read again only when the ranges' generation
+        word changed: the scanner asks before every merge.
+        """
+        gen = self._hv[H_RANGES_GEN]
+        if gen != self._ranges_gen:
+            ranges = [(0, self.pages)] if self._hv[H_MERGE_ANY] else self.stored_ranges()
+            self._ranges, self._ranges_gen = ranges, gen
+        return self._ranges
 
     def is_mergeable(self, page: int) -> bool:
         """Is ``page`` in a mergeable range?  (mm lock held: the VMA's VM_MERGEABLE)"""
         return any(start <= page < end for start, end in self.mergeable_ranges())
+
+    def set_merge_any(self, enable: bool) -> None:
+        """Set the whole-guest merge switch.  mm lock held."""
+        self._hv[H_MERGE_ANY] = int(enable)
+        self._hv[H_RANGES_GEN] += 1
 
     def stored_ranges(self) -> list[tuple[int, int]]:
         """The ranges madvise(MADV_MERGEABLE) marked, whatever merge_any says."""
@@ -260,6 +275,7 @@ class PageTable:
             h[H_RANGES + 2 * i] = start
             h[H_RANGES + 2 * i + 1] = end
         h[H_NRANGES] = len(ranges)
+        h[H_RANGES_GEN] += 1
 
 
 

@@ -520,7 +520,8 @@ class Scanner:
             table = slot.table
             with table.mm_lock:  # merge only what is still mergeable (find_mergeable_vma)
                 ranges = table.mergeable_ranges()
-                group = [k for k in group if any(a <= pages[k] < b for a, b in ranges)]
+                if ranges != [(0, table.pages)]:
+                    group = [k for k in group if table.is_mergeable(pages[k])]
                 merged = ksm.replace_pages(table, [pages[k] for k in group], [pfns[k] for k in group],
                                            st.kpfn_v[nid], st.kgen_v[nid])
             for k, ok in zip(group, merged, strict=True):
