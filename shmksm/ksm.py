@@ -124,6 +124,8 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int], kpfn: int
     frames = table.frames
     flat, mc, fl, pv = frames.flat, frames.mc, frames.fl, table.pv
     notifier, gid = table.notifier, table.gid
+    # The notifier records of a run go out together, still under its PTL.
+    watched = notifier is not None and notifier.active(gid)
     klock = frames.frame_lock(kpfn)
     merged = [False] * len(pages)
     kbytes = b""
@@ -134,6 +136,7 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int], kpfn: int
         while j < n and pages[j] >> 9 == run:
             j += 1
         dropped: list[int] = []
+        records: list[tuple[int, int, int]] = []
         lock = table.ptl(pages[i])
         lock.acquire()  # type: ignore[attr-defined]
         try:
@@ -146,8 +149,8 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int], kpfn: int
                 if pte & WRITE:
                     pte &= _NOT_WRITE
                     pv[page] = pte
-                    if notifier is not None:
-                        notifier.change_pte(gid, page, pte)
+                    if watched:
+                        records.extend(notifier.change_records(page, pte))
                 protected.append((k, pte))
             if protected:
                 same = []
@@ -167,11 +170,13 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int], kpfn: int
                 for k, pte in same:
                     new = kpfn | _KSM_PRESENT | (pte & _DIRTY_YOUNG)
                     pv[pages[k]] = new
-                    if notifier is not None:
-                        notifier.change_pte(gid, pages[k], new)
+                    if watched:
+                        records.extend(notifier.change_records(pages[k], new))
                     merged[k] = True
                     dropped.append(pfns[k])
         finally:
+            if records:
+                notifier.emit_many(records, gid)
             lock.release()  # type: ignore[attr-defined]
             if dropped:
                 frames.drop_private(dropped)

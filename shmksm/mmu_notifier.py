@@ -220,6 +220,17 @@ class Notifier:
         else:
             self.emit(INVALIDATE, gid, page, page + 1)
 
+    def change_records(self, page: int, pte: int) -> tuple[tuple[int, int, int], ...]:
+        """The records change_pte(page, pte) appends in the selected era, for emit_many."""
+        era = self.cv[self.era_index]
+        if era == 0:
+            return ((CHANGE_PTE, page, pte),)
+        if era == 1:
+            return ((RANGE_START, page, page + 1), (CHANGE_PTE, page, pte), (RANGE_END, page, page + 1))
+        if era == 2:
+            return ((RANGE_START, page, page + 1), (RANGE_END, page, page + 1))
+        return ((INVALIDATE, page, page + 1),)
+
     def invalidate_range(self, gid: int, start: int, end: int) -> None:
         """invalidate_range_start + end around a zap, an unmerge, a munmap."""
         if not self.nreg[gid]:
