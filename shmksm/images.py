@@ -12,6 +12,7 @@ PT_LOAD segments are the memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -160,6 +161,9 @@ def iter_chunks(paths: Iterable[str], chunk_pages: int = _CHUNK_PAGES) -> Iterab
                 left = length
                 while left > 0:
                     want = min(left, chunk_pages * PAGE_SIZE)
+                    # Ask the kernel to read the next chunks while this one is hashed.
+                    with contextlib.suppress(OSError, AttributeError):
+                        os.posix_fadvise(f.fileno(), f.tell() + want, 4 * want, os.POSIX_FADV_WILLNEED)
                     data = f.read(want)
                     if len(data) < want:
                         raise ImageError(f"image {path!r}: truncated while reading")
