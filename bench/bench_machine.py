@@ -40,6 +40,7 @@ from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
+from report import Row, print_table
 
 import shmksm
 from shmksm import frames as frames_mod
@@ -49,20 +50,6 @@ from shmksm.pagetable import PFN_MASK
 PAGE = shmksm.PAGE_SIZE
 HOT_PAGES = 64  # pages cycled through by the write loops: 256 KiB, cache-resident on both sides
 KERNEL_COW_KSM_US = 3.0  # the real kernel's copy-on-write of a KSM page on this machine kind
-
-
-@dataclass
-class Row:
-    """One line of the report."""
-
-    key: str
-    what: str
-    value: float
-    unit: str
-    baseline: float | None = None
-    target: str = ""
-    met: bool | None = None
-    note: str = ""
 
 
 @dataclass
@@ -463,16 +450,6 @@ def bench_bring_up(s: Settings) -> list[Row]:
 # -- report -------------------------------------------------------------------------------------------------
 
 
-def _fmt(value: float, unit: str) -> str:
-    if unit == "x":
-        return f"{value:.2f}x"
-    if unit == "s":
-        return f"{value:.3f} s"
-    if unit == "us":
-        return f"{value:.2f} us"
-    return f"{value:.2f} {unit}"
-
-
 def _cpu_clock() -> tuple[float, float, float]:
     """(wall seconds, CPU seconds busy on the whole machine, CPU seconds of this process and its children)."""
     with open("/proc/stat") as f:
@@ -487,14 +464,6 @@ def _others_share(start: tuple[float, float, float], end: tuple[float, float, fl
     wall = end[0] - start[0]
     others = (end[1] - start[1]) - (end[2] - start[2]) - sum(_workers_cpu)
     return max(0.0, others) / (wall * (os.cpu_count() or 1))
-
-
-def print_table(rows: list[Row]) -> None:
-    w = max(len(r.what) for r in rows)
-    print(f"{'':10} {'measure':{w}}  {'value':>10}  {'target':>9}  ok  detail")
-    for r in rows:
-        ok = "" if r.met is None else ("yes" if r.met else "NO")
-        print(f"{r.key:10} {r.what:{w}}  {_fmt(r.value, r.unit):>10}  {r.target:>9}  {ok:3} {r.note}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from report import Row, print_table
 
 import shmksm
 from shmksm import mmu_notifier as mn
@@ -61,20 +62,6 @@ from shmksm.system import System
 
 GUEST_PAGES = 4096  # pages of the guest whose records the producers emit
 _POLL = 0.00005
-
-
-@dataclass
-class Row:
-    """One line of the report."""
-
-    key: str
-    what: str
-    value: float
-    unit: str
-    baseline: float | None = None
-    target: str = ""
-    met: bool | None = None
-    note: str = ""
 
 
 @dataclass
@@ -91,11 +78,11 @@ class Settings:
 # -- the notifier side -------------------------------------------------------------------------------
 
 
-def emit_many(system: System, kind: int, gid: int, a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> int:
+def emit_array(system: System, kind: int, gid: int, a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> int:
     """Append ``len(a)`` records of one kind and guest with one numpy write; return the first sequence number.
 
-    The batched producer call proposed for ``Notifier`` (shmksm/mmu_notifier.py,
-    as ``emit_many``), written here against the documented ring layout: takes
+    A producer of records by the thousand (Notifier.emit_many takes a call
+    site's few records as tuples), written against the documented ring layout: takes
     the notify lock, waits (without it) while the ring lacks room, writes the
     records with one time stamp, then publishes the head and rings a sleeping
     broker once, as emit_locked does for one record.
@@ -136,7 +123,7 @@ def emit_many(system: System, kind: int, gid: int, a: npt.NDArray[np.int64], b: 
 def produce(system: System, gid: int, slot: int, count: int, batch: int, many: bool = False) -> tuple[int, int]:
     """Producer process: emit ``count`` CHANGE_PTE records of guest ``gid``, ``batch`` per lock hold.
 
-    ``many``: each batch with :func:`emit_many` instead of emit_locked per record.
+    ``many``: each batch with :func:`emit_array` instead of emit_locked per record.
     Returns (first emit, shadow ``slot`` has run them all) in time.monotonic_ns().
     """
     notifier = system.notifier
@@ -153,7 +140,7 @@ def produce(system: System, gid: int, slot: int, count: int, batch: int, many: b
         zeros = np.zeros(batch, np.int64)
         for first in range(0, count, batch):
             k = min(batch, count - first)
-            emit_many(system, mn.CHANGE_PTE, gid, np.arange(first, first + k, dtype=np.int64) % pages, zeros[:k])
+            emit_array(system, mn.CHANGE_PTE, gid, np.arange(first, first + k, dtype=np.int64) % pages, zeros[:k])
     else:
         lock, emit_locked = system.locks.notify, notifier.emit_locked
         for first in range(0, count, batch):
@@ -260,7 +247,7 @@ def bench_delivery(s: Settings, ctx: BaseContext) -> tuple[list[Row], list[Row]]
             ratio >= 5.0, f"{one:,.0f} vs {q:,.0f} msg/s; {s.messages:,} msgs, median of {len(single)}"),
         Row("b", f"notifier delivery, {s.batch} records per notify-lock hold", many, "msg/s", q,
             ">= 500k/s", many >= 500_000, f"{many / q:.1f}x the queue; median of {len(batched)}"),
-        Row("b.many", f"the same, {s.batch} records per numpy write (emit_many, proposed)", fused, "msg/s", q,
+        Row("b.many", f"the same, {s.batch} records per numpy write (a numpy batch producer)", fused, "msg/s", q,
             ">= 500k/s", fused >= 500_000, f"{fused / q:.1f}x the queue; median of {len(numpy_batched)}"),
     ]
     lag = [Row(f"d.{k}", f"lag while saturated by {k} (queueing: a detail)", summaries[k]["lag_p99_us"], "us",
@@ -362,22 +349,6 @@ def bench_merge(s: Settings, ctx: BaseContext) -> list[Row]:
 
 
 # -- report -------------------------------------------------------------------------------------------------
-
-
-def _fmt(value: float, unit: str) -> str:
-    if unit == "x":
-        return f"{value:.2f}x"
-    if unit == "msg/s":
-        return f"{value:,.0f}/s"
-    return f"{value:,.1f} {unit}"
-
-
-def print_table(rows: list[Row]) -> None:
-    w = max(len(r.what) for r in rows)
-    print(f"{'':8} {'measure':{w}}  {'value':>12}  {'target':>10}  ok   detail")
-    for r in rows:
-        ok = "" if r.met is None else ("yes" if r.met else "NO")
-        print(f"{r.key:8} {r.what:{w}}  {_fmt(r.value, r.unit):>12}  {r.target:>10}  {ok:4} {r.note}")
 
 
 def main(argv: list[str] | None = None) -> int:

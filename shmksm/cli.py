@@ -73,6 +73,14 @@ def _check_size(guests: int, pages: int) -> None:
                                f"/dev/shm has {free / 2**30:.1f} GiB free")
 
 
+def _write_json(out: Any, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to an output from _open_output, and close it unless stdout."""
+    json.dump(obj, out, indent=1)
+    out.write("\n")
+    if out is not sys.stdout:
+        out.close()
+
+
 def _open_output(path: str) -> Any:
     if path == "-":
         return sys.stdout
@@ -159,14 +167,12 @@ def run(images: tuple[str, ...], scenario: str | None, guests: int, pages_to_sca
     if scenario:
         report["scenario"] = scenario
     json_file, csv_file = outputs
-    if json_file is not None:
-        json.dump(report, json_file, indent=1)
-        json_file.write("\n")
     if csv_file is not None:
         write_timeline_csv(report["timeline"], csv_file)
-    for f in outputs:
-        if f is not None and f is not sys.stdout:
-            f.close()
+        if csv_file is not sys.stdout:
+            csv_file.close()
+    if json_file is not None:
+        _write_json(json_file, report)
     if plot:
         from .plots import plot_timeline
 
@@ -237,10 +243,7 @@ def estimate(images: tuple[str, ...], max_page_sharing: int, scheduler: str | No
     result = {**best.as_dict(), "images": list(images), "seconds": round(seconds, 3),
               "bytes_per_second": round(total * 4096 / max(seconds, 1e-9)), "peak_rss_kb": peak_kb}
     if out is not None:
-        json.dump(result, out, indent=1)
-        out.write("\n")
-        if out is not sys.stdout:
-            out.close()
+        _write_json(out, result)
         return
     saved = best.pages_sharing
     click.echo(f"pages {best.pages}, distinct {best.distinct}, zero {best.zero_pages}")
@@ -412,10 +415,7 @@ def experiment_notifier(guests: int, pages: int, shadows: int, eras: tuple[str, 
 
         plot_eras(result, plot)
     if out is not None:
-        json.dump(result, out, indent=1)
-        out.write("\n")
-        if out is not sys.stdout:
-            out.close()
+        _write_json(out, result)
         return
     click.echo(f"\n{'era':<10}{'faults':>8}{'merge':>8}{'cow':>8}{'avoided':>9}{'in place':>10}"
                f"{'messages':>10}{'broker msg/s':>14}{'lag p99 us':>12}{'lag max us':>12}")
@@ -577,10 +577,7 @@ def experiment_sweep(knob: str, values: list[int], runs: int, scenario: str, gue
 
         plot_sweep(result, plot)
     if out is not None:
-        json.dump(result, out, indent=1)
-        out.write("\n")
-        if out is not sys.stdout:
-            out.close()
+        _write_json(out, result)
         return
     click.echo(f"{knob:>18}{'converged s':>14}{'ksmd CPU s':>13}{'saved MiB':>12}{'full scans':>12}")
     for p in result["points"]:
