@@ -554,7 +554,8 @@ class Scanner:
                 kpfn, kgen = ksm.try_to_merge_two_pages(table, page, pfn, tree_slot.table, tree_page, tree_pfn,
                                                         check_vma=True)
                 if kpfn >= 0:
-                    self.unstable.delete(key)
+                    # The tree's entry stays: its item is not UNSTABLE any more, so a
+                    # lookup takes it for stale, and the content is on the stable tree now.
                     self.pages_unshared -= 1
                     tree_slot.state_v[tree_page] = ITEM
                     nid = st.new_node(key, kpfn, kgen)
