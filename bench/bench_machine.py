@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -40,7 +39,7 @@ from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
-from report import Row, print_table
+from report import Row, exit_code, print_table, write_json
 
 import shmksm
 from shmksm import frames as frames_mod
@@ -501,13 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),
                "others_cpu_share": other, "settings": asdict(s), "rows": [asdict(r) for r in rows]}
-        text = json.dumps(doc, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-    return 0 if all(r.met is not False for r in rows) else 1
+        write_json(args.json, doc)
+    return exit_code(rows)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ Run: ``python bench/bench_notifier.py [--quick] [--json FILE] [--only abcd]``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -52,7 +51,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from report import Row, print_table
+from report import Row, exit_code, print_table, write_json
 
 import shmksm
 from shmksm import mmu_notifier as mn
@@ -392,13 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),
                "load_average": load, "settings": asdict(s), "rows": [asdict(r) for r in rows]}
-        text = json.dumps(doc, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-    return 0 if all(r.met is not False for r in rows) else 1
+        write_json(args.json, doc)
+    return exit_code(rows)
 
 
 if __name__ == "__main__":

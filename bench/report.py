@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -40,3 +42,18 @@ def print_table(rows: list[Row]) -> None:
     for r in rows:
         ok = "" if r.met is None else ("yes" if r.met else "NO")
         print(f"{r.key:{kw}} {r.what:{w}}  {fmt(r.value, r.unit):>12}  {r.target:>10}  {ok:4} {r.note}")
+
+
+def write_json(path: str, doc: dict[str, Any]) -> None:
+    """Write a benchmark's document as JSON to ``path`` ('-': stdout)."""
+    text = json.dumps(doc, indent=2)
+    if path == "-":
+        print(text)
+    else:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
+def exit_code(rows: list[Row]) -> int:
+    """0 if every target was met, 1 otherwise."""
+    return 0 if all(r.met is not False for r in rows) else 1

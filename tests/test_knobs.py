@@ -7,7 +7,8 @@ import time
 from typing import Any
 
 import pytest
-from test_scanner_selftests import FAST, fill, merged_machine, wait_for
+from conftest import wait_until
+from test_scanner_selftests import FAST, fill, merged_machine
 
 import shmksm
 from shmksm import control
@@ -150,7 +151,7 @@ def test_max_page_sharing_is_busy_while_pages_are_shared() -> None:
 
         # After run=2 nothing is shared: the knob can change, and ksmd merges with the new cap.
         machine.ksm.run = 2
-        wait_for(lambda: machine.ksm.pages_shared == 0 and machine.ksm.pages_sharing == 0, 10, "run=2")
+        wait_until(lambda: machine.ksm.pages_shared == 0 and machine.ksm.pages_sharing == 0, 10, "run=2")
         machine.ksm.max_page_sharing = 3
         machine.ksm.run = 1
         machine.wait_full_scans(2)
@@ -223,7 +224,7 @@ def test_use_zero_pages_takes_effect_while_ksmd_runs() -> None:
         c = machine.ksm.counters()
         assert (c["pages_shared"], c["pages_sharing"], c["ksm_zero_pages"]) == (1, 15, 0)
         machine.ksm.run = 2
-        wait_for(lambda: machine.ksm.pages_sharing == 0, 10, "run=2")
+        wait_until(lambda: machine.ksm.pages_sharing == 0, 10, "run=2")
         machine.ksm.use_zero_pages = 1
         machine.ksm.run = 1
         machine.wait_full_scans(2)

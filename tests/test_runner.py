@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_scanner_selftests import wait_for
+from conftest import wait_until
 
 import shmksm
 import shmksm.runner
@@ -126,7 +126,7 @@ class KsmdFirst(shmksm.Machine):
     def add_guest(self, pages: int) -> shmksm.Guest:
         ksmd = self.ksmd
         assert ksmd is not None
-        wait_for(lambda: self.system.get("scanner_pid") == ksmd.pid, 30, "ksmd to start")
+        wait_until(lambda: self.system.get("scanner_pid") == ksmd.pid, 30, "ksmd to start")
         return super().add_guest(pages)
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from conftest import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_scanner_selftests import (
@@ -26,7 +27,6 @@ from test_scanner_selftests import (
     resume,
     selftest_expectation,
     start_ksmd,
-    wait_for,
 )
 
 import shmksm
@@ -277,13 +277,13 @@ def test_ksmd_killed_while_merging_then_restarted() -> None:
             w.join(60)
         start_ksmd(machine)
         machine.ksm.run = 1
-        wait_for(lambda: machine.ksm.pages_sharing >= want[1] // 4, 60, "ksmd to start merging")
+        wait_until(lambda: machine.ksm.pages_sharing >= want[1] // 4, 60, "ksmd to start merging")
         ksmd = machine.ksmd
         assert ksmd is not None
         ksmd.kill()
         at_kill = machine.ksm.counters()
         assert at_kill["pages_sharing"] < want[1], "killed before it was done"
-        wait_for(lambda: any(d.pid == ksmd.pid for d in machine.deaths), 30, "the host to record ksmd's death")
+        wait_until(lambda: any(d.pid == ksmd.pid for d in machine.deaths), 30, "the host to record ksmd's death")
         death = next(d for d in machine.deaths if d.pid == ksmd.pid)
         assert (death.name, death.signal, death.guest) == ("ksmd", signal.SIGKILL, None)
         machine.check()
@@ -291,7 +291,7 @@ def test_ksmd_killed_while_merging_then_restarted() -> None:
             assert_data(g, keys)
 
         machine.start_ksmd()
-        wait_for(lambda: (machine.ksm.pages_shared, machine.ksm.pages_sharing) == want, 60,
+        wait_until(lambda: (machine.ksm.pages_shared, machine.ksm.pages_sharing) == want, 60,
                  f"the new ksmd to reach {want}")
         machine.wait_full_scans(2)
         c = machine.ksm.counters()

@@ -13,12 +13,12 @@ test_runner.py too.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import cache
 
 import numpy as np
 import pytest
+from conftest import wait_until
 
 import shmksm
 from shmksm import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE
@@ -81,17 +81,6 @@ def selftest_expectation(n: int, m: int) -> tuple[int, int]:
     return shared, n - shared
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` with growing delays; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    delay = 0.002
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(delay)
-        delay = min(2 * delay, 0.05)
-
-
 def distinct_frames(machine: shmksm.Machine, guests: Sequence[shmksm.Guest]) -> None:
     """Assert that no two present, non-zero-page pages of ``guests`` map one frame, and none is KSM."""
     pfns = []
@@ -120,7 +109,7 @@ def start_ksmd(machine: shmksm.Machine) -> None:
     full scans start it once their guests are ready.
     """
     ksmd = machine.start_ksmd()
-    wait_for(lambda: machine.system.get("scanner_pid") == ksmd.pid, 30, "ksmd to start")
+    wait_until(lambda: machine.system.get("scanner_pid") == ksmd.pid, 30, "ksmd to start")
 
 
 def pause(machine: shmksm.Machine) -> None:
@@ -299,7 +288,7 @@ def test_unmerge_leaves_no_shared_frame(how: str) -> None:
         assert (c["pages_shared"], c["pages_sharing"]) == (3 + 24, 79 + 39 + 15 + 24), c
         if how == "run2":
             machine.ksm.run = 2
-            wait_for(lambda: machine.ksm.pages_shared == 0 and machine.ksm.pages_sharing == 0, 10,
+            wait_until(lambda: machine.ksm.pages_shared == 0 and machine.ksm.pages_sharing == 0, 10,
                      "run=2 to unmerge everything")
         else:
             pause(machine)
@@ -333,7 +322,7 @@ def test_run2_then_run1_merges_again() -> None:
     with machine:
         assert machine.ksm.pages_sharing == 15
         machine.ksm.run = 2
-        wait_for(lambda: machine.ksm.pages_sharing == 0, 10, "run=2 to unmerge")
+        wait_until(lambda: machine.ksm.pages_sharing == 0, 10, "run=2 to unmerge")
         distinct_frames(machine, guests)
         machine.ksm.run = 1
         machine.wait_full_scans(2)
