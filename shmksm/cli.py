@@ -96,13 +96,6 @@ def main() -> None:
     """shmksm: Linux KSM and MMU notifiers, emulated with real processes and real shared memory."""
 
 
-def _scenario_help() -> str:
-    from .images import MIXES
-
-    return "; ".join(f"{name}: {m.common} common, {m.zero} zero, {m.unique} unique, {m.intra} intra pages per guest"
-                     for name, m in MIXES.items())
-
-
 @main.command()
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
               help="Memory image: a raw file of 4096-byte pages or an ELF core file; one guest per image. Repeatable.")
@@ -139,6 +132,11 @@ def run(images: tuple[str, ...], scenario: str | None, guests: int, pages_to_sca
 
     The report has the same keys as the kernel-side runner's
     (bench/kernel_ksm.py), so the two compare key by key.
+
+    Scenarios, one image per guest (shmksm.images.MIXES): default (common
+    pages across guests, zero pages, unique pages, duplicates within a
+    guest); zero-heavy (mostly zero pages); mostly-unique (little to merge);
+    one-content (every page alike: stable node chains).
     """
     import tempfile
 

@@ -228,10 +228,6 @@ class PageTable:
 
     # -- secondary MMUs ------------------------------------------------------------
 
-    def _notify_change(self, page: int, pte: int) -> None:
-        if self.notifier is not None:
-            self.notifier.change_pte(self.gid, page, pte)
-
     def _notify_invalidate(self, page: int) -> None:
         if self.notifier is not None:
             self.notifier.invalidate_range(self.gid, page, page + 1)
