@@ -89,9 +89,23 @@ _PFN: Final = np.uint64(PFN_MASK)
 _CHUNK: Final = 1 << 16
 
 
+def _skip_age_scalar(age: int) -> int:
+    """The kernel's skip_age: scans to skip a page that failed to merge ``age`` times."""
+    if age <= 3:
+        return 1
+    if age <= 5:
+        return 2
+    if age <= 8:
+        return 4
+    return 8
+
+
+_SKIP_AGE: Final = np.array([_skip_age_scalar(a) for a in range(256)], np.uint8)
+
+
 def skip_age(age: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
-    """How many scans to skip a page that failed to merge ``age`` times (the kernel's skip_age)."""
-    return np.select([age <= 3, age <= 5, age <= 8], [1, 2, 4], 8).astype(np.uint8)
+    """skip_age for an array of ages (a table lookup)."""
+    return _SKIP_AGE[age]
 
 
 class MmSlot:
