@@ -111,24 +111,25 @@ def replace_page(table: PageTable, page: int, pfn: int, kpfn: int, kgen: int) ->
     return True
 
 
-def replace_pages(table: PageTable, pages: list[int], pfns: list[int], kpfn: int, kgen: int) -> list[bool]:
-    """replace_page for several pages of one guest into one KSM page; which ones merged.
+def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
+                  kpfns: list[int], kgens: list[int]) -> list[bool]:
+    """replace_page for several pages of one guest, page k into KSM page (kpfns[k], kgens[k]).
 
-    ``pages`` ascend.  The same steps as :func:`replace_page` for every page
-    (write_protect_page inlined), with the locks amortized: each run of pages
-    under one page-table lock is done in one critical section, and the KSM
-    page is read once.  The old frames were mapped only by the PTEs just
-    replaced (checked under the PTL), so nobody else can reach their
-    mapcounts: they are dropped together under one allocator lock.
+    Returns which ones merged.  ``pages`` ascend.  The same steps as
+    :func:`replace_page` for every page (write_protect_page inlined), with
+    the locks amortized: each run of pages under one page-table lock is done
+    in one critical section, and each KSM page is read once.  The old frames
+    were mapped only by the PTEs just replaced (checked under the PTL), so
+    nobody else can reach their mapcounts: they are dropped together under
+    one allocator lock.
     """
     frames = table.frames
-    flat, mc, fl, pv = frames.flat, frames.mc, frames.fl, table.pv
+    flat, mc, fl, gn, pv = frames.flat, frames.mc, frames.fl, frames.gn, table.pv
     notifier, gid = table.notifier, table.gid
     # The notifier records of a run go out together, still under its PTL.
     watched = notifier is not None and notifier.active(gid)
-    klock = frames.frame_lock(kpfn)
     merged = [False] * len(pages)
-    kbytes = b""
+    kbytes: dict[int, bytes] = {}
     i, n = 0, len(pages)
     while i < n:
         run = pages[i] >> 9
@@ -140,9 +141,8 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int], kpfn: int
         lock = table.ptl(pages[i])
         lock.acquire()  # type: ignore[attr-defined]
         try:
-            protected = []
             for k in range(i, j):
-                page, pfn = pages[k], pfns[k]
+                page, pfn, kpfn = pages[k], pfns[k], kpfns[k]
                 pte = pv[page]
                 if pte & _MERGEABLE_MASK != PRESENT or pte & PFN_MASK != pfn or mc[pfn] != 1 or fl[pfn] & FRAME_KSM:
                     continue
@@ -151,29 +151,25 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int], kpfn: int
                     pv[page] = pte
                     if watched:
                         records.extend(notifier.change_records(page, pte))
-                protected.append((k, pte))
-            if protected:
-                same = []
+                klock = frames.frame_lock(kpfn)
                 klock.acquire()  # type: ignore[attr-defined]
                 try:
-                    if frames.gn[kpfn] != kgen or not fl[kpfn] & FRAME_KSM or mc[kpfn] <= 0:
-                        return merged
-                    if not kbytes:
-                        kbytes = bytes(flat[kpfn << 12:(kpfn + 1) << 12])
-                    for k, pte in protected:
-                        pfn = pfns[k]
-                        if bytes(flat[pfn << 12:(pfn + 1) << 12]) == kbytes:
-                            same.append((k, pte))
-                    mc[kpfn] += len(same)
+                    if gn[kpfn] != kgens[k] or not fl[kpfn] & FRAME_KSM or mc[kpfn] <= 0:
+                        continue
+                    kb = kbytes.get(kpfn)
+                    if kb is None:
+                        kb = kbytes[kpfn] = bytes(flat[kpfn << 12:(kpfn + 1) << 12])
+                    if bytes(flat[pfn << 12:(pfn + 1) << 12]) != kb:
+                        continue
+                    mc[kpfn] += 1
                 finally:
                     klock.release()  # type: ignore[attr-defined]
-                for k, pte in same:
-                    new = kpfn | _KSM_PRESENT | (pte & _DIRTY_YOUNG)
-                    pv[pages[k]] = new
-                    if watched:
-                        records.extend(notifier.change_records(pages[k], new))
-                    merged[k] = True
-                    dropped.append(pfns[k])
+                new = kpfn | _KSM_PRESENT | (pte & _DIRTY_YOUNG)
+                pv[page] = new
+                if watched:
+                    records.extend(notifier.change_records(page, new))
+                merged[k] = True
+                dropped.append(pfn)
         finally:
             if records:
                 notifier.emit_many(records, gid)

@@ -510,8 +510,10 @@ class Scanner:
 
     def _merge_slow(self, slot: MmSlot, pages: list[int], pfns: list[int], keys: list[int],
                     use_zero: int, max_sharing: int) -> None:
-        """cmp_and_merge_page for each page, in order; pages of one content that hit a
-        stable dup with room are merged into it together (ksm.replace_pages)."""
+        """cmp_and_merge_page for each page, in order; pages that hit a stable dup with room
+        are merged into it together (ksm.replace_pages): the pages of one content as
+        soon as the first is met, those alone with their content at the end of the batch
+        (nothing else in the batch can change their dup)."""
         st = self.stable
         # Indices of each content, in order; a page is done once its content's
         # cursor has passed it.
@@ -519,6 +521,7 @@ class Scanner:
         for i, key in enumerate(keys):
             same_key.setdefault(key, []).append(i)
         cursor = dict.fromkeys(same_key, 0)
+        alone: list[tuple[int, int]] = []  # (index, node) of pages alone with their content
         for i, key in enumerate(keys):
             at = cursor[key]
             indices = same_key[key]
@@ -529,18 +532,30 @@ class Scanner:
                 cursor[key] = at + 1
                 self.cmp_and_merge_page(slot, pages[i], pfns[i], key, use_zero, max_sharing)
                 continue
+            if len(indices) == 1:
+                cursor[key] = 1
+                alone.append((i, nid))
+                continue
             group = indices[at:at + max_sharing - st.count_v[nid]]
             cursor[key] = at + len(group)
-            table = slot.table
-            with table.mm_lock:  # merge only what is still mergeable (find_mergeable_vma)
-                ranges = table.mergeable_ranges()
-                if ranges != [(0, table.pages)]:
-                    group = [k for k in group if table.is_mergeable(pages[k])]
-                merged = ksm.replace_pages(table, [pages[k] for k in group], [pfns[k] for k in group],
-                                           st.kpfn_v[nid], st.kgen_v[nid])
-            for k, ok in zip(group, merged, strict=True):
-                if ok:
-                    self._append(slot, pages[k], nid)
+            self._merge_into_stable(slot, pages, pfns, group, [nid] * len(group))
+        if alone:
+            self._merge_into_stable(slot, pages, pfns, [i for i, _ in alone], [nid for _, nid in alone])
+
+    def _merge_into_stable(self, slot: MmSlot, pages: list[int], pfns: list[int], which: list[int],
+                           nids: list[int]) -> None:
+        """Merge pages[which[k]] into the KSM page of node nids[k]; append those that merged."""
+        st = self.stable
+        table = slot.table
+        with table.mm_lock:  # merge only what is still mergeable (find_mergeable_vma)
+            if table.mergeable_ranges() != [(0, table.pages)]:
+                keep = [k for k in range(len(which)) if table.is_mergeable(pages[which[k]])]
+                which, nids = [which[k] for k in keep], [nids[k] for k in keep]
+            merged = ksm.replace_pages(table, [pages[i] for i in which], [pfns[i] for i in which],
+                                       [st.kpfn_v[nid] for nid in nids], [st.kgen_v[nid] for nid in nids])
+        for i, nid, ok in zip(which, nids, merged, strict=True):
+            if ok:
+                self._append(slot, pages[i], nid)
 
     def cmp_and_merge_page(self, slot: MmSlot, page: int, pfn: int, key: int, use_zero: int, max_sharing: int) -> None:
         """The checksum of ``page`` is unchanged since the last visit: try to merge it."""
