@@ -60,7 +60,7 @@ import xxhash
 from . import ksm
 from .frames import KSM as FRAME_KSM
 from .frames import PAGE_SIZE
-from .guest import unmerge_range
+from .guest import break_ksm, unmerge_range, with_frames
 from .keytable import KeyTable
 from .pagetable import H_MERGING, H_RMAP_ITEMS, KSM, PFN_MASK, PRESENT, UNMAPPED, ZERO, PageTable
 from .system import System
@@ -522,6 +522,7 @@ class Scanner:
             same_key.setdefault(key, []).append(i)
         cursor = dict.fromkeys(same_key, 0)
         alone: list[tuple[int, int]] = []  # (index, node) of pages alone with their content
+        pairs: list[tuple[int, int, int, MmSlot, int, int]] = []
         for i, key in enumerate(keys):
             at = cursor[key]
             indices = same_key[key]
@@ -530,7 +531,14 @@ class Scanner:
             nid = -1 if use_zero and key == ZERO_CHECKSUM else self._stable_dup(key, max_sharing)
             if nid < 0:
                 cursor[key] = at + 1
-                self.cmp_and_merge_page(slot, pages[i], pfns[i], key, use_zero, max_sharing)
+                # Alone in the batch with a partner on the unstable tree: paired with
+                # the batch's other pairs at its end (no other page here has the content).
+                alone_here = len(indices) == 1 and not (use_zero and key == ZERO_CHECKSUM)
+                partner = self._unstable_partner(key, pfns[i]) if alone_here else None
+                if partner is not None:
+                    pairs.append((pages[i], pfns[i], key, *partner))
+                else:
+                    self.cmp_and_merge_page(slot, pages[i], pfns[i], key, use_zero, max_sharing)
                 continue
             if len(indices) == 1:
                 cursor[key] = 1
@@ -541,6 +549,68 @@ class Scanner:
             self._merge_into_stable(slot, pages, pfns, group, [nid] * len(group))
         if alone:
             self._merge_into_stable(slot, pages, pfns, [i for i, _ in alone], [nid for _, nid in alone])
+        if pairs:
+            self._merge_pairs(slot, pairs)
+
+    def _unstable_partner(self, key: int, pfn: int) -> tuple[MmSlot, int, int] | None:
+        """The unstable tree's page for ``key``, if it can pair with frame ``pfn``: (slot, page, pfn)."""
+        ref = self.unstable.get(key)
+        if ref < 0:
+            return None
+        tree_slot = self.by_gid.get(ref >> REF_SHIFT)
+        tree_page = ref & REF_PAGE_MASK
+        if tree_slot is None or tree_slot.state_v[tree_page] != UNSTABLE:
+            return None
+        tree_pte = tree_slot.table.pv[tree_page]
+        tree_pfn = tree_pte & PFN_MASK
+        if tree_pte & (PRESENT | ZERO | UNMAPPED | KSM) != PRESENT or tree_pfn == pfn:
+            return None
+        return tree_slot, tree_page, tree_pfn
+
+    def _merge_pairs(self, slot: MmSlot, pairs: list[tuple[int, int, int, MmSlot, int, int]]) -> None:
+        """try_to_merge_two_pages for a batch's pairs (page, pfn, key, tree slot, tree page, tree pfn).
+
+        The same steps, each pair on its own, grouped: every scanned page is
+        made a KSM page in place under its guest's mm lock; then each tree
+        guest's pages are merged into theirs (ksm.replace_pages) under its mm
+        lock; a scanned page whose partner did not merge is unshared again.
+        """
+        table = slot.table
+        kgens = []
+        with table.mm_lock:
+            for page, pfn, *_ in pairs:
+                if not table.is_mergeable(page):
+                    kgens.append(-1)
+                    continue
+                with table.ptl(page):  # type: ignore[attr-defined]
+                    kgens.append(ksm.make_ksm_page(table, page, pfn))
+        merged = [False] * len(pairs)
+        by_tree: dict[int, list[int]] = {}
+        for k, (_, _, _, tree_slot, _, _) in enumerate(pairs):
+            if kgens[k] >= 0:
+                by_tree.setdefault(tree_slot.gid, []).append(k)
+        for group in by_tree.values():
+            tree_table = pairs[group[0]][3].table
+            group.sort(key=lambda k: pairs[k][4])
+            with tree_table.mm_lock:
+                ks = [k for k in group if tree_table.is_mergeable(pairs[k][4])]
+                done = ksm.replace_pages(tree_table, [pairs[k][4] for k in ks], [pairs[k][5] for k in ks],
+                                         [pairs[k][1] for k in ks], [kgens[k] for k in ks])
+            for k, ok in zip(ks, done, strict=True):
+                merged[k] = ok
+        st = self.stable
+        for k, (page, pfn, key, tree_slot, tree_page, _) in enumerate(pairs):
+            if merged[k]:
+                # The tree's entry stays: its item is not UNSTABLE any more, so a
+                # lookup takes it for stale, and the content is on the stable tree now.
+                self.pages_unshared -= 1
+                tree_slot.state_v[tree_page] = ITEM
+                nid = st.new_node(key, pfn, kgens[k])
+                self._append(tree_slot, tree_page, nid)
+                self._append(slot, page, nid)
+            elif kgens[k] >= 0:
+                with table.mm_lock:
+                    with_frames(break_ksm, table, page)
 
     def _merge_into_stable(self, slot: MmSlot, pages: list[int], pfns: list[int], which: list[int],
                            nids: list[int]) -> None:
