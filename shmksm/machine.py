@@ -104,6 +104,8 @@ class Worker:
         self._result = result
         self._outcome: tuple[Any, ...] | None = None
         self.reaped = False
+        self.sent_signal = 0
+        self._collect_lock = threading.Lock()
 
     @property
     def pid(self) -> int:
@@ -117,6 +119,11 @@ class Worker:
         return bool(self.process.is_alive())
 
     def _collect(self) -> tuple[Any, ...]:
+        """The worker's outcome, read once from its result pipe (the reaper thread and a join may race)."""
+        with self._collect_lock:
+            return self._collect_locked()
+
+    def _collect_locked(self) -> tuple[Any, ...]:
         if self._outcome is None:
             try:
                 self._outcome = self._result.recv() if self._result.poll() else None
@@ -124,9 +131,21 @@ class Worker:
                 self._outcome = None
             if self._outcome is None:
                 code = self.process.exitcode
-                how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+                if code is not None and code < 0:
+                    how = f"was killed by signal {-code}"
+                elif self.sent_signal:
+                    # The forkserver reports 255 when it lost the child's status.
+                    how = f"was killed by signal {self.sent_signal} (exit status {code} as reported)"
+                else:
+                    how = f"exited with code {code}"
                 self._outcome = ("died", f"worker {self.name} (pid {self.pid}) {how}")
         return self._outcome
+
+    @property
+    def died(self) -> bool:
+        """Did the worker end without reporting a result (killed, or lost by its parent)?"""
+        code = self.process.exitcode
+        return code is not None and (code < 0 or self._collect()[0] == "died")
 
     def join(self, timeout: float | None = None) -> Any:
         """Wait for the worker; return ``fn``'s result or raise ProcessDied with its error."""
@@ -141,6 +160,7 @@ class Worker:
         raise ProcessDied(outcome[1])
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
+        self.sent_signal = int(sig)
         if self.process.pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.process.pid, sig)
@@ -443,12 +463,13 @@ class Machine:
         if worker.reaped:
             return
         worker.reaped = True
-        code = worker.process.exitcode
         for shadow in list(self._shadows.values()):
             if shadow.worker is worker:
                 self._shadow_gone(shadow)
-        if code is None or code >= 0:
+        if not worker.died:
             return
+        code = worker.process.exitcode
+        sig = -code if code is not None and code < 0 else worker.sent_signal or signal.SIGKILL
         # The address space goes with its last process (exit_mmap); a guest
         # with another live process only needs the repair.
         others = [w for w in self._workers if w is not worker and w.gid == worker.gid and w.is_alive()]
@@ -457,7 +478,7 @@ class Machine:
             reclaimed = checker.recover(self.system, dead)
         for gid in dead:
             self._guest_gone(gid)
-        self.deaths.append(Death(worker.name, worker.pid, -code, worker.gid, reclaimed))
+        self.deaths.append(Death(worker.name, worker.pid, sig, worker.gid, reclaimed))
 
     def join_all(self, timeout: float | None = None) -> list[Any]:
         """Join every worker started so far; return their results in order."""
