@@ -37,9 +37,7 @@ def plot_timeline(report: dict[str, Any], path: str) -> None:
     knobs = ", ".join(f"{k} {v}" for k, v in report["knobs"].items())
     ax.set_title(f"shmksm: {report['pages']} pages\n{knobs}", fontsize=8)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_eras(result: dict[str, Any], path: str) -> None:
@@ -54,9 +52,7 @@ def plot_eras(result: dict[str, Any], path: str) -> None:
     ax.set_ylabel("shadow faults (emulated vmexits)")
     ax.set_title("change_pte across the notifier eras", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_sweep(result: dict[str, Any], path: str) -> None:
@@ -72,6 +68,10 @@ def plot_sweep(result: dict[str, Any], path: str) -> None:
         ax.set_xlabel(knob)
         ax.set_ylabel(label)
     fig.suptitle(f"shmksm sweep of {knob}", fontsize=10)
+    _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
