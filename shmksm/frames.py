@@ -92,8 +92,8 @@ class Frames:
         self.locks = locks
         self.alloc_lock: Any = locks.alloc  # type: ignore[attr-defined]
         self.stat_lock: Any = locks.stat  # type: ignore[attr-defined]
-        self._frame_locks: list[Any] = locks.frame  # type: ignore[attr-defined]
-        self._nframe_locks = len(self._frame_locks)
+        self.frame_locks: list[Any] = locks.frame  # type: ignore[attr-defined]
+        self._nframe_locks = len(self.frame_locks)
 
     def release_views(self) -> None:
         """Drop every view so that the segments can be closed."""
@@ -236,13 +236,13 @@ class Frames:
     # -- frame-level helpers ---------------------------------------------------
 
     def frame_lock(self, pfn: int) -> object:
-        return self._frame_locks[pfn % self._nframe_locks]
+        return self.frame_locks[pfn % self._nframe_locks]
 
     def put(self, pfn: int) -> None:
         """Drop one mapping of ``pfn``; free it when none is left.  Takes its frame lock."""
         if pfn == ZERO_PFN:
             return
-        lock = self._frame_locks[pfn % self._nframe_locks]
+        lock = self.frame_locks[pfn % self._nframe_locks]
         lock.acquire()
         try:
             mc = self.mc
@@ -262,7 +262,7 @@ class Frames:
         once the KSM flag is gone, no merge can add a mapping (replace_page
         checks it under the same lock) and the scanner finds its node stale.
         """
-        lock = self._frame_locks[pfn % self._nframe_locks]
+        lock = self.frame_locks[pfn % self._nframe_locks]
         lock.acquire()
         try:
             if self.mc[pfn] != 1 or not self.fl[pfn] & KSM:
@@ -278,32 +278,46 @@ class Frames:
         """Free frames that were each mapped by one PTE, now replaced.  Takes the allocator lock.
 
         No frame lock is needed: no PTE maps these frames any more, so no one
-        else can change their mapcounts.  free_locked, inlined for a batch:
-        the scanner drops a frame for every page it merges.
+        else can change their mapcounts.  free_locked for a batch, in numpy
+        past a few frames: the scanner drops a frame for every page it merges.
         """
+        if len(pfns) < 8:
+            lock = self.alloc_lock
+            lock.acquire()
+            try:
+                for pfn in pfns:
+                    self._check_private(pfn)
+                    self.free_locked(pfn)
+            finally:
+                lock.release()
+            return
+        idx = np.array(pfns, np.intp)
         lock = self.alloc_lock
         lock.acquire()
         try:
-            cv, mc, fl, gn, nx = self.cv, self.mc, self.fl, self.gn, self.nx
+            bad = np.flatnonzero((self.mapcount[idx] != 1) | (self.flags[idx] & KSM != 0))
+            if len(bad):
+                self._check_private(pfns[bad[0]])
+            cv = self.cv
             epoch = cv[_EPOCH] & 0xFFFFFFFF
-            tag = epoch - ((epoch & 0x80000000) << 1)
+            self.gen[idx] += np.uint32(1)  # wraps, as free_locked's & 0xFFFFFFFF
+            self.flags[idx] = WAITING
+            self.mapcount[idx] = epoch - ((epoch & 0x80000000) << 1)
+            self.next[idx[:-1]] = idx[1:]  # linked in order, then onto the waiting list's tail
+            self.next[idx[-1]] = -1
             tail = cv[_WAIT_TAIL]
-            for pfn in pfns:
-                if mc[pfn] != 1 or fl[pfn] & KSM:
-                    raise InternalError(f"frame {pfn}: dropped as private but mapcount {mc[pfn]}")
-                gn[pfn] = (gn[pfn] + 1) & 0xFFFFFFFF
-                fl[pfn] = WAITING
-                mc[pfn] = tag
-                nx[pfn] = -1
-                if tail < 0:
-                    cv[_WAIT_HEAD] = pfn
-                else:
-                    nx[tail] = pfn
-                tail = pfn
-            cv[_WAIT_TAIL] = tail
+            if tail < 0:
+                cv[_WAIT_HEAD] = pfns[0]
+            else:
+                self.nx[tail] = pfns[0]
+            cv[_WAIT_TAIL] = pfns[-1]
             cv[_WAIT_COUNT] += len(pfns)
         finally:
             lock.release()
+
+    def _check_private(self, pfn: int) -> None:
+        if self.mc[pfn] != 1 or self.fl[pfn] & KSM:
+            raise InternalError(f"frame {pfn}: dropped as private but mapcount {self.mc[pfn]}")
 
     def copy_frame(self, dst: int, src: int) -> None:
         """Copy frame ``src`` into frame ``dst``: one memmove, no view or array made."""

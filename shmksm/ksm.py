@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Final
+from typing import Any, Final
 
 from .frames import KSM as FRAME_KSM
 from .frames import PAGE_SIZE, ZERO_PFN, Frames
@@ -118,65 +118,71 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
     Returns which ones merged.  ``pages`` ascend.  The same steps as
     :func:`replace_page` for every page (write_protect_page inlined), with
     the locks amortized: each run of pages under one page-table lock is done
-    in one critical section, and each KSM page is read once.  The old frames
-    were mapped only by the PTEs just replaced (checked under the PTL), so
-    nobody else can reach their mapcounts: they are dropped together under
-    one allocator lock.
+    in one critical section, and a KSM page is read once for consecutive
+    pages that merge into it.  The old frames were mapped only by the PTEs
+    just replaced (checked under the PTL), so nobody else can reach their
+    mapcounts: they are dropped together at the end, under one allocator lock.
     """
     frames = table.frames
     flat, mc, fl, gn, pv = frames.flat, frames.mc, frames.fl, frames.gn, table.pv
+    frame_locks: list[Any] = frames.frame_locks
+    nlocks = len(frame_locks)
     notifier, gid = table.notifier, table.gid
     # The notifier records of a run go out together, still under its PTL.
     watched = notifier is not None and notifier.active(gid)
     merged = [False] * len(pages)
-    kbytes: dict[int, bytes] = {}
+    dropped: list[int] = []
+    # The last KSM page read, kept for the next page that merges into it.  Only
+    # one: 4 KiB objects kept by the hundred grow the heap, which glibc gives
+    # back when they go, and the next batch faults it in again.
+    kb_pfn, kb = -1, b""
     i, n = 0, len(pages)
-    while i < n:
-        run = pages[i] >> 9
-        j = i + 1
-        while j < n and pages[j] >> 9 == run:
-            j += 1
-        dropped: list[int] = []
-        records: list[tuple[int, int, int]] = []
-        lock = table.ptl(pages[i])
-        lock.acquire()  # type: ignore[attr-defined]
-        try:
-            for k in range(i, j):
-                page, pfn, kpfn = pages[k], pfns[k], kpfns[k]
-                pte = pv[page]
-                if pte & _MERGEABLE_MASK != PRESENT or pte & PFN_MASK != pfn or mc[pfn] != 1 or fl[pfn] & FRAME_KSM:
-                    continue
-                if pte & WRITE:
-                    pte &= _NOT_WRITE
-                    pv[page] = pte
+    try:
+        while i < n:
+            run = pages[i] >> 9
+            j = i + 1
+            while j < n and pages[j] >> 9 == run:
+                j += 1
+            records: list[tuple[int, int, int]] = []
+            lock = table.ptl(pages[i])
+            lock.acquire()  # type: ignore[attr-defined]
+            try:
+                for k in range(i, j):
+                    page, pfn, kpfn = pages[k], pfns[k], kpfns[k]
+                    pte = pv[page]
+                    if pte & _MERGEABLE_MASK != PRESENT or pte & PFN_MASK != pfn or mc[pfn] != 1 or fl[pfn] & FRAME_KSM:
+                        continue
+                    if pte & WRITE:
+                        pte &= _NOT_WRITE
+                        pv[page] = pte
+                        if watched:
+                            records.extend(notifier.change_records(page, pte))
+                    klock = frame_locks[kpfn % nlocks]
+                    klock.acquire()
+                    try:
+                        if gn[kpfn] != kgens[k] or not fl[kpfn] & FRAME_KSM or mc[kpfn] <= 0:
+                            continue
+                        if kpfn != kb_pfn:
+                            kb_pfn, kb = kpfn, bytes(flat[kpfn << 12:(kpfn + 1) << 12])
+                        if bytes(flat[pfn << 12:(pfn + 1) << 12]) != kb:
+                            continue
+                        mc[kpfn] += 1
+                    finally:
+                        klock.release()
+                    new = kpfn | _KSM_PRESENT | (pte & _DIRTY_YOUNG)
+                    pv[page] = new
                     if watched:
-                        records.extend(notifier.change_records(page, pte))
-                klock = frames.frame_lock(kpfn)
-                klock.acquire()  # type: ignore[attr-defined]
-                try:
-                    if gn[kpfn] != kgens[k] or not fl[kpfn] & FRAME_KSM or mc[kpfn] <= 0:
-                        continue
-                    kb = kbytes.get(kpfn)
-                    if kb is None:
-                        kb = kbytes[kpfn] = bytes(flat[kpfn << 12:(kpfn + 1) << 12])
-                    if bytes(flat[pfn << 12:(pfn + 1) << 12]) != kb:
-                        continue
-                    mc[kpfn] += 1
-                finally:
-                    klock.release()  # type: ignore[attr-defined]
-                new = kpfn | _KSM_PRESENT | (pte & _DIRTY_YOUNG)
-                pv[page] = new
-                if watched:
-                    records.extend(notifier.change_records(page, new))
-                merged[k] = True
-                dropped.append(pfn)
-        finally:
-            if records:
-                notifier.emit_many(records, gid)
-            lock.release()  # type: ignore[attr-defined]
-            if dropped:
-                frames.drop_private(dropped)
-        i = j
+                        records.extend(notifier.change_records(page, new))
+                    merged[k] = True
+                    dropped.append(pfn)
+            finally:
+                if records:
+                    notifier.emit_many(records, gid)
+                lock.release()  # type: ignore[attr-defined]
+            i = j
+    finally:
+        if dropped:
+            frames.drop_private(dropped)
     return merged
 
 

@@ -342,6 +342,21 @@ class Scanner:
         slot.node_v[page] = nid
         slot.merging += 1
 
+    def _append_many(self, slot: MmSlot, pages: list[int], nids: list[int]) -> None:
+        """_append for each (page, node) pair."""
+        count = self.stable.count_v
+        state, node = slot.state_v, slot.node_v
+        first = 0  # pages that made their node's KSM page shared
+        for page, nid in zip(pages, nids, strict=True):
+            if not count[nid]:
+                first += 1
+            count[nid] += 1
+            state[page] = STABLE
+            node[page] = nid
+        self.pages_shared += first
+        self.pages_sharing += len(pages) - first
+        slot.merging += len(pages)
+
     # -- the scan ---------------------------------------------------------------------------------
 
     def do_scan(self, scan_npages: int) -> int:
@@ -493,13 +508,28 @@ class Scanner:
         # in this batch can only be inserted into the unstable tree.  Do those
         # in bulk; everything else goes through cmp_and_merge_page in order.
         unstable = self.unstable
-        slow = (self.stable.heads.lookup(keys) >= 0) | (unstable.lookup(keys) >= 0)
+        heads = self.stable.heads.lookup(keys)
+        alone = np.ones(len(keys), np.bool_)  # the only page of its content in the batch
         uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
         if len(uniq) != len(keys):
-            slow |= counts[inverse] > 1
+            alone = counts[inverse] == 1
         if use_zero:
-            slow |= keys == np.uint64(ZERO_CHECKSUM)
-        fast = np.flatnonzero(~slow)
+            alone &= keys != np.uint64(ZERO_CHECKSUM)  # the zero page's own path
+        slow = (heads >= 0) | (unstable.lookup(keys) >= 0) | ~alone
+        # Alone with its content, whose newest dup is live and has room: that is
+        # the dup cmp_and_merge_page would take, and nothing else in the batch
+        # can change it.  Merged into it together, in bulk.
+        into = np.flatnonzero(alone & (heads >= 0))
+        if len(into):
+            nids = heads[into]
+            kpfns = st.kpfn[nids]
+            into_ok = ((st.count[nids] < max_sharing) & (self.frames.gen[kpfns] == st.kgen[nids])
+                       & (self.frames.flags[kpfns] & FRAME_KSM != 0))
+            into, nids, kpfns = into[into_ok], nids[into_ok], kpfns[into_ok]
+            slow[into] = False
+            at = steady[into]
+            self._merge_into_stable(slot, pages[at].tolist(), pfns[at].tolist(), nids.tolist())
+        fast = np.flatnonzero(~slow & (heads < 0))
         if len(fast):
             fast_pages = pages[steady[fast]]
             unstable.insert_new(keys[fast], (fast_pages | (slot.gid << REF_SHIFT)).astype(np.int32))
@@ -546,9 +576,10 @@ class Scanner:
                 continue
             group = indices[at:at + max_sharing - st.count_v[nid]]
             cursor[key] = at + len(group)
-            self._merge_into_stable(slot, pages, pfns, group, [nid] * len(group))
+            self._merge_into_stable(slot, [pages[i] for i in group], [pfns[i] for i in group], [nid] * len(group))
         if alone:
-            self._merge_into_stable(slot, pages, pfns, [i for i, _ in alone], [nid for _, nid in alone])
+            self._merge_into_stable(slot, [pages[i] for i, _ in alone], [pfns[i] for i, _ in alone],
+                                    [nid for _, nid in alone])
         if pairs:
             self._merge_pairs(slot, pairs)
 
@@ -578,8 +609,9 @@ class Scanner:
         table = slot.table
         kgens = []
         with table.mm_lock:
+            whole = table.mergeable_ranges() == [(0, table.pages)]
             for page, pfn, *_ in pairs:
-                if not table.is_mergeable(page):
+                if not whole and not table.is_mergeable(page):
                     kgens.append(-1)
                     continue
                 with table.ptl(page):  # type: ignore[attr-defined]
@@ -612,20 +644,18 @@ class Scanner:
                 with table.mm_lock:
                     with_frames(break_ksm, table, page)
 
-    def _merge_into_stable(self, slot: MmSlot, pages: list[int], pfns: list[int], which: list[int],
-                           nids: list[int]) -> None:
-        """Merge pages[which[k]] into the KSM page of node nids[k]; append those that merged."""
+    def _merge_into_stable(self, slot: MmSlot, pages: list[int], pfns: list[int], nids: list[int]) -> None:
+        """Merge pages[k] (ascending, mapping pfns[k]) into the KSM page of node nids[k]; append those that merged."""
         st = self.stable
         table = slot.table
         with table.mm_lock:  # merge only what is still mergeable (find_mergeable_vma)
             if table.mergeable_ranges() != [(0, table.pages)]:
-                keep = [k for k in range(len(which)) if table.is_mergeable(pages[which[k]])]
-                which, nids = [which[k] for k in keep], [nids[k] for k in keep]
-            merged = ksm.replace_pages(table, [pages[i] for i in which], [pfns[i] for i in which],
-                                       [st.kpfn_v[nid] for nid in nids], [st.kgen_v[nid] for nid in nids])
-        for i, nid, ok in zip(which, nids, merged, strict=True):
-            if ok:
-                self._append(slot, pages[i], nid)
+                keep = [k for k in range(len(pages)) if table.is_mergeable(pages[k])]
+                pages, pfns, nids = [pages[k] for k in keep], [pfns[k] for k in keep], [nids[k] for k in keep]
+            merged = ksm.replace_pages(table, pages, pfns, [st.kpfn_v[nid] for nid in nids],
+                                       [st.kgen_v[nid] for nid in nids])
+        self._append_many(slot, [p for p, ok in zip(pages, merged, strict=True) if ok],
+                          [nid for nid, ok in zip(nids, merged, strict=True) if ok])
 
     def cmp_and_merge_page(self, slot: MmSlot, page: int, pfn: int, key: int, use_zero: int, max_sharing: int) -> None:
         """The checksum of ``page`` is unchanged since the last visit: try to merge it."""
