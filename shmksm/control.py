@@ -67,6 +67,9 @@ _INTERNAL: Final = (
     "notifier_era",
     "scanner_stop",  # the host asks the scanner to exit
     "scanner_unmerges",  # run=2 passes the scanner finished
+    # The full scan (1-based) during which pages_shared, pages_sharing or
+    # ksm_zero_pages last changed, as the scanner saw it after each batch.
+    "scanner_settled_scan",
 )
 
 FIELDS: Final[tuple[str, ...]] = tuple(KNOB_DEFAULTS) + COUNTERS + _INTERNAL

@@ -154,6 +154,32 @@ class GuestView:
         Takes each page's PTL.  All pages are faulted in before any byte is
         written, so an error (out of frames, an unmapped page) writes nothing.
         """
+        # The hot path of every guest: a write within one page already mapped
+        # writable, dirty and young.  Bad arguments fail one of its steps before
+        # anything is written (no len(), or the mmap refusing data that is not
+        # n plain bytes) and take the general path, which says what is wrong.
+        if type(addr) is int:
+            try:
+                n = len(data)
+            except TypeError:
+                n = PAGE_SIZE + 1
+            page = addr >> 12
+            if 0 <= page < self.pages and (off := addr & 4095) + n <= PAGE_SIZE:
+                lock = self._run_locks[page >> 9]
+                lock.acquire()
+                try:
+                    if self._pte_high[page] == HIGH_WRITABLE:
+                        o = (self._pte_low[page] << 12) | off
+                        self._mm[o:o + n] = data
+                        return
+                except (TypeError, ValueError, IndexError, BufferError):
+                    pass  # str, another dtype, a strided view or array: nothing was written
+                finally:
+                    lock.release()
+        self._write(addr, data)
+
+    def _write(self, addr: int, data: Any) -> None:
+        """write(), past its hot path: faults, page crossings, any bytes-like data, errors."""
         # bytes and uint8 arrays skip the memoryview: a slice of the mmap takes
         # their bytes as they are (a non-contiguous array is copied, below).
         tp = type(data)

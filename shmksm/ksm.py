@@ -80,6 +80,56 @@ def make_ksm_page(table: PageTable, page: int, pfn: int) -> int:
     return gen
 
 
+def ptl_runs(pages: list[int]) -> Iterator[tuple[int, int]]:
+    """(i, j) for each run pages[i:j] under one page-table lock; ``pages`` ascend."""
+    i, n = 0, len(pages)
+    while i < n:
+        run = pages[i] >> 9
+        j = i + 1
+        while j < n and pages[j] >> 9 == run:
+            j += 1
+        yield i, j
+        i = j
+
+
+def make_ksm_pages(table: PageTable, pages: list[int], pfns: list[int]) -> list[int]:
+    """make_ksm_page for several pages of one guest (ascending); their generations, -1 where not.
+
+    Takes each run's PTL once and sends its notifier records together.
+    """
+    frames = table.frames
+    mc, fl, gn, pv = frames.mc, frames.fl, frames.gn, table.pv
+    frame_locks: list[Any] = frames.frame_locks
+    nlocks = len(frame_locks)
+    notifier, gid = table.notifier, table.gid
+    watched = notifier is not None and notifier.active(gid)
+    gens = [-1] * len(pages)
+    for i, j in ptl_runs(pages):
+        records: list[tuple[int, int, int]] = []
+        lock = table.ptl(pages[i])
+        lock.acquire()  # type: ignore[attr-defined]
+        try:
+            for k, page, pfn in zip(range(i, j), pages[i:j], pfns[i:j], strict=True):
+                pte = pv[page]
+                if pte & _MERGEABLE_MASK != PRESENT or pte & PFN_MASK != pfn or mc[pfn] != 1 or fl[pfn] & FRAME_KSM:
+                    continue
+                if pte & WRITE:
+                    pte &= _NOT_WRITE
+                    if watched:
+                        records.extend(notifier.change_records(page, pte))
+                klock = frame_locks[pfn % nlocks]
+                klock.acquire()
+                fl[pfn] |= FRAME_KSM
+                gens[k] = gn[pfn]
+                klock.release()
+                pv[page] = pte | KSM
+        finally:
+            if records:
+                notifier.emit_many(records, gid)
+            lock.release()  # type: ignore[attr-defined]
+    return gens
+
+
 def replace_page(table: PageTable, page: int, pfn: int, kpfn: int, kgen: int) -> bool:
     """Merge ``page`` (mapping ``pfn``) into KSM page (``kpfn``, ``kgen``); return success.
 
@@ -124,7 +174,7 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
     mapcounts: they are dropped together at the end, under one allocator lock.
     """
     frames = table.frames
-    flat, mc, fl, gn, pv = frames.flat, frames.mc, frames.fl, frames.gn, table.pv
+    mm, mc, fl, gn, pv = frames.mm, frames.mc, frames.fl, frames.gn, table.pv
     frame_locks: list[Any] = frames.frame_locks
     nlocks = len(frame_locks)
     notifier, gid = table.notifier, table.gid
@@ -136,19 +186,14 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
     # one: 4 KiB objects kept by the hundred grow the heap, which glibc gives
     # back when they go, and the next batch faults it in again.
     kb_pfn, kb = -1, b""
-    i, n = 0, len(pages)
     try:
-        while i < n:
-            run = pages[i] >> 9
-            j = i + 1
-            while j < n and pages[j] >> 9 == run:
-                j += 1
+        for i, j in ptl_runs(pages):
             records: list[tuple[int, int, int]] = []
             lock = table.ptl(pages[i])
             lock.acquire()  # type: ignore[attr-defined]
             try:
-                for k in range(i, j):
-                    page, pfn, kpfn = pages[k], pfns[k], kpfns[k]
+                for k, page, pfn, kpfn, kgen in zip(range(i, j), pages[i:j], pfns[i:j], kpfns[i:j], kgens[i:j],
+                                                    strict=True):
                     pte = pv[page]
                     if pte & _MERGEABLE_MASK != PRESENT or pte & PFN_MASK != pfn or mc[pfn] != 1 or fl[pfn] & FRAME_KSM:
                         continue
@@ -160,11 +205,11 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
                     klock = frame_locks[kpfn % nlocks]
                     klock.acquire()
                     try:
-                        if gn[kpfn] != kgens[k] or not fl[kpfn] & FRAME_KSM or mc[kpfn] <= 0:
+                        if gn[kpfn] != kgen or not fl[kpfn] & FRAME_KSM or mc[kpfn] <= 0:
                             continue
                         if kpfn != kb_pfn:
-                            kb_pfn, kb = kpfn, bytes(flat[kpfn << 12:(kpfn + 1) << 12])
-                        if bytes(flat[pfn << 12:(pfn + 1) << 12]) != kb:
+                            kb_pfn, kb = kpfn, mm[kpfn << 12:(kpfn + 1) << 12]
+                        if mm[pfn << 12:(pfn + 1) << 12] != kb:
                             continue
                         mc[kpfn] += 1
                     finally:
@@ -179,7 +224,6 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
                 if records:
                     notifier.emit_many(records, gid)
                 lock.release()  # type: ignore[attr-defined]
-            i = j
     finally:
         if dropped:
             frames.drop_private(dropped)

@@ -250,6 +250,13 @@ class PageTable:
         """Is ``page`` in a mergeable range?  (mm lock held: the VMA's VM_MERGEABLE)"""
         return any(start <= page < end for start, end in self.mergeable_ranges())
 
+    def mergeable_indices(self, pages: list[int]) -> list[int]:
+        """The indices k of ``pages`` whose page is in a mergeable range.  mm lock held."""
+        ranges = self.mergeable_ranges()
+        if ranges == [(0, self.pages)]:
+            return list(range(len(pages)))
+        return [k for k, page in enumerate(pages) if any(start <= page < end for start, end in ranges)]
+
     def set_merge_any(self, enable: bool) -> None:
         """Set the whole-guest merge switch.  mm lock held."""
         self._hv[H_MERGE_ANY] = int(enable)

@@ -193,6 +193,35 @@ class StableTree:
         self.node_of_pfn_v[kpfn] = nid
         return nid
 
+    def new_nodes(self, keys: list[int], kpfns: list[int], kgens: list[int]) -> list[int]:
+        """new_node for each of several distinct keys, in numpy; the node ids."""
+        n = len(keys)
+        reuse = min(n, len(self.free_ids))
+        ids = [self.free_ids.pop() for _ in range(reuse)]
+        ids += range(self.next_id, self.next_id + n - reuse)
+        self.next_id += n - reuse
+        while self.next_id > len(self.kpfn):
+            self._grow(2 * len(self.kpfn))
+        nid = np.array(ids, np.intp)
+        key = np.array(keys, np.uint64)
+        head = self.heads.lookup(key)
+        had = head >= 0
+        before = np.where(had, self.chain_len[head], 0)
+        self.kpfn[nid] = kpfns
+        self.kgen[nid] = kgens
+        self.count[nid] = 0
+        self.key[nid] = key
+        self.next_dup[nid] = head
+        self.chain_len[nid] = before + 1
+        self.node_of_pfn[kpfns] = nid
+        self.heads.insert_new(key[~had], nid[~had].astype(np.int32))
+        for k in np.flatnonzero(had).tolist():
+            self.heads.set(keys[k], ids[k])
+        # _chain_changed(before, before + 1) for each
+        self.chains += int(np.count_nonzero(before == 1))
+        self.dups += 2 * int(np.count_nonzero(before == 1)) + int(np.count_nonzero(before > 1))
+        return ids
+
     def _chain_changed(self, before: int, after: int) -> None:
         if before > 1:
             self.chains -= 1
@@ -243,6 +272,7 @@ class Scanner:
         self.pages_unshared = 0
         self.pages_scanned = 0
         self.pages_skipped = 0
+        self.zero_merges = 0  # pages mapped to the zero page (use_zero_pages)
         self.full_scans = system.get("full_scans")
         self.rmap_items = 0
         self.scan_started = time.monotonic()
@@ -607,15 +637,12 @@ class Scanner:
         lock; a scanned page whose partner did not merge is unshared again.
         """
         table = slot.table
-        kgens = []
+        kgens = [-1] * len(pairs)
         with table.mm_lock:
-            whole = table.mergeable_ranges() == [(0, table.pages)]
-            for page, pfn, *_ in pairs:
-                if not whole and not table.is_mergeable(page):
-                    kgens.append(-1)
-                    continue
-                with table.ptl(page):  # type: ignore[attr-defined]
-                    kgens.append(ksm.make_ksm_page(table, page, pfn))
+            ks = table.mergeable_indices([pair[0] for pair in pairs])
+            gens = ksm.make_ksm_pages(table, [pairs[k][0] for k in ks], [pairs[k][1] for k in ks])
+        for k, gen in zip(ks, gens, strict=True):
+            kgens[k] = gen
         merged = [False] * len(pairs)
         by_tree: dict[int, list[int]] = {}
         for k, (_, _, _, tree_slot, _, _) in enumerate(pairs):
@@ -625,22 +652,28 @@ class Scanner:
             tree_table = pairs[group[0]][3].table
             group.sort(key=lambda k: pairs[k][4])
             with tree_table.mm_lock:
-                ks = [k for k in group if tree_table.is_mergeable(pairs[k][4])]
+                ks = [group[i] for i in tree_table.mergeable_indices([pairs[k][4] for k in group])]
                 done = ksm.replace_pages(tree_table, [pairs[k][4] for k in ks], [pairs[k][5] for k in ks],
                                          [pairs[k][1] for k in ks], [kgens[k] for k in ks])
             for k, ok in zip(ks, done, strict=True):
                 merged[k] = ok
-        st = self.stable
-        for k, (page, pfn, key, tree_slot, tree_page, _) in enumerate(pairs):
-            if merged[k]:
-                # The tree's entry stays: its item is not UNSTABLE any more, so a
-                # lookup takes it for stale, and the content is on the stable tree now.
-                self.pages_unshared -= 1
-                tree_slot.state_v[tree_page] = ITEM
-                nid = st.new_node(key, pfn, kgens[k])
-                self._append(tree_slot, tree_page, nid)
-                self._append(slot, page, nid)
-            elif kgens[k] >= 0:
+        done_ks = [k for k in range(len(pairs)) if merged[k]]
+        nids = self.stable.new_nodes([pairs[k][2] for k in done_ks], [pairs[k][1] for k in done_ks],
+                                     [kgens[k] for k in done_ks])
+        self._append_many(slot, [pairs[k][0] for k in done_ks], nids)
+        # The tree's entries stay: their items are not UNSTABLE any more, so a
+        # lookup takes them for stale, and the contents are on the stable tree now.
+        self.pages_unshared -= len(done_ks)
+        appends: dict[int, tuple[MmSlot, list[int], list[int]]] = {}
+        for k, nid in zip(done_ks, nids, strict=True):
+            tree_slot = pairs[k][3]
+            _, tree_pages, tree_nids = appends.setdefault(tree_slot.gid, (tree_slot, [], []))
+            tree_pages.append(pairs[k][4])
+            tree_nids.append(nid)
+        for tree_slot, tree_pages, tree_nids in appends.values():
+            self._append_many(tree_slot, tree_pages, tree_nids)
+        for k, (page, *_) in enumerate(pairs):
+            if kgens[k] >= 0 and not merged[k]:
                 with table.mm_lock:
                     with_frames(break_ksm, table, page)
 
@@ -649,8 +682,8 @@ class Scanner:
         st = self.stable
         table = slot.table
         with table.mm_lock:  # merge only what is still mergeable (find_mergeable_vma)
-            if table.mergeable_ranges() != [(0, table.pages)]:
-                keep = [k for k in range(len(pages)) if table.is_mergeable(pages[k])]
+            keep = table.mergeable_indices(pages)
+            if len(keep) != len(pages):
                 pages, pfns, nids = [pages[k] for k in keep], [pfns[k] for k in keep], [nids[k] for k in keep]
             merged = ksm.replace_pages(table, pages, pfns, [st.kpfn_v[nid] for nid in nids],
                                        [st.kgen_v[nid] for nid in nids])
@@ -663,6 +696,7 @@ class Scanner:
         if use_zero and key == ZERO_CHECKSUM:
             with ksm.mergeable_vma(table, page) as mergeable, table.ptl(page):  # type: ignore[attr-defined]
                 if mergeable and ksm.replace_with_zero_page(table, page, pfn):
+                    self.zero_merges += 1
                     return
         st = self.stable
         if st.heads.get(key) >= 0:

@@ -218,21 +218,16 @@ def chains_and_dups(paths: list[str], max_page_sharing: int) -> tuple[int, int]:
 
 
 def assert_converged_at_the_second_full_scan(report: dict[str, Any]) -> None:
-    """The counters settled at full scan 2, as the kernel's do (README: "reached at full scan 2").
+    """The counters settled during full scan 2, as the kernel's do (README: "reached at full scan 2").
 
-    The runner looks every 5 ms while ksmd, with sleep_millisecs 0, may
-    finish a full scan of settled pages in less: a look late by one full
-    scan sees full_scans 3.  The look before then tells: it saw full scan 2
-    or earlier with the counters not yet settled.
+    ``converged.full_scans`` is ksmd's own record; the runner's looks every
+    5 ms agree: none saw the final counters before the first full scan ended.
     """
+    assert report["converged"]["full_scans"] == 2, report["timeline"]
     timeline = report["timeline"]
     final = tuple(report["ksm"][k] for k in SETTLE_KEYS)
-    first = next(i for i, e in enumerate(timeline) if tuple(e[k] for k in SETTLE_KEYS) == final)
-    seen = report["converged"]["full_scans"]
-    assert timeline[first]["full_scans"] == seen
-    before = timeline[first - 1]["full_scans"] if first else 0
-    if seen != 2:
-        assert before <= 2 < seen, f"converged at full scan {seen}, after {before}: {timeline}"
+    first = next(e for e in timeline if tuple(e[k] for k in SETTLE_KEYS) == final)
+    assert first["full_scans"] >= 1, timeline
 
 
 def test_run_a_scenario_with_json_csv_and_plot(tmp_path: Path) -> None:

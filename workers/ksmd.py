@@ -30,6 +30,11 @@ def _anon_rss_kb() -> int:
     return 0
 
 
+def _settle_key(scanner: Scanner) -> tuple[int, int, int]:
+    """What the scanner's merging changes: the full scan it last changed in is where it settled."""
+    return scanner.pages_shared, scanner.pages_sharing, scanner.zero_merges
+
+
 def ksmd(system: System, started_ns: int = 0) -> dict[str, int]:
     """The scanner process's main loop: scan while run=1, unmerge on run=2, exit on stop.
 
@@ -44,6 +49,7 @@ def ksmd(system: System, started_ns: int = 0) -> dict[str, int]:
     unmerged = False
     host = os.getppid()
     batches = 0
+    settle = _settle_key(scanner)
     while not get("scanner_stop"):
         run = get("run")
         if run == 1:
@@ -53,6 +59,9 @@ def ksmd(system: System, started_ns: int = 0) -> dict[str, int]:
             full = scanner.full_scans
             scanner.do_scan(max(1, get("pages_to_scan")))
             system.set("scanner_cpu_ns", int((time.process_time() - cpu0) * 1e9))
+            if (key := _settle_key(scanner)) != settle:
+                settle = key
+                system.set("scanner_settled_scan", full + 1)
             batches += 1
             system.set("scanner_batches", batches)
             if scanner.full_scans != full or batches % 16 == 0:
