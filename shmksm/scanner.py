@@ -539,23 +539,20 @@ class Scanner:
         # in bulk; everything else goes through cmp_and_merge_page in order.
         unstable = self.unstable
         heads = self.stable.heads.lookup(keys)
-        alone = np.ones(len(keys), np.bool_)  # the only page of its content in the batch
-        uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-        if len(uniq) != len(keys):
-            alone = counts[inverse] == 1
-        if use_zero:
-            alone &= keys != np.uint64(ZERO_CHECKSUM)  # the zero page's own path
-        slow = (heads >= 0) | (unstable.lookup(keys) >= 0) | ~alone
-        # Alone with its content, whose newest dup is live and has room: that is
-        # the dup cmp_and_merge_page would take, and nothing else in the batch
-        # can change it.  Merged into it together, in bulk.
-        into = np.flatnonzero(alone & (heads >= 0))
+        _, inverse, repeats = np.unique(keys, return_inverse=True, return_counts=True)
+        repeats = repeats[inverse]  # pages of each page's content in the batch
+        zero = keys == np.uint64(ZERO_CHECKSUM) if use_zero else np.zeros(len(keys), np.bool_)  # their own path
+        slow = (heads >= 0) | (unstable.lookup(keys) >= 0) | (repeats > 1) | zero
+        # A content whose newest dup is live, with room for every page of it in
+        # the batch: that is the dup cmp_and_merge_page would take for each in
+        # turn, and nothing else in the batch changes it.  Merged in bulk.
+        into = np.flatnonzero((heads >= 0) & ~zero)
         if len(into):
             nids = heads[into]
             kpfns = st.kpfn[nids]
-            into_ok = ((st.count[nids] < max_sharing) & (self.frames.gen[kpfns] == st.kgen[nids])
+            into_ok = ((st.count[nids] + repeats[into] <= max_sharing) & (self.frames.gen[kpfns] == st.kgen[nids])
                        & (self.frames.flags[kpfns] & FRAME_KSM != 0))
-            into, nids, kpfns = into[into_ok], nids[into_ok], kpfns[into_ok]
+            into, nids = into[into_ok], nids[into_ok]
             slow[into] = False
             at = steady[into]
             self._merge_into_stable(slot, pages[at].tolist(), pfns[at].tolist(), nids.tolist())
