@@ -568,9 +568,9 @@ class Scanner:
     def _merge_slow(self, slot: MmSlot, pages: list[int], pfns: list[int], keys: list[int],
                     use_zero: int, max_sharing: int) -> None:
         """cmp_and_merge_page for each page, in order; pages that hit a stable dup with room
-        are merged into it together (ksm.replace_pages): the pages of one content as
-        soon as the first is met, those alone with their content at the end of the batch
-        (nothing else in the batch can change their dup)."""
+        are merged into it together (ksm.replace_pages): at the end of the batch when the
+        dup has room for every page of their content left in it (nothing else in the
+        batch can change that dup), else as soon as the first is met."""
         st = self.stable
         # Indices of each content, in order; a page is done once its content's
         # cursor has passed it.
@@ -578,35 +578,36 @@ class Scanner:
         for i, key in enumerate(keys):
             same_key.setdefault(key, []).append(i)
         cursor = dict.fromkeys(same_key, 0)
-        alone: list[tuple[int, int]] = []  # (index, node) of pages alone with their content
+        at_end: list[tuple[int, int]] = []  # (index, node) of pages merged at the end
         pairs: list[tuple[int, int, int, MmSlot, int, int]] = []
         for i, key in enumerate(keys):
             at = cursor[key]
             indices = same_key[key]
             if at >= len(indices) or indices[at] != i:
                 continue  # merged already, with an earlier page of its content
-            nid = -1 if use_zero and key == ZERO_CHECKSUM else self._stable_dup(key, max_sharing)
+            zero = use_zero and key == ZERO_CHECKSUM
+            nid = -1 if zero else self._stable_dup(key, max_sharing)
             if nid < 0:
                 cursor[key] = at + 1
                 # Alone in the batch with a partner on the unstable tree: paired with
                 # the batch's other pairs at its end (no other page here has the content).
-                alone_here = len(indices) == 1 and not (use_zero and key == ZERO_CHECKSUM)
-                partner = self._unstable_partner(key, pfns[i]) if alone_here else None
+                partner = self._unstable_partner(key, pfns[i]) if len(indices) == 1 and not zero else None
                 if partner is not None:
                     pairs.append((pages[i], pfns[i], key, *partner))
                 else:
                     self.cmp_and_merge_page(slot, pages[i], pfns[i], key, use_zero, max_sharing)
                 continue
-            if len(indices) == 1:
-                cursor[key] = 1
-                alone.append((i, nid))
-                continue
             group = indices[at:at + max_sharing - st.count_v[nid]]
             cursor[key] = at + len(group)
-            self._merge_into_stable(slot, [pages[i] for i in group], [pfns[i] for i in group], [nid] * len(group))
-        if alone:
-            self._merge_into_stable(slot, [pages[i] for i, _ in alone], [pfns[i] for i, _ in alone],
-                                    [nid for _, nid in alone])
+            if cursor[key] == len(indices):
+                at_end.extend((j, nid) for j in group)
+            else:
+                self._merge_into_stable(slot, [pages[j] for j in group], [pfns[j] for j in group],
+                                        [nid] * len(group))
+        if at_end:
+            at_end.sort()
+            self._merge_into_stable(slot, [pages[i] for i, _ in at_end], [pfns[i] for i, _ in at_end],
+                                    [nid for _, nid in at_end])
         if pairs:
             self._merge_pairs(slot, pairs)
 
