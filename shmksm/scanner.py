@@ -22,7 +22,8 @@ under the page-table lock (:mod:`shmksm.ksm`).
 What is emulated, and how
 -------------------------
 * Trees keyed by content: both trees are keyed by a 64-bit xxh3 checksum of
-  the page instead of by memcmp order.  A key is only a hint, exactly as a
+  the page instead of by memcmp order (the rmap item keeps its low 32 bits,
+  the kernel's ``oldchecksum``, to see whether the page changed).  A key is only a hint, exactly as a
   tree position is: every merge compares the bytes.  Two different contents
   with one key (an xxh3 collision) can only cost a missed merge.
 * The rmap items are per-guest numpy arrays (state, checksum, stable node,
@@ -76,8 +77,9 @@ ITEM: Final = 1  # an item on no tree (new, or volatile)
 UNSTABLE: Final = 2  # on the unstable tree (counted in pages_unshared)
 STABLE: Final = 3  # on a stable node (pages_shared or pages_sharing)
 
-# Bytes per rmap item: checksum 8, stable node 4, state 1, age 1, skips 1, plus
-# the unstable tree's share (a dict entry per unstable page, amortized).
+# Bytes per rmap item: checksum 4, stable node 4, state 1, age 1, skips 1, plus
+# the trees' share (a key table slot of 12 bytes, at a load of at most 0.7, per
+# page on a tree).
 RMAP_ITEM_BYTES: Final = 24
 
 _checksum = xxhash.xxh3_64_intdigest
@@ -87,6 +89,7 @@ _ANON: Final = np.uint64(PRESENT)
 _KSM: Final = np.uint64(KSM)
 _PFN: Final = np.uint64(PFN_MASK)
 _CHUNK: Final = 1 << 16
+_MERGE_CHUNK: Final = 2048  # pages merged into stable dups per replace_pages call, at most
 
 
 def _skip_age_scalar(age: int) -> int:
@@ -116,7 +119,7 @@ class MmSlot:
         self.table = table
         self.gid = table.gid
         self.state = np.zeros(n, np.uint8)
-        self.checksum = np.zeros(n, np.uint64)
+        self.checksum = np.zeros(n, np.uint32)  # the kernel's u32 oldchecksum
         self.node = np.full(n, -1, np.int32)
         self.age = np.zeros(n, np.uint8)
         self.skips = np.zeros(n, np.uint8)
@@ -526,9 +529,9 @@ class Scanner:
         self._remove_from_tree(slot, pages)
         flat = self.frames.flat
         sums = np.fromiter((_checksum(flat[p << 12:(p + 1) << 12]) for p in pfns.tolist()), np.uint64, len(pfns))
-        old = slot.checksum[pages]
-        slot.checksum[pages] = sums
-        steady = np.flatnonzero(old == sums)
+        low = sums.astype(np.uint32)
+        steady = np.flatnonzero(slot.checksum[pages] == low)
+        slot.checksum[pages] = low
         if not len(steady):
             return
         use_zero = self.system.get("use_zero_pages")
@@ -555,7 +558,7 @@ class Scanner:
             into, nids = into[into_ok], nids[into_ok]
             slow[into] = False
             at = steady[into]
-            self._merge_into_stable(slot, pages[at].tolist(), pfns[at].tolist(), nids.tolist())
+            self._merge_into_stable_bulk(slot, pages[at], pfns[at], nids)
         fast = np.flatnonzero(~slow & (heads < 0))
         if len(fast):
             fast_pages = pages[steady[fast]]
@@ -578,7 +581,8 @@ class Scanner:
         for i, key in enumerate(keys):
             same_key.setdefault(key, []).append(i)
         cursor = dict.fromkeys(same_key, 0)
-        at_end: list[tuple[int, int]] = []  # (index, node) of pages merged at the end
+        end_index: list[int] = []  # pages merged at the end of the batch, and their nodes
+        end_nid: list[int] = []
         pairs: list[tuple[int, int, int, MmSlot, int, int]] = []
         for i, key in enumerate(keys):
             at = cursor[key]
@@ -600,14 +604,17 @@ class Scanner:
             group = indices[at:at + max_sharing - st.count_v[nid]]
             cursor[key] = at + len(group)
             if cursor[key] == len(indices):
-                at_end.extend((j, nid) for j in group)
+                end_index += group
+                end_nid += [nid] * len(group)
             else:
                 self._merge_into_stable(slot, [pages[j] for j in group], [pfns[j] for j in group],
                                         [nid] * len(group))
-        if at_end:
-            at_end.sort()
-            self._merge_into_stable(slot, [pages[i] for i, _ in at_end], [pfns[i] for i, _ in at_end],
-                                    [nid for _, nid in at_end])
+        if end_index:
+            index = np.array(end_index, np.intp)
+            order = np.argsort(index)
+            index = index[order]
+            self._merge_into_stable_bulk(slot, np.array(pages, np.int64)[index], np.array(pfns, np.int64)[index],
+                                         np.array(end_nid, np.int64)[order])
         if pairs:
             self._merge_pairs(slot, pairs)
 
@@ -674,6 +681,14 @@ class Scanner:
             if kgens[k] >= 0 and not merged[k]:
                 with table.mm_lock:
                     with_frames(break_ksm, table, page)
+
+    def _merge_into_stable_bulk(self, slot: MmSlot, pages: npt.NDArray[np.int64], pfns: npt.NDArray[np.int64],
+                                nids: npt.NDArray[np.int64]) -> None:
+        """_merge_into_stable for many pages (ascending), in chunks: lists of Python ints
+        cost 36 bytes an element while they live, and the scanner's memory peaks here."""
+        for c in range(0, len(pages), _MERGE_CHUNK):
+            self._merge_into_stable(slot, pages[c:c + _MERGE_CHUNK].tolist(), pfns[c:c + _MERGE_CHUNK].tolist(),
+                                    nids[c:c + _MERGE_CHUNK].tolist())
 
     def _merge_into_stable(self, slot: MmSlot, pages: list[int], pfns: list[int], nids: list[int]) -> None:
         """Merge pages[k] (ascending, mapping pfns[k]) into the KSM page of node nids[k]; append those that merged."""
