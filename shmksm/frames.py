@@ -169,8 +169,10 @@ class Frames:
         """free() for a caller that holds the allocator lock."""
         cv = self.cv
         nx = self.nx
-        self.gn[pfn] = (self.gn[pfn] + 1) & 0xFFFFFFFF
+        # WAITING before the new generation: a reader without locks (a shadow's
+        # vCPU) that sees the new generation sees the frame waiting, not reused.
         self.fl[pfn] = WAITING
+        self.gn[pfn] = (self.gn[pfn] + 1) & 0xFFFFFFFF
         epoch = cv[_EPOCH] & 0xFFFFFFFF
         self.mc[pfn] = epoch - ((epoch & 0x80000000) << 1)
         nx[pfn] = -1
@@ -300,8 +302,8 @@ class Frames:
                 self._check_private(pfns[bad[0]])
             cv = self.cv
             epoch = cv[_EPOCH] & 0xFFFFFFFF
+            self.flags[idx] = WAITING  # before the new generation, as in free_locked
             self.gen[idx] += np.uint32(1)  # wraps, as free_locked's & 0xFFFFFFFF
-            self.flags[idx] = WAITING
             self.mapcount[idx] = epoch - ((epoch & 0x80000000) << 1)
             self.next[idx[:-1]] = idx[1:]  # linked in order, then onto the waiting list's tail
             self.next[idx[-1]] = -1

@@ -92,6 +92,14 @@ def ptl_runs(pages: list[int]) -> Iterator[tuple[int, int]]:
         i = j
 
 
+def _watched(notifier: Any, gid: int) -> bool:
+    """Does a notifier watch guest ``gid``?  Asked under each run's PTL, as
+    set_pte_at_notify asks at each change: a shadow registered since an
+    earlier run may have filled entries of this one, and must hear of its
+    changes (its records go out together at the end of the run, PTL held)."""
+    return notifier is not None and notifier.active(gid)
+
+
 def make_ksm_pages(table: PageTable, pages: list[int], pfns: list[int]) -> list[int]:
     """make_ksm_page for several pages of one guest (ascending); their generations, -1 where not.
 
@@ -102,13 +110,13 @@ def make_ksm_pages(table: PageTable, pages: list[int], pfns: list[int]) -> list[
     frame_locks: list[Any] = frames.frame_locks
     nlocks = len(frame_locks)
     notifier, gid = table.notifier, table.gid
-    watched = notifier is not None and notifier.active(gid)
     gens = [-1] * len(pages)
     for i, j in ptl_runs(pages):
         records: list[tuple[int, int, int]] = []
         lock = table.ptl(pages[i])
         lock.acquire()  # type: ignore[attr-defined]
         try:
+            watched = _watched(notifier, gid)
             for k, page, pfn in zip(range(i, j), pages[i:j], pfns[i:j], strict=True):
                 pte = pv[page]
                 if pte & _MERGEABLE_MASK != PRESENT or pte & PFN_MASK != pfn or mc[pfn] != 1 or fl[pfn] & FRAME_KSM:
@@ -178,8 +186,6 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
     frame_locks: list[Any] = frames.frame_locks
     nlocks = len(frame_locks)
     notifier, gid = table.notifier, table.gid
-    # The notifier records of a run go out together, still under its PTL.
-    watched = notifier is not None and notifier.active(gid)
     merged = [False] * len(pages)
     dropped: list[int] = []
     # The last KSM page read, kept for the next page that merges into it.  Only
@@ -192,6 +198,7 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
             lock = table.ptl(pages[i])
             lock.acquire()  # type: ignore[attr-defined]
             try:
+                watched = _watched(notifier, gid)
                 for k, page, pfn, kpfn, kgen in zip(range(i, j), pages[i:j], pfns[i:j], kpfns[i:j], kgens[i:j],
                                                     strict=True):
                     pte = pv[page]
