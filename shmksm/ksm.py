@@ -191,7 +191,7 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
     # The last KSM page read, kept for the next page that merges into it.  Only
     # one: 4 KiB objects kept by the hundred grow the heap, which glibc gives
     # back when they go, and the next batch faults it in again.
-    kb_pfn, kb = -1, b""
+    kb_pfn, kb_gen, kb = -1, -1, b""
     try:
         for i, j in ptl_runs(pages):
             records: list[tuple[int, int, int]] = []
@@ -214,8 +214,8 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
                     try:
                         if gn[kpfn] != kgen or not fl[kpfn] & FRAME_KSM or mc[kpfn] <= 0:
                             continue
-                        if kpfn != kb_pfn:
-                            kb_pfn, kb = kpfn, mm[kpfn << 12:(kpfn + 1) << 12]
+                        if kpfn != kb_pfn or kgen != kb_gen:  # one life of a KSM page: one content
+                            kb_pfn, kb_gen, kb = kpfn, kgen, mm[kpfn << 12:(kpfn + 1) << 12]
                         if mm[pfn << 12:(pfn + 1) << 12] != kb:
                             continue
                         mc[kpfn] += 1
