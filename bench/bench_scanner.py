@@ -12,7 +12,9 @@ ratios are printed.  Sections:
               CPU seconds over the same span;
 * merged    — the same over 200,000 identical pages once merged;
 * memory    — the scanner's private resident memory (RssAnon) per mergeable
-              page at 1M pages (8 guests of 512 MiB), which must converge.
+              page at 1M pages (8 guests of 512 MiB), which must converge;
+              an idle scanner's RssAnon (the interpreter and its modules)
+              is printed beside it.
 
     python bench/bench_scanner.py [--sections converge,unique,merged,memory] [--repeat 3] [--json FILE]
 """
@@ -102,11 +104,23 @@ def memory(guests: int = 8, pages_per_guest: int = 131072) -> dict[str, Any]:
         wall = time.perf_counter() - t0
     pages = r["pages"]
     return {"pages": pages, "guests": guests, "rss_anon_kb": r["ksmd_rss_anon_kb"],
+            "idle_rss_anon_kb": _idle_scanner_rss_kb(),
             "bytes_per_page": round(r["ksmd_rss_anon_kb"] * 1024 / pages, 1),
             "converged_full_scans": r["converged"]["full_scans"],
             "counters_equal_ideal": (r["ksm"]["pages_shared"], r["ksm"]["pages_sharing"])
             == (best.pages_shared, best.pages_sharing),
             "ksmd_cpu_seconds": r["converged"]["ksmd_cpu_seconds"], "wall_seconds_with_loading": round(wall, 1)}
+
+
+def _idle_scanner_rss_kb() -> int:
+    """RssAnon of a scanner that has scanned nothing: the interpreter, numpy and xxhash."""
+    with Machine(frames=1024) as machine:
+        deadline = time.monotonic() + 10
+        while not machine.system.get("scanner_pid") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        with open(f"/proc/{machine.system.get('scanner_pid')}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
 
 
 def main() -> int:
@@ -134,8 +148,8 @@ def main() -> int:
             print(f"; kernel {r['kernel']['pages_per_cpu_second']:,} pages/CPU-s" if kernel else "")
     if "memory" in sections:
         r = results["memory"] = memory()
-        print(f"memory: {r['bytes_per_page']} bytes of scanner RssAnon per page at {r['pages']:,} pages; "
-              f"converged at full scan {r['converged_full_scans']}, "
+        print(f"memory: {r['bytes_per_page']} bytes of scanner RssAnon per page at {r['pages']:,} pages "
+              f"(an idle scanner's: {r['idle_rss_anon_kb']:,} kB); converged at full scan {r['converged_full_scans']}, "
               f"counters equal the ideal: {r['counters_equal_ideal']}")
     if a.json:
         with open(a.json, "w") as f:

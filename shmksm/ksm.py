@@ -173,6 +173,9 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
                   kpfns: list[int], kgens: list[int]) -> list[bool]:
     """replace_page for several pages of one guest, page k into KSM page (kpfns[k], kgens[k]).
 
+    A kpfn of ZERO_PFN maps KSM's zero page instead, if the page is still all
+    zeros (replace_with_zero_page).
+
     Returns which ones merged.  ``pages`` ascend.  The same steps as
     :func:`replace_page` for every page (write_protect_page inlined), with
     the locks amortized: each run of pages under one page-table lock is done
@@ -209,19 +212,24 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
                         pv[page] = pte
                         if watched:
                             records.extend(notifier.change_records(page, pte))
-                    klock = frame_locks[kpfn % nlocks]
-                    klock.acquire()
-                    try:
-                        if gn[kpfn] != kgen or not fl[kpfn] & FRAME_KSM or mc[kpfn] <= 0:
+                    if kpfn == ZERO_PFN:  # use_zero_pages: the zero page, which no one counts
+                        if mm[pfn << 12:(pfn + 1) << 12] != ZERO_BYTES:
                             continue
-                        if kpfn != kb_pfn or kgen != kb_gen:  # one life of a KSM page: one content
-                            kb_pfn, kb_gen, kb = kpfn, kgen, mm[kpfn << 12:(kpfn + 1) << 12]
-                        if mm[pfn << 12:(pfn + 1) << 12] != kb:
-                            continue
-                        mc[kpfn] += 1
-                    finally:
-                        klock.release()
-                    new = kpfn | _KSM_PRESENT | (pte & _DIRTY_YOUNG)
+                        new = KSM_ZERO_PTE
+                    else:
+                        klock = frame_locks[kpfn % nlocks]
+                        klock.acquire()
+                        try:
+                            if gn[kpfn] != kgen or not fl[kpfn] & FRAME_KSM or mc[kpfn] <= 0:
+                                continue
+                            if kpfn != kb_pfn or kgen != kb_gen:  # one life of a KSM page: one content
+                                kb_pfn, kb_gen, kb = kpfn, kgen, mm[kpfn << 12:(kpfn + 1) << 12]
+                            if mm[pfn << 12:(pfn + 1) << 12] != kb:
+                                continue
+                            mc[kpfn] += 1
+                        finally:
+                            klock.release()
+                        new = kpfn | _KSM_PRESENT | (pte & _DIRTY_YOUNG)
                     pv[page] = new
                     if watched:
                         records.extend(notifier.change_records(page, new))

@@ -60,7 +60,7 @@ import xxhash
 
 from . import ksm
 from .frames import KSM as FRAME_KSM
-from .frames import PAGE_SIZE
+from .frames import PAGE_SIZE, ZERO_PFN
 from .guest import break_ksm, unmerge_range, with_frames
 from .keytable import KeyTable
 from .pagetable import H_MERGING, H_RMAP_ITEMS, KSM, PFN_MASK, PRESENT, UNMAPPED, ZERO, PageTable
@@ -546,6 +546,12 @@ class Scanner:
         repeats = repeats[inverse]  # pages of each page's content in the batch
         zero = keys == np.uint64(ZERO_CHECKSUM) if use_zero else np.zeros(len(keys), np.bool_)  # their own path
         slow = (heads >= 0) | (unstable.lookup(keys) >= 0) | (repeats > 1) | zero
+        if use_zero and zero.any():
+            # use_zero_pages: empty pages go to the zero page together; one that
+            # did not (its content changed) goes on through cmp_and_merge_page.
+            at = np.flatnonzero(zero)
+            done = np.array(self._merge_into_zero(slot, pages[steady[at]].tolist(), pfns[steady[at]].tolist()))
+            slow[at[done]] = False
         # A content whose newest dup is live, with room for every page of it in
         # the batch: that is the dup cmp_and_merge_page would take for each in
         # turn, and nothing else in the batch changes it.  Merged in bulk.
@@ -559,7 +565,7 @@ class Scanner:
             slow[into] = False
             at = steady[into]
             self._merge_into_stable_bulk(slot, pages[at], pfns[at], nids)
-        fast = np.flatnonzero(~slow & (heads < 0))
+        fast = np.flatnonzero(~slow & (heads < 0) & ~zero)
         if len(fast):
             fast_pages = pages[steady[fast]]
             unstable.insert_new(keys[fast], (fast_pages | (slot.gid << REF_SHIFT)).astype(np.int32))
@@ -681,6 +687,19 @@ class Scanner:
             if kgens[k] >= 0 and not merged[k]:
                 with table.mm_lock:
                     with_frames(break_ksm, table, page)
+
+    def _merge_into_zero(self, slot: MmSlot, pages: list[int], pfns: list[int]) -> list[bool]:
+        """replace_with_zero_page for pages (ascending) still mergeable; which merged."""
+        table = slot.table
+        merged = [False] * len(pages)
+        with table.mm_lock:  # find_mergeable_vma
+            keep = table.mergeable_indices(pages)
+            done = ksm.replace_pages(table, [pages[k] for k in keep], [pfns[k] for k in keep],
+                                     [ZERO_PFN] * len(keep), [0] * len(keep))
+        for k, ok in zip(keep, done, strict=True):
+            merged[k] = ok
+        self.zero_merges += sum(done)
+        return merged
 
     def _merge_into_stable_bulk(self, slot: MmSlot, pages: npt.NDArray[np.int64], pfns: npt.NDArray[np.int64],
                                 nids: npt.NDArray[np.int64]) -> None:

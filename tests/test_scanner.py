@@ -141,6 +141,23 @@ def test_batches_and_full_scans_in_process(machine: shmksm.Machine) -> None:
     assert (c["pages_shared"], c["pages_sharing"], c["full_scans"], c["pages_scanned"]) == (1, 9, 2, 20)
 
 
+def test_zero_pages_in_the_batch_that_maps_them(machine: shmksm.Machine) -> None:
+    """use_zero_pages: empty pages go to the zero page in the pass that merges them, and on no tree."""
+    machine.ksm.use_zero_pages = 1
+    guest = machine.add_guest(pages=12)
+    view = guest.view()
+    for page, key in enumerate([0, 0, 0, 0, 0, 0, 1, 1, 2, 3, 0, 4]):
+        view.write(page * PAGE_SIZE, content(key) if key else bytes(PAGE_SIZE))
+    view.madvise(0, 12 * PAGE_SIZE, MADV_MERGEABLE)
+    scanner = Scanner(machine.system)
+    scanner.do_scan(100)
+    scanner.do_scan(100)
+    assert scanner.full_scans == 2
+    c = machine.ksm.counters()
+    assert (c["ksm_zero_pages"], c["pages_shared"], c["pages_sharing"], c["pages_unshared"]) == (7, 1, 1, 3), c
+    assert view.read(0, 6 * PAGE_SIZE) == bytes(6 * PAGE_SIZE)
+
+
 def test_a_page_that_keeps_changing_is_never_merged(machine: shmksm.Machine) -> None:
     machine.ksm.smart_scan = 0
     guest = machine.add_guest(pages=4)

@@ -241,6 +241,7 @@ def test_zero_pages(use_zero_pages: int) -> None:
         ptes = machine.system.table(guest.id).ptes
         if use_zero_pages:
             assert (c["pages_shared"], c["pages_sharing"], c["ksm_zero_pages"]) == (0, 0, n), c
+            assert c["pages_unshared"] == 0, "a page on the zero page is on no tree"
             assert stat["ksm_zero_pages"] == n
             assert ((ptes & np.uint64(ZERO | KSM)) == np.uint64(ZERO | KSM)).all()
             # A page mapped to the zero page is not anonymous memory any more: its rmap item goes.
