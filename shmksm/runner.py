@@ -92,9 +92,9 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
             "knobs": {k: getattr(machine.ksm, k) for k in ("pages_to_scan", "sleep_millisecs", "max_page_sharing",
                                                            "use_zero_pages", "smart_scan")},
             "ksm": final,
-            # seconds and CPU as the look every 5 ms saw them, as realksm.py
-            # counts the kernel's; the full scan from ksmd's own record: a look
-            # can come a full scan late when one takes less than 5 ms.
+            # seconds and CPU as the look every 5 ms saw them, as the kernel-side
+            # runner counts the kernel's; the full scan from ksmd's own record: a
+            # look can come a full scan late when one takes less than 5 ms.
             "converged": {"seconds": round(converged_at[0], 4),
                           "full_scans": system.get("scanner_settled_scan"),
                           "ksmd_cpu_seconds": round(converged_at[2] / 1e9, 3)},

@@ -23,9 +23,10 @@ What is emulated, and how
 -------------------------
 * Trees keyed by content: both trees are keyed by a 64-bit xxh3 checksum of
   the page instead of by memcmp order (the rmap item keeps its low 32 bits,
-  the kernel's ``oldchecksum``, to see whether the page changed).  A key is only a hint, exactly as a
-  tree position is: every merge compares the bytes.  Two different contents
-  with one key (an xxh3 collision) can only cost a missed merge.
+  the kernel's ``oldchecksum``, to see whether the page changed).  A key is
+  only a hint, exactly as a tree position is: every merge compares the bytes.
+  Two different contents with one key (an xxh3 collision) can only cost a
+  missed merge.
 * The rmap items are per-guest numpy arrays (state, checksum, stable node,
   smart-scan age and skips): ``RMAP_ITEM_BYTES`` bytes per page.
 * Stable node chains: one content with more than ``max_page_sharing``

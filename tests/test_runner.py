@@ -1,4 +1,4 @@
-"""shmksm.runner.run_images: memory images under ksmd reach the brute-force ideal, in realksm.py's report."""
+"""shmksm.runner.run_images: images under ksmd reach the brute-force ideal, in the kernel-side runner's report."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from shmksm.runner import run_images
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 
-# The report of ../shared/tools/realksm.py, key by key.
+# The report of the kernel-side runner (bench/kernel_ksm.py), key by key.
 REALKSM_KEYS = {"source", "kernel", "images", "pages", "knobs", "ksm", "converged", "wall_seconds",
                 "ksmd_cpu_seconds", "timeline"}
 REALKSM_COUNTERS = {"pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned",
@@ -142,7 +142,7 @@ def test_the_counters_settle_at_the_second_full_scan(images: list[str], monkeypa
     assert first_merge["full_scans"] >= 1, "nothing merges before the first full scan is over"
 
 
-def test_the_report_has_realksms_keys(images: list[str]) -> None:
+def test_the_report_has_the_kernel_runners_keys(images: list[str]) -> None:
     report = run_images(images, knobs={"pages_to_scan": 1000, "sleep_millisecs": 0}, timeout=60)
     assert set(report) >= REALKSM_KEYS
     assert set(report["ksm"]) == REALKSM_COUNTERS
