@@ -92,12 +92,26 @@ def ptl_runs(pages: list[int]) -> Iterator[tuple[int, int]]:
         i = j
 
 
-def _watched(notifier: Any, gid: int) -> bool:
-    """Does a notifier watch guest ``gid``?  Asked under each run's PTL, as
-    set_pte_at_notify asks at each change: a shadow registered since an
-    earlier run may have filled entries of this one, and must hear of its
-    changes (its records go out together at the end of the run, PTL held)."""
-    return notifier is not None and notifier.active(gid)
+@contextmanager
+def _run_locked(table: PageTable, page: int) -> Iterator[list[tuple[int, int, int]] | None]:
+    """Hold the PTL of ``page``'s run; yield the list its notifier records go in.
+
+    None when no notifier watches the guest: asked under the PTL, as
+    set_pte_at_notify asks at each change, so a shadow registered since an
+    earlier run, which may have filled entries of this one, hears of its
+    changes.  The records go out together at the end, the PTL still held.
+    """
+    notifier = table.notifier
+    lock = table.ptl(page)
+    lock.acquire()  # type: ignore[attr-defined]
+    records: list[tuple[int, int, int]] | None = None
+    try:
+        records = [] if notifier is not None and notifier.active(table.gid) else None
+        yield records
+    finally:
+        if records:
+            notifier.emit_many(records, table.gid)
+        lock.release()  # type: ignore[attr-defined]
 
 
 def make_ksm_pages(table: PageTable, pages: list[int], pfns: list[int]) -> list[int]:
@@ -109,21 +123,17 @@ def make_ksm_pages(table: PageTable, pages: list[int], pfns: list[int]) -> list[
     mc, fl, gn, pv = frames.mc, frames.fl, frames.gn, table.pv
     frame_locks: list[Any] = frames.frame_locks
     nlocks = len(frame_locks)
-    notifier, gid = table.notifier, table.gid
+    notifier = table.notifier
     gens = [-1] * len(pages)
     for i, j in ptl_runs(pages):
-        records: list[tuple[int, int, int]] = []
-        lock = table.ptl(pages[i])
-        lock.acquire()  # type: ignore[attr-defined]
-        try:
-            watched = _watched(notifier, gid)
+        with _run_locked(table, pages[i]) as records:
             for k, page, pfn in zip(range(i, j), pages[i:j], pfns[i:j], strict=True):
                 pte = pv[page]
                 if pte & _MERGEABLE_MASK != PRESENT or pte & PFN_MASK != pfn or mc[pfn] != 1 or fl[pfn] & FRAME_KSM:
                     continue
                 if pte & WRITE:
                     pte &= _NOT_WRITE
-                    if watched:
+                    if records is not None:
                         records.extend(notifier.change_records(page, pte))
                 klock = frame_locks[pfn % nlocks]
                 klock.acquire()
@@ -131,10 +141,6 @@ def make_ksm_pages(table: PageTable, pages: list[int], pfns: list[int]) -> list[
                 gens[k] = gn[pfn]
                 klock.release()
                 pv[page] = pte | KSM
-        finally:
-            if records:
-                notifier.emit_many(records, gid)
-            lock.release()  # type: ignore[attr-defined]
     return gens
 
 
@@ -188,7 +194,7 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
     mm, mc, fl, gn, pv = frames.mm, frames.mc, frames.fl, frames.gn, table.pv
     frame_locks: list[Any] = frames.frame_locks
     nlocks = len(frame_locks)
-    notifier, gid = table.notifier, table.gid
+    notifier = table.notifier
     merged = [False] * len(pages)
     dropped: list[int] = []
     # The last KSM page read, kept for the next page that merges into it.  Only
@@ -197,11 +203,7 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
     kb_pfn, kb_gen, kb = -1, -1, b""
     try:
         for i, j in ptl_runs(pages):
-            records: list[tuple[int, int, int]] = []
-            lock = table.ptl(pages[i])
-            lock.acquire()  # type: ignore[attr-defined]
-            try:
-                watched = _watched(notifier, gid)
+            with _run_locked(table, pages[i]) as records:
                 for k, page, pfn, kpfn, kgen in zip(range(i, j), pages[i:j], pfns[i:j], kpfns[i:j], kgens[i:j],
                                                     strict=True):
                     pte = pv[page]
@@ -210,7 +212,7 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
                     if pte & WRITE:
                         pte &= _NOT_WRITE
                         pv[page] = pte
-                        if watched:
+                        if records is not None:
                             records.extend(notifier.change_records(page, pte))
                     if kpfn == ZERO_PFN:  # use_zero_pages: the zero page, which no one counts
                         if mm[pfn << 12:(pfn + 1) << 12] != ZERO_BYTES:
@@ -231,14 +233,10 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
                             klock.release()
                         new = kpfn | _KSM_PRESENT | (pte & _DIRTY_YOUNG)
                     pv[page] = new
-                    if watched:
+                    if records is not None:
                         records.extend(notifier.change_records(page, new))
                     merged[k] = True
                     dropped.append(pfn)
-            finally:
-                if records:
-                    notifier.emit_many(records, gid)
-                lock.release()  # type: ignore[attr-defined]
     finally:
         if dropped:
             frames.drop_private(dropped)

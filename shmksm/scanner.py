@@ -366,18 +366,10 @@ class Scanner:
 
     def _append(self, slot: MmSlot, page: int, nid: int) -> None:
         """stable_tree_append: the item of ``page`` joins node ``nid``."""
-        count = self.stable.count_v
-        if count[nid]:
-            self.pages_sharing += 1
-        else:
-            self.pages_shared += 1
-        count[nid] += 1
-        slot.state_v[page] = STABLE
-        slot.node_v[page] = nid
-        slot.merging += 1
+        self._append_many(slot, [page], [nid])
 
     def _append_many(self, slot: MmSlot, pages: list[int], nids: list[int]) -> None:
-        """_append for each (page, node) pair."""
+        """stable_tree_append for each (page, node) pair."""
         count = self.stable.count_v
         state, node = slot.state_v, slot.node_v
         first = 0  # pages that made their node's KSM page shared
