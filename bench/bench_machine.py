@@ -42,9 +42,10 @@ import numpy as np
 from report import Row, exit_code, print_table, write_json
 
 import shmksm
-from shmksm import frames as frames_mod
-from shmksm import ksm, pagetable, segments
-from shmksm.pagetable import PFN_MASK
+from shmksm._ksm import ksm
+from shmksm._mm import frames as frames_mod
+from shmksm._mm import pagetable, segments
+from shmksm._mm.pagetable import PFN_MASK
 
 PAGE = shmksm.PAGE_SIZE
 HOT_PAGES = 64  # pages cycled through by the write loops: 256 KiB, cache-resident on both sides

@@ -54,10 +54,10 @@ import numpy.typing as npt
 from report import Row, exit_code, print_table, write_json
 
 import shmksm
-from shmksm import mmu_notifier as mn
-from shmksm.frames import PAGE_SIZE
-from shmksm.locks import default_context
-from shmksm.system import System
+from shmksm._mm import mmu_notifier as mn
+from shmksm._mm.frames import PAGE_SIZE
+from shmksm._mm.locks import default_context
+from shmksm._mm.system import System
 
 GUEST_PAGES = 4096  # pages of the guest whose records the producers emit
 _POLL = 0.00005

@@ -30,11 +30,11 @@ import time
 from typing import Any
 
 import kernel_ksm
+from shmksm.workers.guest_image import load_image
 
 from shmksm import Machine
-from shmksm.images import MIXES, Mix, ideal, write_mix
-from shmksm.runner import run_images
-from workers.guest_image import load_image
+from shmksm.tool.images import MIXES, Mix, ideal, write_mix
+from shmksm.tool.runner import run_images
 
 KNOBS = {"pages_to_scan": 1000, "sleep_millisecs": 0, "max_page_sharing": 256, "use_zero_pages": 0, "smart_scan": 1}
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the same memory images on shmksm and, where it is available, on the real KSM.
 
-For each mix (see shmksm.images.MIXES) it writes the images, counts the ideal
+For each mix (see shmksm.tool.images.MIXES) it writes the images, counts the ideal
 by brute force, runs them under shmksm's ksmd and under the kernel's, and
 prints the counters side by side with the CPU each scanner spent to converge.
 
@@ -18,8 +18,8 @@ from typing import Any
 
 import kernel_ksm
 
-from shmksm.images import MIXES, ideal, write_mix
-from shmksm.runner import run_images
+from shmksm.tool.images import MIXES, ideal, write_mix
+from shmksm.tool.runner import run_images
 
 COMPARED = ("pages_shared", "pages_sharing", "ksm_zero_pages", "stable_node_chains", "stable_node_dups")
 

@@ -11,8 +11,8 @@ ksmd on the images and shows how fast it gets there.
 import sys
 import tempfile
 
-from shmksm.images import MIXES, ideal, write_mix
-from shmksm.runner import run_images
+from shmksm.tool.images import MIXES, ideal, write_mix
+from shmksm.tool.runner import run_images
 
 
 def study(paths):

@@ -10,7 +10,7 @@ no change_pte at all (2024).
     python examples/notifier_eras.py
 """
 
-from shmksm.experiments import notifier_experiment
+from shmksm.tool.experiments import notifier_experiment
 
 if __name__ == "__main__":
     result = notifier_experiment(guests=2, pages=512, shadows=2)

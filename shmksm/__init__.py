@@ -1,5 +1,6 @@
 """shmksm: Linux KSM and MMU notifiers, emulated with real processes and real shared memory."""
 
+from ._mm.frames import PAGE_SIZE
 from .errors import (
                      AddressError,
                      CheckError,
@@ -13,7 +14,6 @@ from .errors import (
                      ShmksmError,
                      UsageError,
 )
-from .frames import PAGE_SIZE
 from .guest import MADV_MERGEABLE, MADV_UNMERGEABLE, GuestView
 from .machine import Death, Guest, Machine, Worker
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import segments
+from ._mm import segments
 from .errors import ShmksmError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -56,8 +56,8 @@ def _check_size(guests: int, pages: int) -> None:
     """Refuse, before building anything, guests the machine could never hold."""
     import shutil
 
-    from .control import MAX_GUESTS
-    from .scanner import MAX_GUEST_PAGES
+    from ._ksm.scanner import MAX_GUEST_PAGES
+    from ._mm.control import MAX_GUESTS
 
     if guests > MAX_GUESTS:
         raise click.UsageError(f"at most {MAX_GUESTS} guests, not {guests}")
@@ -140,8 +140,8 @@ def run(images: tuple[str, ...], scenario: str | None, guests: int, pages_to_sca
     """
     import tempfile
 
-    from .images import MIXES, image_pages, write_mix
-    from .runner import run_images
+    from .tool.images import MIXES, image_pages, write_mix
+    from .tool.runner import run_images
 
     del until  # the only mode; --scans and --seconds stop earlier
     if bool(images) == bool(scenario):
@@ -172,7 +172,7 @@ def run(images: tuple[str, ...], scenario: str | None, guests: int, pages_to_sca
     if json_file is not None:
         _write_json(json_file, report)
     if plot:
-        from .plots import plot_timeline
+        from .tool.plots import plot_timeline
 
         plot_timeline(report, plot)
     if json_file is None and csv_file is None:
@@ -199,7 +199,7 @@ def write_timeline_csv(timeline: list[dict[str, Any]], out: Any) -> None:
 def _check_plot_path(path: str) -> None:
     import os
 
-    from .plots import require_matplotlib
+    from .tool.plots import require_matplotlib
 
     require_matplotlib()
     folder = os.path.dirname(os.path.abspath(path))
@@ -225,13 +225,13 @@ def estimate(images: tuple[str, ...], max_page_sharing: int, scheduler: str | No
     import resource
     import time
 
-    from .images import ideal, image_pages
+    from .tool.images import ideal, image_pages
 
     total = sum(image_pages(p) for p in images)
     out = _open_output(json_out) if json_out else None
     t0 = time.perf_counter()
     if scheduler:
-        from .fleet import ideal_on_cluster
+        from .tool.fleet import ideal_on_cluster
 
         best = ideal_on_cluster(list(images), scheduler, max_page_sharing)
     else:
@@ -301,10 +301,10 @@ def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool, shadows
     """A host with VM-like guests and shadow MMUs under ksmd, live counters, then what merging saved."""
     import time
 
-    from workers.guest_vm import run_vm
+    from shmksm.workers.guest_vm import run_vm
 
+    from ._ksm.sysfs import counters
     from .machine import Machine
-    from .sysfs import counters
 
     if plot:
         _check_plot_path(plot)
@@ -343,7 +343,7 @@ def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool, shadows
         results = [w.join() for w in workers]
         shadow_stats = [mmu.stop() for mmu in mmus]
         if plot:
-            from .plots import plot_timeline
+            from .tool.plots import plot_timeline
 
             shown = ("pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages")
             plot_timeline({"timeline": timeline, "pages": total,
@@ -395,7 +395,7 @@ def experiment_notifier(guests: int, pages: int, shadows: int, eras: tuple[str, 
     invalidate_range_start/end finds nothing to update; 2024: invalidate
     only; interval: the interval notifier.
     """
-    from .experiments import notifier_experiment
+    from .tool.experiments import notifier_experiment
 
     if shadows > 16:
         raise click.BadParameter("at most 16 shadow workers", param_hint="--shadows")
@@ -409,7 +409,7 @@ def experiment_notifier(guests: int, pages: int, shadows: int, eras: tuple[str, 
         _check_plot_path(plot)
     result = notifier_experiment(guests, pages, shadows, eras or ("2009", "2012", "2024", "interval"), progress)
     if plot:
-        from .plots import plot_eras
+        from .tool.plots import plot_eras
 
         plot_eras(result, plot)
     if out is not None:
@@ -425,7 +425,7 @@ def experiment_notifier(guests: int, pages: int, shadows: int, eras: tuple[str, 
 
 
 def _attached(machine: str | None) -> Any:
-    from .sysfs import AttachedKsm, running_machines
+    from ._ksm.sysfs import AttachedKsm, running_machines
 
     if machine is None:
         found = running_machines()
@@ -490,10 +490,10 @@ def stress(guests: int, pages: int, seconds: float, writes: int | None, shadows:
     """
     import time
 
-    from workers.guest_random import run as random_workload
+    from shmksm.workers.guest_random import run as random_workload
 
+    from ._ksm.sysfs import counters
     from .machine import Machine
-    from .sysfs import counters
 
     _check_size(guests, pages)
     total = guests * pages
@@ -554,8 +554,8 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
 def experiment_sweep(knob: str, values: list[int], runs: int, scenario: str, guests: int, jobs: int | None,
                      json_out: str | None, plot: str | None) -> None:
     """Vary one knob over values; report convergence time, scanner CPU and memory saved."""
-    from .experiments import sweep
-    from .sysfs import parse_knob
+    from ._ksm.sysfs import parse_knob
+    from .tool.experiments import sweep
 
     for v in values:
         if knob == "guests":
@@ -571,7 +571,7 @@ def experiment_sweep(knob: str, values: list[int], runs: int, scenario: str, gue
     with click.progressbar(length=len(values) * runs, label=f"sweeping {knob}", file=sys.stderr) as bar:
         result = sweep(knob, values, runs, scenario, guests, jobs=jobs, progress=lambda v, r: bar.update(1))
     if plot:
-        from .plots import plot_sweep
+        from .tool.plots import plot_sweep
 
         plot_sweep(result, plot)
     if out is not None:

@@ -7,30 +7,26 @@ through its MMU: the view never holds a writable mapping of a frame.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Final
 
 import numpy as np
 
-from . import control
-from .errors import AddressError, DataTypeError, OutOfFrames, UsageError
-from .frames import PAGE_SIZE, FramesPending
-from .pagetable import (
+from ._ksm.ksm import unmerge_range
+from ._mm.frames import PAGE_SIZE, FramesPending, with_frames
+from ._mm.pagetable import (
     DIRTY,
     H_MERGE_ANY,
     HIGH_READ_MASK,
     HIGH_READABLE,
     HIGH_WRITABLE,
-    KSM,
     PFN_MASK,
     PRESENT,
-    UNMAPPED,
     WRITE,
     YOUNG,
-    ZERO,
     PageTable,
 )
-from .system import System
+from ._mm.system import System
+from .errors import AddressError, DataTypeError, UsageError
 
 MADV_MERGEABLE: Final = 12
 MADV_UNMERGEABLE: Final = 13
@@ -38,7 +34,6 @@ _ADVICE_NAMES: Final = {MADV_MERGEABLE: "MADV_MERGEABLE", MADV_UNMERGEABLE: "MAD
 _DIRTY_YOUNG: Final = DIRTY | YOUNG
 _UINT8: Final = np.dtype(np.uint8)
 _NDARRAY: Final = np.ndarray  # one global load instead of a module attribute on the hot path
-_FRAME_WAIT_SECONDS: Final = 5.0
 
 
 def as_bytes_view(data: Any) -> memoryview:
@@ -62,24 +57,6 @@ def _check_addr(addr: Any, name: str = "address") -> int:
     if isinstance(addr, bool) or not isinstance(addr, (int, np.integer)):
         raise AddressError(f"{name} must be an integer, not {type(addr).__name__}")
     return int(addr)
-
-
-def with_frames(op: Any, *args: Any) -> Any:
-    """Run ``op(*args)``, retrying while freed frames wait for acknowledgments.
-
-    ``op`` raises FramesPending with no lock held; the wait happens unlocked.
-    """
-    deadline = time.monotonic() + _FRAME_WAIT_SECONDS
-    delay = 0.0005
-    while True:
-        try:
-            return op(*args)
-        except FramesPending:
-            if time.monotonic() > deadline:
-                raise OutOfFrames("out of frames: dropped frames were never acknowledged by the shadow workers"
-                                  ) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
 
 
 class GuestView:
@@ -339,7 +316,7 @@ class GuestView:
 
     def ksm_stat(self) -> dict[str, int]:
         """This guest's /proc/PID/ksm_stat."""
-        from .sysfs import guest_ksm_stat
+        from ._ksm.sysfs import guest_ksm_stat
 
         return guest_ksm_stat(self.system, self.gid)
 
@@ -367,31 +344,4 @@ def _subtract(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple
     return out
 
 
-def unmerge_range(table: PageTable, start: int, end: int) -> int:
-    """Break every KSM mapping in ``[start, end)`` (break_ksm); return how many.
-
-    Takes each page's PTL; waits unlocked when frames are pending reclamation.
-    """
-    ptes = table.ptes
-    candidates = np.flatnonzero((ptes[start:end] & np.uint64(KSM | PRESENT)) == np.uint64(KSM | PRESENT)) + start
-    broken = 0
-    for page in candidates.tolist():
-        broken += with_frames(break_ksm, table, page)
-    return broken
-
-
-def break_ksm(table: PageTable, page: int) -> int:
-    """Give ``page`` a private copy if it maps a KSM page (or KSM's zero page); return 1 if so."""
-    with table.ptl(page):  # type: ignore[attr-defined]
-        pte = table.pv[page]
-        if pte & (KSM | PRESENT | UNMAPPED) != KSM | PRESENT:
-            return 0
-        if pte & ZERO:
-            table.handle_write_fault(page)
-            table.pv[page] &= ~DIRTY
-        else:
-            table.cow(page, pte, dirty=False)
-        return 1
-
-
-__all__ = ["GuestView", "MADV_MERGEABLE", "MADV_UNMERGEABLE", "control"]
+__all__ = ["MADV_MERGEABLE", "MADV_UNMERGEABLE", "GuestView"]

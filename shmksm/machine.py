@@ -30,16 +30,16 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from . import check as checker
-from . import control, mmu_notifier, segments
+from ._ksm.scanner import MAX_GUEST_PAGES
+from ._ksm.sysfs import Ksm, guest_ksm_stat
+from ._kvm.secondary import ShadowMMU, clear_flush_young
+from ._mm import check as checker
+from ._mm import control, mmu_notifier, segments
+from ._mm.frames import PAGE_SIZE
+from ._mm.locks import STUCK_SECONDS, LocksBusy, LockTable, default_context
+from ._mm.system import System, SystemSpec
 from .errors import ProcessDied, UsageError
-from .frames import PAGE_SIZE
 from .guest import GuestView
-from .locks import STUCK_SECONDS, LocksBusy, LockTable, default_context
-from .scanner import MAX_GUEST_PAGES
-from .secondary import ShadowMMU, clear_flush_young
-from .sysfs import Ksm, guest_ksm_stat
-from .system import System, SystemSpec
 
 DEFAULT_FRAMES = 65536
 
@@ -232,7 +232,7 @@ class Machine:
         """Start the scanner process (again, after one died); it scans while ``run`` is 1."""
         if self.ksmd is not None and self.ksmd.is_alive():
             raise UsageError(f"ksmd already runs (pid {self.ksmd.pid})")
-        from workers.ksmd import ksmd as ksmd_main
+        from shmksm.workers.ksmd import ksmd as ksmd_main
 
         self.system.set("scanner_stop", 0)
         self.ksmd = self.spawn(ksmd_main, None, time.monotonic_ns(), name="ksmd")
@@ -300,7 +300,7 @@ class Machine:
         """Start the notifier broker process (add_shadow does it when needed)."""
         if self.broker is not None and self.broker.is_alive():
             return self.broker
-        from workers.broker import broker as broker_main
+        from shmksm.workers.broker import broker as broker_main
 
         self.system.notify_area.v[mmu_notifier.H_STOP] = 0
         self.broker = self.spawn(broker_main, None, name="broker")
@@ -338,7 +338,7 @@ class Machine:
             shadow = self._shadows[slot] = ShadowMMU(self, slot, change_pte)
             for g in guests:
                 shadow.register(g)
-            from workers.shadow import shadow as shadow_main
+            from shmksm.workers.shadow import shadow as shadow_main
 
             shadow.worker = self.spawn(shadow_main, None, slot, [g.id for g in guests], mode, name=f"shadow{slot}")
             row[mmu_notifier.S_PID] = shadow.worker.pid

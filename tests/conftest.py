@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import shmksm
-import shmksm.segments
-from shmksm import ksm
-from shmksm.pagetable import PFN_MASK
+import shmksm._mm.segments
+from shmksm._ksm import ksm
+from shmksm._mm.pagetable import PFN_MASK
 
 SHM_DIR = "/dev/shm"
 LEAK_PREFIXES = ("shmksm_", "sem.mp-")
@@ -81,8 +81,8 @@ def held_by_others(names: set[str]) -> set[str]:
             continue
     theirs = set()
     for name in names:
-        host = name[len(shmksm.segments.PREFIX):].split("_", 1)[0]
-        if name.startswith(shmksm.segments.PREFIX) and host.isdigit() and int(host) in others:
+        host = name[len(shmksm._mm.segments.PREFIX):].split("_", 1)[0]
+        if name.startswith(shmksm._mm.segments.PREFIX) and host.isdigit() and int(host) in others:
             theirs.add(name)
     for pid in others:
         try:

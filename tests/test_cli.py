@@ -36,10 +36,10 @@ from test_images import (
 )
 
 import shmksm
-from shmksm import segments
+from shmksm._mm import segments
 from shmksm.cli import main
-from shmksm.images import MIXES, Mix, ideal, write_mix
-from shmksm.runner import RUN_COUNTERS
+from shmksm.tool.images import MIXES, Mix, ideal, write_mix
+from shmksm.tool.runner import RUN_COUNTERS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SETTLE_KEYS = ("pages_shared", "pages_sharing", "ksm_zero_pages")

@@ -8,14 +8,15 @@ import time
 import numpy as np
 import pytest
 from conftest import merge_pages, pfn_of, pte_of
+from shmksm.workers import guest_random
 
 import shmksm
-from shmksm import PAGE_SIZE, ksm
-from shmksm.frames import KSM as FRAME_KSM
-from shmksm.frames import WAITING
-from shmksm.guest import break_ksm, unmerge_range
-from shmksm.pagetable import KSM, KSM_ZERO_PTE, PFN_MASK, PRESENT, UNMAPPED, WRITE, ZERO
-from workers import guest_random
+from shmksm import PAGE_SIZE
+from shmksm._ksm import ksm
+from shmksm._ksm.ksm import break_ksm, unmerge_range
+from shmksm._mm.frames import KSM as FRAME_KSM
+from shmksm._mm.frames import WAITING
+from shmksm._mm.pagetable import KSM, KSM_ZERO_PTE, PFN_MASK, PRESENT, UNMAPPED, WRITE, ZERO
 
 
 def page_of(seed: int) -> bytes:

@@ -16,7 +16,8 @@ import pytest
 from conftest import shm_entries, wait_until
 
 import shmksm
-from shmksm import PAGE_SIZE, segments
+from shmksm import PAGE_SIZE
+from shmksm._mm import segments
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,7 +135,7 @@ def test_a_guest_outlives_one_of_its_two_processes() -> None:
 HOST_SCRIPT = textwrap.dedent("""
     import time
     import shmksm
-    from workers import guest_random
+    from shmksm.workers import guest_random
 
     machine = shmksm.Machine(frames=256, ksmd=False)
     guest = machine.add_guest(pages=64)

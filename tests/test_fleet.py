@@ -1,4 +1,4 @@
-"""shmksm.fleet: the ideal dedup of images on a local Dask cluster, and ``shmksm estimate --scheduler``."""
+"""shmksm.tool.fleet: the ideal dedup of images on a local Dask cluster, and ``shmksm estimate --scheduler``."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from test_images import assert_one_line_error, brute_force_ideal, build_core, pages_of, run_cli
 
 from shmksm.cli import main
-from shmksm.fleet import ideal_on_cluster
-from shmksm.images import Mix, ideal, write_mix
+from shmksm.tool.fleet import ideal_on_cluster
+from shmksm.tool.images import Mix, ideal, write_mix
 
 distributed = pytest.importorskip("distributed", reason="the dask extra (dask[distributed]) is not installed")
 

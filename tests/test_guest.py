@@ -12,8 +12,8 @@ from conftest import merge_pages, pfn_of, pte_of
 
 import shmksm
 from shmksm import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE
-from shmksm.frames import KSM as FRAME_KSM
-from shmksm.pagetable import DIRTY, KSM, PFN_MASK, PRESENT, UNMAPPED, WRITE, YOUNG, ZERO
+from shmksm._mm.frames import KSM as FRAME_KSM
+from shmksm._mm.pagetable import DIRTY, KSM, PFN_MASK, PRESENT, UNMAPPED, WRITE, YOUNG, ZERO
 
 # -- read-after-write for every alignment and length class ------------------------------------
 

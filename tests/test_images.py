@@ -23,7 +23,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from shmksm import PAGE_SIZE
-from shmksm.images import ImageError, ideal, image_layout, image_pages, iter_chunks
+from shmksm.tool.images import ImageError, ideal, image_layout, image_pages, iter_chunks
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 
@@ -153,7 +153,7 @@ def pages_of(keys: Iterable[int]) -> bytes:
     return b"".join(page(k) for k in keys)
 
 
-# -- the ideal, counted independently of shmksm.images ----------------------------------------------
+# -- the ideal, counted independently of shmksm.tool.images ----------------------------------------------
 
 
 def memory_pages(path: str | os.PathLike[str]) -> list[bytes]:

@@ -11,7 +11,7 @@ from conftest import wait_until
 from test_scanner_selftests import FAST, fill, merged_machine
 
 import shmksm
-from shmksm import control
+from shmksm._mm import control
 
 KERNEL_KNOBS = {
     "run": 0, "pages_to_scan": 100, "sleep_millisecs": 20, "max_page_sharing": 256, "use_zero_pages": 0,

@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import merge_pages, pfn_of, shm_entries
+from shmksm.workers import guest_random
 
 import shmksm
-from shmksm import PAGE_SIZE, control, segments
-from shmksm.frames import KSM as FRAME_KSM
-from shmksm.pagetable import WRITE
-from workers import guest_random
+from shmksm import PAGE_SIZE
+from shmksm._mm import control, segments
+from shmksm._mm.frames import KSM as FRAME_KSM
+from shmksm._mm.pagetable import WRITE
 
 # -- life cycle ---------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ private to its process, so the tests look at them in two ways:
 * through the worker's counters (``ShadowMMU.stats()``: faults, messages,
   updated_in_place, releases, stale_reads, after_release), and
 * through a *checking shadow*: the real worker's main loop
-  (``workers.shadow.shadow``) run with a subclass of ``workers.shadow.Shadow``
+  (``shmksm._kvm.shadow.shadow``) run with a subclass of ``shmksm._kvm.shadow.Shadow``
   that, at each quiescent point the host asks for with ``shadow.round()``,
   compares every valid shadow entry with the primary PTE and records the bytes
   it reads, and that classifies every read through an entry whose frame
@@ -28,18 +28,21 @@ from typing import Any
 
 import numpy as np
 import pytest
+import shmksm.workers.shadow
 from conftest import merge_pages, pfn_of, wait_until
 
 import shmksm
-import workers.shadow
-from shmksm import PAGE_SIZE, control, ksm
-from shmksm import mmu_notifier as mn
-from shmksm.frames import NO_EPOCH_ACK, WAITING
+import shmksm._kvm.shadow as kvm_shadow
+from shmksm import PAGE_SIZE
+from shmksm._ksm import ksm
+from shmksm._mm import control
+from shmksm._mm import mmu_notifier as mn
+from shmksm._mm.frames import NO_EPOCH_ACK, WAITING
+from shmksm._mm.pagetable import PFN_MASK, PRESENT, UNMAPPED, YOUNG, describe
 from shmksm.guest import MADV_MERGEABLE, GuestView
-from shmksm.pagetable import PFN_MASK, PRESENT, UNMAPPED, YOUNG, describe
 
 ERAS = mn.ERAS
-_REAL_SHADOW_MAIN = workers.shadow.shadow
+_REAL_SHADOW_MAIN = kvm_shadow.shadow
 
 
 def page_of(seed: int) -> bytes:
@@ -161,7 +164,7 @@ def _churn(view: GuestView, seconds: float, seed: int) -> int:
 # -- the checking shadow ------------------------------------------------------------------------------
 
 
-class _CheckingShadow(workers.shadow.Shadow):
+class _CheckingShadow(kvm_shadow.Shadow):
     """The real shadow, plus checks at quiescent points and a classification of generation mismatches."""
 
     free_mode = False
@@ -234,7 +237,7 @@ class _CheckingShadow(workers.shadow.Shadow):
                 pte = int(table.pv[page])
                 if (pte & (PRESENT | UNMAPPED) != PRESENT or pte & PFN_MASK != pfn
                         or self.gn[pfn] != self.sgen[gid][page]):
-                    bad.append((gid, page, entry ^ workers.shadow.VALID, pte))
+                    bad.append((gid, page, entry ^ kvm_shadow.VALID, pte))
                 seen[(gid, page)] = bytes(self.flat[pfn << 12:(pfn << 12) + 16])
         self.verifications.append(bad)
         self.seen = seen
@@ -262,9 +265,9 @@ class _CheckingShadow(workers.shadow.Shadow):
 
 
 def _checking_shadow_main(system: Any, slot: int, guests: list[int], mode: str = "rounds") -> dict[str, Any]:
-    """workers.shadow.shadow, with the checking Shadow (in this worker process only)."""
+    """The shadow worker's loop, with the checking Shadow (in this worker process only)."""
     _CheckingShadow.free_mode = mode == "free"
-    workers.shadow.Shadow = _CheckingShadow  # type: ignore[misc]
+    kvm_shadow.Shadow = _CheckingShadow  # type: ignore[misc]
     return _REAL_SHADOW_MAIN(system, slot, guests, mode)  # type: ignore[no-any-return]
 
 
@@ -284,7 +287,7 @@ def add_checking_shadow(machine: shmksm.Machine, guests: list[shmksm.Guest], *, 
     """machine.add_shadow, spawning the checking shadow.  ``shadow.round()`` asks it to verify."""
     main = _paused_first_fault_shadow_main if pause_first_fault else _checking_shadow_main
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(workers.shadow, "shadow", main)
+        mp.setattr(shmksm.workers.shadow, "shadow", main)
         return machine.add_shadow(guests, **kw)
 
 

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from shmksm import mmu_notifier as mn
+from shmksm._mm import mmu_notifier as mn
 from shmksm.cli import main
-from shmksm.experiments import notifier_era_run
+from shmksm.tool.experiments import notifier_era_run
 
 GUESTS, PAGES = 2, 256
 DUPLICATES = GUESTS * PAGES // 2  # the odd pages: merged, then written into

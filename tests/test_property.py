@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import shmksm
-from shmksm import PAGE_SIZE, ksm
-from shmksm.guest import break_ksm, unmerge_range
-from shmksm.pagetable import KSM, PFN_MASK, PRESENT, UNMAPPED, ZERO
+from shmksm import PAGE_SIZE
+from shmksm._ksm import ksm
+from shmksm._ksm.ksm import break_ksm, unmerge_range
+from shmksm._mm.pagetable import KSM, PFN_MASK, PRESENT, UNMAPPED, ZERO
 
 NGUESTS = 2
 PAGES = 6

@@ -1,4 +1,4 @@
-"""shmksm.runner.run_images: images under ksmd reach the brute-force ideal, in the kernel-side runner's report."""
+"""shmksm.tool.runner.run_images: images under ksmd reach the brute-force ideal, in the kernel-side runner's report."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from conftest import wait_until
 
 import shmksm
-import shmksm.runner
+import shmksm.tool.runner
 from shmksm import PAGE_SIZE
-from shmksm.runner import run_images
+from shmksm.tool.runner import run_images
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 
@@ -132,7 +132,7 @@ class KsmdFirst(shmksm.Machine):
 
 def test_the_counters_settle_at_the_second_full_scan(images: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """With a sleep between batches the runner sees every full scan end: it converged at the second."""
-    monkeypatch.setattr(shmksm.runner, "Machine", KsmdFirst)
+    monkeypatch.setattr(shmksm.tool.runner, "Machine", KsmdFirst)
     knobs = {"pages_to_scan": 1000, "sleep_millisecs": 50}
     report = run_images(images, knobs=knobs, timeout=60)
     assert {k: report["ksm"][k] for k in ("pages_shared", "pages_sharing")} == {

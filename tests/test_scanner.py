@@ -3,7 +3,7 @@
 Most tests run the real scanner process.  Where a test must act between two
 full scans it lets ksmd finish one and sleep (:func:`pause`), and acts while
 it sleeps.  The tests that need exact control drive a
-:class:`shmksm.scanner.Scanner` in the test process instead (``ksmd=False``).
+:class:`shmksm._ksm.scanner.Scanner` in the test process instead (``ksmd=False``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 from conftest import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shmksm.workers import guest_random
 from test_scanner_selftests import (
     FAST,
     assert_data,
@@ -31,9 +32,8 @@ from test_scanner_selftests import (
 
 import shmksm
 from shmksm import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE
-from shmksm.pagetable import KSM, PFN_MASK, PRESENT, WRITE, ZERO
-from shmksm.scanner import RMAP_ITEM_BYTES, Scanner
-from workers import guest_random
+from shmksm._ksm.scanner import RMAP_ITEM_BYTES, Scanner
+from shmksm._mm.pagetable import KSM, PFN_MASK, PRESENT, WRITE, ZERO
 
 
 def write_at(view: shmksm.GuestView, addr: int, data: bytes) -> None:

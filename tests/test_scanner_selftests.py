@@ -22,8 +22,8 @@ from conftest import wait_until
 
 import shmksm
 from shmksm import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE
-from shmksm.pagetable import KSM, PFN_MASK, PRESENT, ZERO
-from shmksm.scanner import RMAP_ITEM_BYTES
+from shmksm._ksm.scanner import RMAP_ITEM_BYTES
+from shmksm._mm.pagetable import KSM, PFN_MASK, PRESENT, ZERO
 
 FAST = {"pages_to_scan": 100_000, "sleep_millisecs": 0}
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from shmksm.images import Mix, ideal, write_mix
-from shmksm.runner import run_images
+from shmksm.tool.images import Mix, ideal, write_mix
+from shmksm.tool.runner import run_images
 
 
 @pytest.mark.stress

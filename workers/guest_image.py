@@ -8,7 +8,7 @@ address space MADV_MERGEABLE, and returns the number of pages loaded.
 from __future__ import annotations
 
 from shmksm import MADV_MERGEABLE, PAGE_SIZE, GuestView
-from shmksm.images import iter_chunks
+from shmksm.tool.images import iter_chunks
 
 
 def load_image(view: GuestView, path: str, mergeable: bool = True) -> int:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 import time
 
-from shmksm.scanner import Scanner
-from shmksm.system import System
+from shmksm._ksm.scanner import Scanner
+from shmksm._mm.system import System
 
 
 def _anon_rss_kb() -> int:

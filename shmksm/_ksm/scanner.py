@@ -59,13 +59,13 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from .._mm.frames import KSM as FRAME_KSM
+from .._mm.frames import PAGE_SIZE, ZERO_PFN, with_frames
+from .._mm.pagetable import H_MERGING, H_RMAP_ITEMS, KSM, PFN_MASK, PRESENT, UNMAPPED, ZERO, PageTable
+from .._mm.system import System
 from . import ksm
-from .frames import KSM as FRAME_KSM
-from .frames import PAGE_SIZE, ZERO_PFN
-from .guest import break_ksm, unmerge_range, with_frames
 from .keytable import KeyTable
-from .pagetable import H_MERGING, H_RMAP_ITEMS, KSM, PFN_MASK, PRESENT, UNMAPPED, ZERO, PageTable
-from .system import System
+from .ksm import RMAP_ITEM_BYTES, break_ksm, unmerge_range
 
 # An unstable tree entry names its page as gid << REF_SHIFT | page, in an int32.
 REF_SHIFT: Final = 25
@@ -77,11 +77,6 @@ NONE: Final = 0  # no rmap item
 ITEM: Final = 1  # an item on no tree (new, or volatile)
 UNSTABLE: Final = 2  # on the unstable tree (counted in pages_unshared)
 STABLE: Final = 3  # on a stable node (pages_shared or pages_sharing)
-
-# Bytes per rmap item: checksum 4, stable node 4, state 1, age 1, skips 1, plus
-# the trees' share (a key table slot of 12 bytes, at a load of at most 0.7, per
-# page on a tree).
-RMAP_ITEM_BYTES: Final = 24
 
 _checksum = xxhash.xxh3_64_intdigest
 ZERO_CHECKSUM: Final = _checksum(bytes(PAGE_SIZE))

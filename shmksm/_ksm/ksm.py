@@ -22,15 +22,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Final
 
-from .frames import KSM as FRAME_KSM
-from .frames import PAGE_SIZE, ZERO_PFN, Frames
-from .pagetable import DIRTY, KSM, KSM_ZERO_PTE, PFN_MASK, PRESENT, UNMAPPED, WRITE, YOUNG, ZERO, PageTable
+import numpy as np
+
+from .._mm.frames import KSM as FRAME_KSM
+from .._mm.frames import PAGE_SIZE, ZERO_PFN, Frames, with_frames
+from .._mm.pagetable import DIRTY, KSM, KSM_ZERO_PTE, PFN_MASK, PRESENT, UNMAPPED, WRITE, YOUNG, ZERO, PageTable
 
 ZERO_BYTES: Final = bytes(PAGE_SIZE)
 _MERGEABLE_MASK: Final = PRESENT | ZERO | UNMAPPED | KSM
 _NOT_WRITE: Final = ~WRITE
 _KSM_PRESENT: Final = KSM | PRESENT
 _DIRTY_YOUNG: Final = DIRTY | YOUNG
+
+# Bytes per rmap item: checksum 4, stable node 4, state 1, age 1, skips 1, plus
+# the trees' share (a key table slot of 12 bytes, at a load of at most 0.7, per
+# page on a tree).
+RMAP_ITEM_BYTES: Final = 24
 
 
 def page_bytes(frames: Frames, pfn: int) -> bytes:
@@ -313,8 +320,6 @@ def try_to_merge_two_pages(a: PageTable, apage: int, apfn: int, b: PageTable, bp
         return -1, -1
     if try_to_merge_one_page(b, bpage, bpfn, apfn, kgen, check_vma):
         return apfn, kgen
-    from .guest import break_ksm, with_frames
-
     if check_vma:
         with a.mm_lock:
             with_frames(break_ksm, a, apage)
@@ -323,4 +328,33 @@ def try_to_merge_two_pages(a: PageTable, apage: int, apfn: int, b: PageTable, bp
     return -1, -1
 
 
-__all__ = ["ZERO_PFN", "try_to_merge_one_page", "try_to_merge_two_pages", "replace_with_zero_page"]
+def unmerge_range(table: PageTable, start: int, end: int) -> int:
+    """Break every KSM mapping in ``[start, end)`` (break_ksm); return how many.
+
+    Takes each page's PTL; waits unlocked when frames are pending reclamation.
+    """
+    ptes = table.ptes
+    candidates = np.flatnonzero((ptes[start:end] & np.uint64(KSM | PRESENT)) == np.uint64(KSM | PRESENT)) + start
+    broken = 0
+    for page in candidates.tolist():
+        broken += with_frames(break_ksm, table, page)
+    return broken
+
+
+def break_ksm(table: PageTable, page: int) -> int:
+    """Give ``page`` a private copy if it maps a KSM page (or KSM's zero page); return 1 if so."""
+    with table.ptl(page):  # type: ignore[attr-defined]
+        pte = table.pv[page]
+        if pte & (KSM | PRESENT | UNMAPPED) != KSM | PRESENT:
+            return 0
+        if pte & ZERO:
+            table.handle_write_fault(page)
+            table.pv[page] &= ~DIRTY
+        else:
+            table.cow(page, pte, dirty=False)
+        return 1
+
+__all__ = [
+    "RMAP_ITEM_BYTES", "ZERO_PFN", "break_ksm", "replace_with_zero_page", "try_to_merge_one_page",
+    "try_to_merge_two_pages", "unmerge_range",
+]

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from . import mmu_notifier as mn
-from .frames import PAGE_SIZE
-from .guest import MADV_MERGEABLE, GuestView
-from .machine import Machine
+from .._mm import mmu_notifier as mn
+from .._mm.frames import PAGE_SIZE
+from ..guest import MADV_MERGEABLE, GuestView
+from ..machine import Machine
 
 
 def _fill_duplicates(view: GuestView, pages: int, seed: int) -> int:
@@ -116,7 +116,7 @@ def sweep(knob: str, values: list[int], runs: int = 3, scenario: str = "default"
     import sys
     import tempfile
 
-    from .errors import ShmksmError, UsageError
+    from ..errors import ShmksmError, UsageError
     from .images import MIXES
 
     if knob not in SWEEP_KNOBS:

@@ -7,16 +7,17 @@ store functions validate it (``-EINVAL`` → :class:`KnobError`, ``-EBUSY`` →
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, Final
 
 import numpy as np
 
-from . import control
-from .errors import KnobBusyError, KnobError
-from .pagetable import H_MERGE_ANY, H_MERGING, H_RMAP_ITEMS, KSM, PRESENT, ZERO
-from .scanner import RMAP_ITEM_BYTES
-from .system import System
+from .._mm import control, pagetable, segments
+from .._mm.pagetable import H_MERGE_ANY, H_MERGING, H_RMAP_ITEMS, KSM, PRESENT, ZERO
+from .._mm.system import System
+from ..errors import KnobBusyError, KnobError
+from .ksm import RMAP_ITEM_BYTES, unmerge_range
 
 _BOOL_KNOBS: Final = ("use_zero_pages", "merge_across_nodes", "smart_scan")
 _BUSY_KNOBS: Final = ("max_page_sharing", "merge_across_nodes")
@@ -114,8 +115,6 @@ def unmerge_everything(system: System) -> None:
 
     A ksmd started later begins with empty trees.
     """
-    from .guest import unmerge_range
-
     for gid in system.live_guests():
         table = system.table(gid)
         with table.mm_lock:
@@ -211,10 +210,6 @@ class Ksm:
 
 def running_machines() -> list[str]:
     """Segment prefixes of the machines whose hosts are alive, oldest first."""
-    import os
-
-    from . import segments
-
     names = [e[:-len("_ctl")] for e in os.listdir(segments.SHM_DIR)
              if e.startswith(segments.PREFIX) and e.endswith("_ctl")]
     stale = set(segments.stale_segments())
@@ -231,8 +226,6 @@ class AttachedKsm:
     """
 
     def __init__(self, prefix: str) -> None:
-        from . import segments
-
         self.prefix = prefix
         try:
             self._seg = segments.attach(f"{prefix}_ctl")
@@ -254,8 +247,6 @@ class AttachedKsm:
         return int(self.ctl[control.INDEX[name]])
 
     def _zero_pages(self) -> int:
-        from . import pagetable, segments
-
         total = 0
         want = np.uint64(PRESENT | ZERO | KSM)
         for gid in range(control.MAX_GUESTS):

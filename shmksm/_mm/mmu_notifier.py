@@ -6,8 +6,8 @@ A secondary MMU â€” KVM's shadow or EPT tables here played by *shadow workers* â
 caches translations of a guest's pages.  Whenever a PTE changes, the primary
 MMU notifies every registered secondary so that it drops or updates its copy.
 This module is the producer side and the shared layout; the broker
-(``workers/broker.py``) fans events out to the shadows
-(``workers/shadow.py``).
+(``shmksm._kvm.broker``) fans events out to the shadows
+(``shmksm._kvm.shadow``).
 
 The seed of this project is Linux commit 828502d30073 (2009), which added
 ``set_pte_at_notify()`` and the ``change_pte`` callback so that KVM could point
@@ -66,8 +66,8 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import InternalError, UsageError
 from . import control
-from .errors import InternalError, UsageError
 
 ERAS: Final = ("2009", "2012", "2024", "interval")
 

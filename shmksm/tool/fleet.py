@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .errors import ShmksmError, UsageError
+from ..errors import ShmksmError, UsageError
 from .images import Ideal, content_counts, ideal_from_counts, merge_counts
 
 

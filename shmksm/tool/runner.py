@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import OutOfFrames, UsageError
+from .._ksm.sysfs import counters
+from ..errors import OutOfFrames, UsageError
+from ..machine import Machine
 from .images import image_pages
-from .machine import Machine
-from .sysfs import counters
 
 RUN_COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned",
                 "full_scans", "stable_node_chains", "stable_node_dups", "ksm_zero_pages", "general_profit")
@@ -38,7 +38,7 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
     knobs = dict(knobs or {})
     total = sum(sizes)
     nframes = frames if frames is not None else total + 1 + max(64, total // 64)
-    from workers.guest_image import load_image
+    from shmksm.workers.guest_image import load_image
 
     with Machine(frames=nframes, **knobs) as machine:
         guests = [machine.add_guest(pages=n) for n in sizes]

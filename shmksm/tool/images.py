@@ -22,8 +22,8 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from .errors import UsageError
-from .frames import PAGE_SIZE
+from .._mm.frames import PAGE_SIZE
+from ..errors import UsageError
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _CHUNK_PAGES = 4096

@@ -26,13 +26,14 @@ bits of the epoch, compared modulo 2**32.
 from __future__ import annotations
 
 import mmap
+import time
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import InternalError, OutOfFrames
 from . import control
-from .errors import InternalError, OutOfFrames
 
 PAGE_SIZE: Final = 4096
 PAGE_SHIFT: Final = 12
@@ -54,6 +55,7 @@ _WAIT_HEAD: Final = control.INDEX["wait_head"]
 _WAIT_TAIL: Final = control.INDEX["wait_tail"]
 _WAIT_COUNT: Final = control.INDEX["wait_count"]
 _EPOCH: Final = control.INDEX["epoch"]
+_FRAME_WAIT_SECONDS: Final = 5.0  # how long with_frames waits for shadows to acknowledge
 
 
 def meta_size(nframes: int) -> int:
@@ -328,3 +330,21 @@ class Frames:
     def zero_frame(self, pfn: int) -> None:
         """Fill frame ``pfn`` with zeros."""
         self.mm[pfn << 12:(pfn + 1) << 12] = ZERO_PAGE_BYTES
+
+
+def with_frames(op: Any, *args: Any) -> Any:
+    """Run ``op(*args)``, retrying while freed frames wait for acknowledgments.
+
+    ``op`` raises FramesPending with no lock held; the wait happens unlocked.
+    """
+    deadline = time.monotonic() + _FRAME_WAIT_SECONDS
+    delay = 0.0005
+    while True:
+        try:
+            return op(*args)
+        except FramesPending:
+            if time.monotonic() > deadline:
+                raise OutOfFrames("out of frames: dropped frames were never acknowledged by the shadow workers"
+                                  ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)

@@ -1,6 +1,6 @@
 """The host's side of the secondary MMUs: registering shadow workers, aging, the broker.
 
-``machine.add_shadow([guest, ...])`` starts a shadow worker (``workers/shadow.py``)
+``machine.add_shadow([guest, ...])`` starts a shadow worker (``shmksm._kvm.shadow``)
 and registers a notifier for each guest (mmu_notifier_register);
 ``shadow.unregister(guest)`` returns only once no callback of that
 registration can run any more (mmu_notifier_unregister: ``release`` first
@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from . import mmu_notifier as mn
-from .errors import ProcessDied, UsageError
-from .pagetable import YOUNG
+from .._mm import mmu_notifier as mn
+from .._mm.pagetable import YOUNG
+from ..errors import ProcessDied, UsageError
 
 if TYPE_CHECKING:
-    from .machine import Guest, Machine, Worker
+    from ..machine import Guest, Machine, Worker
 
 
 def _wait(cond: Any, timeout: float, what: str, alive: Any = None) -> None:

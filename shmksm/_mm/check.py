@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from .errors import CheckError
+from ..errors import CheckError
 from .frames import INUSE, WAITING, ZERO_PFN
 from .frames import KSM as FRAME_KSM
 from .locks import stop_the_world

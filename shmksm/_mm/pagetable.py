@@ -31,8 +31,8 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import OutOfFrames, SegmentationFault
 from . import control
-from .errors import OutOfFrames, SegmentationFault
 from .frames import INUSE, PAGE_SHIFT, PAGE_SIZE, ZERO_PFN, Frames
 from .frames import KSM as FRAME_KSM
 
@@ -269,7 +269,7 @@ class PageTable:
         return [(int(h[H_RANGES + 2 * i]), int(h[H_RANGES + 2 * i + 1])) for i in range(n)]
 
     def set_mergeable_ranges(self, ranges: list[tuple[int, int]]) -> None:
-        from .errors import UsageError
+        from ..errors import UsageError
 
         if len(ranges) > MAX_RANGES:
             raise UsageError(f"more than {MAX_RANGES} separate mergeable ranges")

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import UsageError
 from . import control, mmu_notifier, pagetable, segments
-from .errors import UsageError
 from .frames import PAGE_SIZE, Frames, meta_size
 from .locks import LockTable
 from .pagetable import PageTable
