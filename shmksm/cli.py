@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from ._mm import segments
+from ._mm.mmu_notifier import ERAS
 from .errors import ShmksmError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -25,12 +26,21 @@ def _sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def console_main() -> None:
+    """The ``shmksm`` command: SIGTERM unwinds like Ctrl-C, so that every machine closes and cleans up.
+
+    The handler is installed here, in the command's own process, and not by
+    :func:`main`, which callers (click's CliRunner, scripts) may invoke in theirs.
+    """
+    signal.signal(signal.SIGTERM, _sigterm)
+    main()
+
+
 def friendly(fn: F) -> F:
     """Turn shmksm errors into click errors: one line, the right exit code."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        previous = signal.signal(signal.SIGTERM, _sigterm)
         try:
             return fn(*args, **kwargs)
         except UsageError as exc:
@@ -40,8 +50,6 @@ def friendly(fn: F) -> F:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
     return wrapper  # type: ignore[return-value]
 
@@ -292,82 +300,46 @@ class LiveView:
 @click.option("--use-zero-pages", is_flag=True, help="Map empty pages to the zero page.")
 @click.option("--shadows", type=click.IntRange(0, 16), default=1, show_default=True,
               help="Shadow workers (secondary MMUs) reading the guests' memory every second.")
-@click.option("--era", type=click.Choice(["2009", "2012", "2024", "interval"]), default="2024", show_default=True,
+@click.option("--era", type=click.Choice(ERAS), default="2024", show_default=True,
               help="Notifier era: what the shadows are told when ksmd or a copy-on-write changes a PTE.")
 @click.option("--plot", default=None, metavar="FILE.png", help="Plot the counters over time (needs matplotlib).")
 @friendly
 def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool, shadows: int, era: str,
          plot: str | None) -> None:
     """A host with VM-like guests and shadow MMUs under ksmd, live counters, then what merging saved."""
-    import time
-
-    from shmksm.workers.guest_vm import run_vm
-
-    from ._ksm.sysfs import counters
-    from .machine import Machine
+    from .tool.demo import demo_pages_to_scan, run_demo
 
     if plot:
         _check_plot_path(plot)
     pages = memory * 256
     _check_size(guests, pages)
     total = guests * pages
-    # A full scan every ~2 s at 20 ms per batch: merging is visible as it happens.
-    pages_to_scan = max(100, total // 100)
     click.echo(f"shmksm demo: {guests} guests x {memory} MiB ({total} pages), {shadows} shadow MMU(s), era {era}, "
-               f"ksmd pages_to_scan {pages_to_scan}, sleep_millisecs 20, for {seconds:g} s")
-    with Machine(frames=total + 1 + total // 8, pages_to_scan=pages_to_scan, sleep_millisecs=20,
-                 use_zero_pages=int(use_zero_pages), notifier_era=era) as machine:
-        handles = [machine.add_guest(pages=pages) for _ in range(guests)]
-        mmus = [machine.add_shadow(handles) for _ in range(shadows)]
-        workers = [machine.spawn(run_vm, g, i, seconds, name=f"vm{i}") for i, g in enumerate(handles)]
-        machine.ksm.run = 1
-        live = LiveView()
-        t0 = time.monotonic()
-        timeline = []
-        last_round = 0.0
-        try:
-            while True:
-                running = any(w.is_alive() for w in workers)
-                snap = counters(machine.system)
-                timeline.append({"t": round(time.monotonic() - t0, 3), **snap})
-                live.show(time.monotonic() - t0, snap)
-                if not running:
-                    break
-                if time.monotonic() - last_round >= 1.0:
-                    last_round = time.monotonic()
-                    for mmu in mmus:
-                        mmu.request_round()  # the vCPUs read all memory once a second
-                time.sleep(0.2)
-        finally:
-            live.close()
-        results = [w.join() for w in workers]
-        shadow_stats = [mmu.stop() for mmu in mmus]
-        if plot:
-            from .tool.plots import plot_timeline
-
-            shown = ("pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages")
-            plot_timeline({"timeline": timeline, "pages": total,
-                           "knobs": {k: getattr(machine.ksm, k) for k in shown}}, plot)
-        c = counters(machine.system)
-        machine.ksm.run = 0
-        machine.check()
-        saved = c["pages_sharing"] + c["ksm_zero_pages"]
-        mapped = total  # the workload writes every page of every guest
-        used = mapped - saved
-        click.echo("")
-        click.echo(f"memory saved      {_mib(saved)} of {_mib(mapped)} "
-                   f"({100 * saved / mapped:.1f}%), dedup ratio {mapped / max(1, used):.2f}:1")
-        mappings = c["pages_shared"] + c["pages_sharing"]
-        click.echo(f"pages_shared      {c['pages_shared']} KSM pages stand for {mappings} mappings")
-        click.echo(f"COW breaks        {machine.system.get('cow_ksm')} writes into KSM pages got a private copy")
-        if shadow_stats:
-            click.echo(f"shadow faults     {sum(r['faults'] for r in shadow_stats)} (emulated vmexits) in "
-                       f"{sum(r['reads'] for r in shadow_stats)} shadow reads; "
-                       f"{sum(r['updated_in_place'] for r in shadow_stats)} entries updated in place by change_pte")
-        click.echo(f"full scans        {c['full_scans']}, guests wrote {sum(r['writes'] for r in results)} times, "
-                   f"{sum(r['mismatches'] for r in results)} read-back mismatches")
-        if any(r["mismatches"] for r in results):
-            raise click.ClickException("a guest read back something it did not write")
+               f"ksmd pages_to_scan {demo_pages_to_scan(total)}, sleep_millisecs 20, for {seconds:g} s")
+    live = LiveView()
+    try:
+        out = run_demo(guests, pages, seconds, use_zero_pages=use_zero_pages, shadows=shadows, era=era,
+                       on_tick=live.show, plot=plot)
+    finally:
+        live.close()
+    c, results, shadow_stats = out["counters"], out["guests"], out["shadows"]
+    saved = c["pages_sharing"] + c["ksm_zero_pages"]
+    mapped = total  # the workload writes every page of every guest
+    used = mapped - saved
+    click.echo("")
+    click.echo(f"memory saved      {_mib(saved)} of {_mib(mapped)} "
+               f"({100 * saved / mapped:.1f}%), dedup ratio {mapped / max(1, used):.2f}:1")
+    mappings = c["pages_shared"] + c["pages_sharing"]
+    click.echo(f"pages_shared      {c['pages_shared']} KSM pages stand for {mappings} mappings")
+    click.echo(f"COW breaks        {out['cow_ksm']} writes into KSM pages got a private copy")
+    if shadow_stats:
+        click.echo(f"shadow faults     {sum(r['faults'] for r in shadow_stats)} (emulated vmexits) in "
+                   f"{sum(r['reads'] for r in shadow_stats)} shadow reads; "
+                   f"{sum(r['updated_in_place'] for r in shadow_stats)} entries updated in place by change_pte")
+    click.echo(f"full scans        {c['full_scans']}, guests wrote {sum(r['writes'] for r in results)} times, "
+               f"{sum(r['mismatches'] for r in results)} read-back mismatches")
+    if any(r["mismatches"] for r in results):
+        raise click.ClickException("a guest read back something it did not write")
 
 
 @main.group()
@@ -379,7 +351,7 @@ def experiment() -> None:
 @click.option("--guests", type=int, default=2, show_default=True, callback=_positive, help="Guests.")
 @click.option("--pages", type=int, default=1024, show_default=True, callback=_positive, help="Pages per guest.")
 @click.option("--shadows", type=int, default=2, show_default=True, callback=_positive, help="Shadow workers.")
-@click.option("--era", "eras", multiple=True, type=click.Choice(["2009", "2012", "2024", "interval"]),
+@click.option("--era", "eras", multiple=True, type=click.Choice(ERAS),
               help="Run only these eras (repeatable); default: all four.")
 @click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result as JSON ('-' for stdout).")
 @click.option("--plot", default=None, metavar="FILE.png", help="Plot shadow faults per era (needs matplotlib).")
@@ -407,7 +379,7 @@ def experiment_notifier(guests: int, pages: int, shadows: int, eras: tuple[str, 
 
     if plot:
         _check_plot_path(plot)
-    result = notifier_experiment(guests, pages, shadows, eras or ("2009", "2012", "2024", "interval"), progress)
+    result = notifier_experiment(guests, pages, shadows, eras or ERAS, progress)
     if plot:
         from .tool.plots import plot_eras
 
@@ -478,7 +450,7 @@ def knobs(settings: tuple[str, ...], machine: str | None) -> None:
               help="Stop each guest after this many operations instead.")
 @click.option("--shadows", type=click.IntRange(0, 16), default=1, show_default=True,
               help="Shadow workers reading the guests.")
-@click.option("--era", type=click.Choice(["2009", "2012", "2024", "interval"]), default="2024", show_default=True,
+@click.option("--era", type=click.Choice(ERAS), default="2024", show_default=True,
               help="Notifier era.")
 @click.option("--seed", type=int, default=1, show_default=True)
 @friendly
@@ -488,45 +460,22 @@ def stress(guests: int, pages: int, seconds: float, writes: int | None, shadows:
     Exits 1 if any guest read back something it did not write, a shadow read
     a reused frame, or machine.check() finds a broken invariant.
     """
-    import time
-
-    from shmksm.workers.guest_random import run as random_workload
-
-    from ._ksm.sysfs import counters
-    from .machine import Machine
+    from .tool.demo import run_stress
 
     _check_size(guests, pages)
-    total = guests * pages
-    with Machine(frames=total + 64, pages_to_scan=max(1000, total // 4), sleep_millisecs=0,
-                 notifier_era=era) as machine:
-        handles = [machine.add_guest(pages=pages) for _ in range(guests)]
-        for view in (g.view() for g in handles):
-            view.set_memory_merge(True)
-        mmus = [machine.add_shadow(handles, mode="free") for _ in range(shadows)]
-        machine.ksm.run = 1
-        limit = writes if writes is not None else 10**12
-        t0 = time.monotonic()
-        workers = [machine.spawn(random_workload, g, seed + i, seconds if writes is None else 1e9, limit,
-                                 name=f"stress{i}") for i, g in enumerate(handles)]
-        live = LiveView()
-        try:
-            while any(w.is_alive() for w in workers):
-                live.show(time.monotonic() - t0, counters(machine.system))
-                time.sleep(0.25)
-        finally:
-            live.close()
-        mismatches = [w.join() for w in workers]
-        machine.ksm.run = 0
-        summaries = [m.stop() for m in mmus]
-        stale = sum(s.get("stale_reads", 0) for s in summaries)
-        machine.check()
-        c = counters(machine.system)
-        click.echo(f"{guests} guests x {pages} pages for {time.monotonic() - t0:.1f} s, era {era}: "
-                   f"{c['full_scans']} full scans, {machine.system.get('cow_ksm')} COW breaks of KSM pages, "
-                   f"{sum(s.get('faults', 0) for s in summaries)} shadow faults")
-        click.echo(f"mismatched bytes per guest: {mismatches}; stale shadow reads: {stale}; check() passed")
-        if any(mismatches) or stale:
-            raise click.ClickException("memory was not what the guests wrote")
+    live = LiveView()
+    try:
+        out = run_stress(guests, pages, seconds, writes=writes, shadows=shadows, era=era, seed=seed,
+                         on_tick=live.show)
+    finally:
+        live.close()
+    c, mismatches, stale = out["counters"], out["mismatches"], out["stale_reads"]
+    click.echo(f"{guests} guests x {pages} pages for {out['seconds']:.1f} s, era {era}: "
+               f"{c['full_scans']} full scans, {out['cow_ksm']} COW breaks of KSM pages, "
+               f"{sum(s.get('faults', 0) for s in out['shadows'])} shadow faults")
+    click.echo(f"mismatched bytes per guest: {mismatches}; stale shadow reads: {stale}; check() passed")
+    if any(mismatches) or stale:
+        raise click.ClickException("memory was not what the guests wrote")
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
@@ -594,4 +543,4 @@ def cleanup() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import selectors
+import signal
 import subprocess
 import sys
 import time
@@ -79,6 +80,13 @@ def test_every_command_has_help(path: tuple[str, ...], flag: str) -> None:
             assert any(opt in result.output for opt in param.opts), f"{param.opts} missing from the help"
     if isinstance(command, click.Group):
         assert all(name in result.output for name in command.commands)
+
+
+def test_the_cli_installs_no_signal_handler_in_its_caller() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(main, ["estimate", "no-such-image"])
+    assert result.exit_code == 2, result.output
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_help_as_a_real_process() -> None:

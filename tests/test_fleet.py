@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,14 +38,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return [*paths, str(out / "guest.core")]
 
 
-@pytest.fixture
-def keep_sigterm() -> Iterator[None]:
-    """The commands install a SIGTERM handler; put this process's back after an in-process run."""
-    before = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, before)
-
-
 @pytest.mark.parametrize("max_page_sharing", [256, 4])
 def test_ideal_on_cluster_is_the_local_ideal(cluster: str, fleet: list[str], max_page_sharing: int) -> None:
     got = ideal_on_cluster(fleet, cluster, max_page_sharing)
@@ -62,7 +53,6 @@ def estimate_json(*args: str) -> dict[str, object]:
     return report
 
 
-@pytest.mark.usefixtures("keep_sigterm")
 def test_estimate_with_a_scheduler_gives_the_same_numbers(cluster: str, fleet: list[str]) -> None:
     on_cluster = estimate_json(*fleet, "--scheduler", cluster, "--max-page-sharing", "4")
     local = estimate_json(*fleet, "--max-page-sharing", "4")

@@ -10,8 +10,6 @@ interval notifier invalidates as well.
 from __future__ import annotations
 
 import json
-import signal
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -74,15 +72,7 @@ def test_invalidate_only_eras_fault(results: dict[str, dict[str, Any]], era: str
     assert r["shadow_faults"] <= 2 * DUPLICATES
 
 
-@pytest.fixture
-def restore_sigterm() -> Iterator[None]:
-    """The CLI installs its own SIGTERM handler in this process: put pytest's back."""
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
-
-
-def test_cli_experiment_notifier_json(restore_sigterm: None) -> None:
+def test_cli_experiment_notifier_json() -> None:
     result = CliRunner().invoke(main, ["experiment", "notifier", "--pages", "128", "--json", "-"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
