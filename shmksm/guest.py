@@ -12,6 +12,7 @@ from typing import Any, Final
 import numpy as np
 
 from ._ksm.ksm import unmerge_range
+from ._mm import control
 from ._mm.frames import PAGE_SIZE, FramesPending, with_frames
 from ._mm.pagetable import (
     DIRTY,
@@ -312,7 +313,7 @@ class GuestView:
                 if was:
                     unmerge_range(self.table, 0, self.pages)
                     self.table.set_mergeable_ranges([])
-        self.system.guest_slot(self.gid)[3] = int(bool(enable))
+        self.system.guest_slot(self.gid)[control.G_MERGE_ANY] = int(bool(enable))
 
     def ksm_stat(self) -> dict[str, int]:
         """This guest's /proc/PID/ksm_stat."""

@@ -187,6 +187,11 @@ class Guest:
         return guest_ksm_stat(self.machine.system, self.id)
 
     @property
+    def system(self) -> System:
+        """The shared state of the machine this guest belongs to."""
+        return self.machine.system
+
+    @property
     def alive(self) -> bool:
         return self.id in self.machine._guests
 
@@ -319,29 +324,15 @@ class Machine:
             self._require_open()
             for g in guests:
                 self._require_live(g)
-            area = self.system.notify_area
-            free = [s for s in range(mmu_notifier.MAX_SHADOWS)
-                    if area.slots[s, mmu_notifier.S_STATE] == mmu_notifier.SLOT_FREE]
-            if not free:
-                raise UsageError(f"at most {mmu_notifier.MAX_SHADOWS} shadow workers per machine")
-            slot = free[0]
             self.start_broker()
-            row = area.slots[slot]
-            row[:] = 0
-            row[mmu_notifier.S_CHANGE_PTE] = int(change_pte)
-            part = self.system.frames.register_participant(os.getpid())
-            row[mmu_notifier.S_PART] = part
-            head = self.system.get("epoch")
-            row[mmu_notifier.S_ACKED] = row[mmu_notifier.S_THROUGH] = head
-            self.system.frames.acknowledge(part, head)
-            row[mmu_notifier.S_STATE] = mmu_notifier.SLOT_LIVE
-            shadow = self._shadows[slot] = ShadowMMU(self, slot, change_pte)
+            shadow = ShadowMMU.claim(self.system, change_pte, self._shadow_gone)
+            self._shadows[shadow.slot] = shadow
             for g in guests:
                 shadow.register(g)
             from shmksm.workers.shadow import shadow as shadow_main
 
-            shadow.worker = self.spawn(shadow_main, None, slot, [g.id for g in guests], mode, name=f"shadow{slot}")
-            row[mmu_notifier.S_PID] = shadow.worker.pid
+            shadow.started(self.spawn(shadow_main, None, shadow.slot, [g.id for g in guests], mode,
+                                      name=f"shadow{shadow.slot}"))
             return shadow
 
     def shadows(self) -> list[ShadowMMU]:
@@ -350,17 +341,13 @@ class Machine:
     def _shadow_gone(self, shadow: ShadowMMU) -> None:
         """A shadow stopped or died: free its slot; it holds back reclamation no more."""
         with self._lock:
-            row = self.system.notify_area.slots[shadow.slot]
-            if self._shadows.pop(shadow.slot, None) is None:
-                return
-            row[mmu_notifier.S_STATE] = mmu_notifier.SLOT_DEAD
-            self.system.frames.unregister_participant(int(row[mmu_notifier.S_PART]))
-            self.system.locks.broker_bell.release()
+            if self._shadows.pop(shadow.slot, None) is not None:
+                shadow.release_slot()
 
     def clear_flush_young(self, guest: Guest, clear: bool = True) -> Any:
         """The aging pass: which pages the guest or any shadow accessed (clearing the bits)."""
         self._require_live(guest)
-        return clear_flush_young(self, guest, clear)
+        return clear_flush_young(self.system, self.shadows(), guest, clear)
 
     # -- guests ---------------------------------------------------------------------------------
 

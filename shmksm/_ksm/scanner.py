@@ -395,7 +395,7 @@ class Scanner:
                 self._end_full_scan()
                 break
             slot = self.slots[self.slot_index]
-            if self.system.guest_slot(slot.gid)[0] != 1:
+            if not self.system.guest_live(slot.gid):
                 self.slot_index += 1
                 continue
             pages = self._next_pages(slot, scan_npages - done)

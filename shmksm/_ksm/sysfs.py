@@ -250,7 +250,7 @@ class AttachedKsm:
         total = 0
         want = np.uint64(PRESENT | ZERO | KSM)
         for gid in range(control.MAX_GUESTS):
-            if self.ctl[control.GUEST_BASE + control.GUEST_WORDS * gid] != control.GUEST_LIVE:
+            if self.ctl[control.GUEST_BASE + control.GUEST_WORDS * gid + control.G_STATE] != control.GUEST_LIVE:
                 continue
             try:
                 seg = segments.attach(f"{self.prefix}_g{gid}")

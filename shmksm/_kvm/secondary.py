@@ -11,7 +11,9 @@ accessed, like page reclaim's ``mmu_notifier_clear_flush_young``.
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,10 +21,11 @@ import numpy.typing as npt
 
 from .._mm import mmu_notifier as mn
 from .._mm.pagetable import YOUNG
+from .._mm.system import System
 from ..errors import ProcessDied, UsageError
 
 if TYPE_CHECKING:
-    from ..machine import Guest, Machine, Worker
+    from ..machine import Guest, Worker
 
 
 def _wait(cond: Any, timeout: float, what: str, alive: Any = None) -> None:
@@ -38,15 +41,55 @@ def _wait(cond: Any, timeout: float, what: str, alive: Any = None) -> None:
 
 
 class ShadowMMU:
-    """The host's handle of one shadow worker (one notifier slot)."""
+    """The host's handle of one shadow worker: its notifier slot, registrations and worker.
 
-    def __init__(self, machine: Machine, slot: int, change_pte: bool) -> None:
-        self.machine = machine
+    It owns its slot's protocol: :meth:`claim` readies a free slot (its row in
+    the notify area, and a reclamation participant acknowledged up to now, so
+    that no frame dropped from here on is reused before this shadow has seen
+    its invalidation); :meth:`release_slot` ends it.  ``on_gone`` tells the
+    owner (the machine) that the slot is free again.
+    """
+
+    def __init__(self, system: System, slot: int, change_pte: bool,
+                 on_gone: Callable[[ShadowMMU], None] = lambda shadow: None) -> None:
+        self.system = system
         self.slot = slot
         self.change_pte = change_pte
         self.worker: Worker | None = None
         self.registered: set[int] = set()
-        self._row = machine.system.notify_area.slots[slot]
+        self._row = system.notify_area.slots[slot]
+        self._on_gone = on_gone
+
+    @classmethod
+    def claim(cls, system: System, change_pte: bool,
+              on_gone: Callable[[ShadowMMU], None] = lambda shadow: None) -> ShadowMMU:
+        """Take a free notifier slot and make it live; UsageError if all are taken.  Host only."""
+        area = system.notify_area
+        free = [s for s in range(mn.MAX_SHADOWS) if area.slots[s, mn.S_STATE] == mn.SLOT_FREE]
+        if not free:
+            raise UsageError(f"at most {mn.MAX_SHADOWS} shadow workers per machine")
+        slot = free[0]
+        row = area.slots[slot]
+        row[:] = 0
+        row[mn.S_CHANGE_PTE] = int(change_pte)
+        part = system.frames.register_participant(os.getpid())
+        row[mn.S_PART] = part
+        head = system.get("epoch")
+        row[mn.S_ACKED] = row[mn.S_THROUGH] = head
+        system.frames.acknowledge(part, head)
+        row[mn.S_STATE] = mn.SLOT_LIVE
+        return cls(system, slot, change_pte, on_gone)
+
+    def started(self, worker: Worker) -> None:
+        """The worker process of this slot runs: record it."""
+        self.worker = worker
+        self._row[mn.S_PID] = worker.pid
+
+    def release_slot(self) -> None:
+        """The slot's end (the worker stopped or died): it holds back reclamation no more."""
+        self._row[mn.S_STATE] = mn.SLOT_DEAD
+        self.system.frames.unregister_participant(int(self._row[mn.S_PART]))
+        self.system.locks.broker_bell.release()
 
     def __repr__(self) -> str:
         return f"<ShadowMMU slot={self.slot} guests={sorted(self.registered)}>"
@@ -57,11 +100,12 @@ class ShadowMMU:
 
     def register(self, guest: Guest) -> None:
         """mmu_notifier_register: callbacks for ``guest`` from now on.  Safe while callbacks run."""
-        self.machine._require_live(guest)
+        if not guest.alive or guest.system is not self.system:
+            raise UsageError(f"guest {guest.id} is not a live guest of this machine")
         if guest.id in self.registered:
             raise UsageError(f"shadow {self.slot} is already registered for guest {guest.id}")
-        notifier = self.machine.system.notifier
-        with self.machine.system.locks.notify:
+        notifier = self.system.notifier
+        with self.system.locks.notify:
             notifier.nreg[guest.id] += 1
             notifier.emit_locked(mn.REGISTER, guest.id, 0, 0, shadow=self.slot)
         self.registered.add(guest.id)
@@ -70,33 +114,36 @@ class ShadowMMU:
         """mmu_notifier_unregister: release if it has not run; return when no callback can run."""
         if guest.id not in self.registered:
             raise UsageError(f"shadow {self.slot} is not registered for guest {guest.id}")
-        self.registered.discard(guest.id)
-        if not guest.alive:
+        self._unregister(guest.id, timeout)
+
+    def _unregister(self, gid: int, timeout: float) -> None:
+        self.registered.discard(gid)
+        if not self.system.guest_live(gid):
             return  # the guest exited: its release ran, and nothing of it can run any more
-        seq = self.machine.system.notifier.emit(mn.UNREGISTER, guest.id, 0, 0, shadow=self.slot)
+        seq = self.system.notifier.emit(mn.UNREGISTER, gid, 0, 0, shadow=self.slot)
         if self.alive:
             _wait(lambda: self._row[mn.S_ACKED] > seq or not self.alive, timeout, "unregister")
 
     def request_round(self) -> None:
         """Ask the worker (mode ``rounds``) to read every mirrored page once more; do not wait."""
         self._row[mn.S_ROUND_REQ] += 1
-        self.machine.system.locks.shadow_bells[self.slot].release()
+        self.system.locks.shadow_bells[self.slot].release()
 
     def round(self, timeout: float = 60.0) -> dict[str, int]:
         """Read every mirrored page once; return the counters after the round."""
         before = self.stats()
         self._row[mn.S_ROUND_REQ] += 1
         req = int(self._row[mn.S_ROUND_REQ])
-        self.machine.system.locks.shadow_bells[self.slot].release()
+        self.system.locks.shadow_bells[self.slot].release()
         _wait(lambda: self._row[mn.S_ROUND_DONE] >= req, timeout, "shadow round", lambda: self.alive)
         after = self.stats()
         return {k: after[k] - before[k] for k in after}
 
     def sync(self, timeout: float = 10.0) -> None:
         """Wait until this shadow has run every callback produced so far."""
-        head = self.machine.system.get("epoch")
-        self.machine.system.locks.broker_bell.release()
-        self.machine.system.locks.shadow_bells[self.slot].release()
+        head = self.system.get("epoch")
+        self.system.locks.broker_bell.release()
+        self.system.locks.shadow_bells[self.slot].release()
         _wait(lambda: self._row[mn.S_ACKED] >= head, timeout, "shadow sync", lambda: self.alive)
 
     def stats(self) -> dict[str, int]:
@@ -109,30 +156,25 @@ class ShadowMMU:
     def stop(self, timeout: float = 10.0) -> dict[str, Any]:
         """Unregister from every guest, stop the worker, free the slot; return its summary."""
         for gid in sorted(self.registered):
-            guest = self.machine._guests.get(gid)
-            if guest is None:
-                self.registered.discard(gid)  # the guest exited: its release ran already
-            else:
-                self.unregister(guest, timeout)
+            self._unregister(gid, timeout)
         summary: dict[str, Any] = {}
         if self.worker is not None and self.worker.is_alive():
             self.sync(timeout)  # every callback produced so far runs first (a release among them)
             self._row[mn.S_STOP] = 1
-            self.machine.system.locks.shadow_bells[self.slot].release()
+            self.system.locks.shadow_bells[self.slot].release()
             summary = self.worker.join(timeout)
-        self.machine._shadow_gone(self)
+        self._on_gone(self)
         return summary
 
 
-def clear_flush_young(machine: Machine, guest: Guest, clear: bool = True,
+def clear_flush_young(system: System, shadows: list[ShadowMMU], guest: Guest, clear: bool = True,
                       timeout: float = 10.0) -> npt.NDArray[np.bool_]:
     """Which pages of ``guest`` were accessed since the last pass, by the guest or any shadow.
 
     Clears the primary YOUNG bits (under each run's page-table lock) and asks
-    every registered shadow (clear_flush_young; test_young with
+    every shadow of ``shadows`` registered for the guest (clear_flush_young; test_young with
     ``clear=False``), in chunks of mn.YOUNG_PAGES pages.
     """
-    system = machine.system
     table = system.table(guest.id)
     young = np.zeros(table.pages, np.bool_)
     young_bit = np.uint64(YOUNG)
@@ -144,7 +186,7 @@ def clear_flush_young(machine: Machine, guest: Guest, clear: bool = True,
             young[start:end] = (ptes & young_bit) != 0
             if clear:
                 ptes &= ~young_bit
-    shadows = [s for s in machine.shadows() if guest.id in s.registered and s.alive]
+    shadows = [s for s in shadows if guest.id in s.registered and s.alive]
     if not shadows:
         return young
     area = system.notify_area

@@ -80,6 +80,11 @@ MAX_GUESTS: Final = 64
 PART_BASE: Final = 128
 GUEST_BASE: Final = PART_BASE + 2 * MAX_PARTICIPANTS
 GUEST_WORDS: Final = 4
+# The words of a guest's entry.
+G_STATE: Final = 0
+G_PAGES: Final = 1
+G_PID: Final = 2
+G_MERGE_ANY: Final = 3
 WORDS: Final = GUEST_BASE + GUEST_WORDS * MAX_GUESTS
 
 # Guest table states.

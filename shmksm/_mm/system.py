@@ -101,13 +101,17 @@ class System:
         base = control.GUEST_BASE + control.GUEST_WORDS * gid
         return self.ctl[base:base + control.GUEST_WORDS]
 
+    def guest_live(self, gid: int) -> bool:
+        """Whether guest ``gid`` has an address space now (created, not yet torn down)."""
+        return bool(self.ctl[control.GUEST_BASE + control.GUEST_WORDS * gid + control.G_STATE] == control.GUEST_LIVE)
+
     def live_guests(self) -> list[int]:
-        return [g for g in range(control.MAX_GUESTS) if self.guest_slot(g)[0] == control.GUEST_LIVE]
+        return [g for g in range(control.MAX_GUESTS) if self.guest_live(g)]
 
     def create_guest(self, pages: int) -> PageTable:
         """Make a new address space of ``pages`` untouched pages (host only)."""
         for gid in range(control.MAX_GUESTS):
-            if self.guest_slot(gid)[0] == control.GUEST_FREE:
+            if self.guest_slot(gid)[control.G_STATE] == control.GUEST_FREE:
                 break
         else:
             raise UsageError(f"at most {control.MAX_GUESTS} guests per machine")
@@ -115,9 +119,9 @@ class System:
         self._guest_segments[gid] = seg
         np.ndarray(1, np.int64, seg.buf)[0] = pages
         slot = self.guest_slot(gid)
-        slot[1] = pages
-        slot[3] = 0
-        slot[0] = control.GUEST_LIVE
+        slot[control.G_PAGES] = pages
+        slot[control.G_MERGE_ANY] = 0
+        slot[control.G_STATE] = control.GUEST_LIVE
         return self.table(gid)
 
     def table(self, gid: int) -> PageTable:
@@ -140,7 +144,7 @@ class System:
         seg = self._guest_segments.pop(gid, None)
         if seg is not None:
             if self.owner:
-                self.guest_slot(gid)[0] = control.GUEST_GONE
+                self.guest_slot(gid)[control.G_STATE] = control.GUEST_GONE
                 segments.unlink(seg)
             else:
                 seg.close()
