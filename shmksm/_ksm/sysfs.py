@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Final
 
 import numpy as np
@@ -32,8 +33,7 @@ def ksm_zero_pages_of(system: System, gid: int) -> int:
 
 def counters(system: System) -> dict[str, int]:
     """Every counter of /sys/kernel/mm/ksm, by name."""
-    zero = sum(ksm_zero_pages_of(system, g) for g in system.live_guests())
-    return _counters(system.get, zero)
+    return Ksm(system).counters()
 
 
 def _counters(get: Callable[[str], int], ksm_zero_pages: int) -> dict[str, int]:
@@ -61,15 +61,6 @@ def write_knob(name: str, value: Any, get: Callable[[str], int], put: Callable[[
     put(name, parsed)
 
 
-def _pid_alive(pid: int) -> bool:
-    """A process that runs (a zombie does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def wait_unmerged(get: Callable[[str], int], before: int, fallback: Callable[[], None] | None,
                   timeout: float = 60.0) -> None:
     """After run=2 was written: return once every KSM mapping is broken, as run_store does.
@@ -82,7 +73,7 @@ def wait_unmerged(get: Callable[[str], int], before: int, fallback: Callable[[],
     deadline = time.monotonic() + timeout
     while get("scanner_unmerges") <= before:
         pid = get("scanner_pid")
-        if not pid or not _pid_alive(pid):
+        if not pid or not segments.pid_alive(pid):
             if fallback is None:
                 raise KnobBusyError("run=2: no ksmd runs to unmerge (EBUSY)")
             fallback()
@@ -132,11 +123,12 @@ def parse_knob(name: str, value: Any) -> int:
         if name in control.COUNTERS:
             raise KnobError(f"{name} is a counter, not a knob: it is read-only")
         raise KnobError(f"no knob named {name!r}; knobs: {', '.join(control.KNOB_DEFAULTS)}")
-    if name == "advisor_mode" and isinstance(value, str):
+    words = control.WORD_KNOBS.get(name)
+    if words is not None and isinstance(value, str) and not value.strip().isdigit():
         text = value.strip().strip("[]")
-        if text not in control.ADVISOR_MODES:
-            raise KnobError(f"advisor_mode must be one of {', '.join(control.ADVISOR_MODES)}, not {value!r}")
-        return control.ADVISOR_MODES.index(text)
+        if text not in words:
+            raise KnobError(f"{name} must be one of {', '.join(words)}, not {value!r} (EINVAL)")
+        return words.index(text)
     if isinstance(value, bool):
         value = int(value)
     if isinstance(value, str):
@@ -155,8 +147,8 @@ def parse_knob(name: str, value: Any) -> int:
         raise KnobError(f"{name}: {value} is not 0 or 1 (EINVAL)")
     if name == "max_page_sharing" and value < 2:
         raise KnobError(f"max_page_sharing: {value} is below 2 (EINVAL)")
-    if name == "advisor_mode" and value >= len(control.ADVISOR_MODES):
-        raise KnobError(f"advisor_mode: {value} is not a mode (EINVAL)")
+    if words is not None and value >= len(words):
+        raise KnobError(f"{name}: {value} is not one of {', '.join(words)} (EINVAL)")
     if name == "advisor_max_cpu" and not 1 <= value <= 100:
         raise KnobError(f"advisor_max_cpu: {value} is not a percentage in 1..100 (EINVAL)")
     if name in ("advisor_target_scan_time", "advisor_min_pages_to_scan", "advisor_max_pages_to_scan") and value < 1:
@@ -164,45 +156,97 @@ def parse_knob(name: str, value: Any) -> int:
     return int(value)
 
 
-class Ksm:
-    """The knobs and counters of one machine: ``machine.ksm``."""
+class KsmFiles:
+    """The knobs and counters of a machine, as /sys/kernel/mm/ksm shows them.
+
+    :class:`Ksm` (the host's ``machine.ksm``) and :class:`AttachedKsm` (another
+    process's view of a running machine) differ only in how they reach the
+    words: :meth:`get`, :meth:`_put`, the lock a write holds, the zero-page
+    count, and who unmerges for run=2 when no ksmd runs.
+    """
+
+    def get(self, name: str) -> int:
+        """The stored number of a knob or counter."""
+        raise NotImplementedError
+
+    def _put(self, name: str, value: int) -> None:
+        raise NotImplementedError
+
+    def _write_lock(self) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    def _zero_pages(self) -> int:
+        raise NotImplementedError
+
+    def _unmerge_here(self) -> Callable[[], None] | None:
+        """What does run=2's unmerge when no ksmd runs (None: nobody, EBUSY)."""
+        return None
+
+    def knob(self, name: str) -> Any:
+        """Knob ``name`` as sysfs shows it: a number, or a word for the word-valued ones."""
+        words = control.WORD_KNOBS.get(name)
+        return self.get(name) if words is None else words[self.get(name)]
+
+    def set(self, name: str, value: Any) -> None:
+        """Write knob ``name``; KnobError (EINVAL) or KnobBusyError (EBUSY) as the kernel.
+
+        run=2 returns once every KSM mapping is broken, as run_store does.
+        """
+        with self._write_lock():
+            unmerge = name == "run" and self.get("run") != 2 and parse_knob(name, value) == 2
+            before = self.get("scanner_unmerges")
+            write_knob(name, value, self.get, self._put)
+        if unmerge:
+            wait_unmerged(self.get, before, self._unmerge_here())
+
+    def knobs(self) -> dict[str, Any]:
+        """Every knob, by name."""
+        return {name: self.knob(name) for name in control.KNOB_DEFAULTS}
+
+    def counters(self) -> dict[str, int]:
+        """Every counter, by name."""
+        return _counters(self.get, self._zero_pages())
+
+    def sysfs_lines(self) -> list[str]:
+        """``grep . /sys/kernel/mm/ksm/*``, line by line."""
+        values = {**self.knobs(), **self.counters()}
+        for name, words in control.WORD_KNOBS.items():
+            values[name] = " ".join(f"[{w}]" if w == values[name] else w for w in words)
+        return [f"/sys/kernel/mm/ksm/{name}:{values[name]}" for name in sorted(values)]
+
+
+class Ksm(KsmFiles):
+    """The knobs and counters of one machine: ``machine.ksm``, read and written by attribute too."""
 
     def __init__(self, system: System) -> None:
         object.__setattr__(self, "_system", system)
 
     def __getattr__(self, name: str) -> Any:
-        system = object.__getattribute__(self, "_system")
-        if name == "advisor_mode":
-            return control.ADVISOR_MODES[system.get(name)]
         if name in control.KNOB_DEFAULTS:
-            return system.get(name)
+            return self.knob(name)
         if name in control.COUNTERS:
-            return counters(system)[name]
+            return self.counters()[name]
         raise AttributeError(f"no knob or counter named {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         self.set(name, value)
 
-    def set(self, name: str, value: Any) -> None:
-        """Write knob ``name``; KnobError (EINVAL) or KnobBusyError (EBUSY) as the kernel."""
-        system: System = object.__getattribute__(self, "_system")
-        with system.locks.stat:
-            unmerge = name == "run" and system.get("run") != 2 and parse_knob(name, value) == 2
-            before = system.get("scanner_unmerges")
-            write_knob(name, value, system.get, system.set)
-        if unmerge:
-            wait_unmerged(system.get, before, lambda: unmerge_everything(system))
+    def get(self, name: str) -> int:
+        return self._system.get(name)
 
-    def knobs(self) -> dict[str, Any]:
-        """Every knob, by name."""
-        return {name: getattr(self, name) for name in control.KNOB_DEFAULTS}
+    def _put(self, name: str, value: int) -> None:
+        self._system.set(name, value)
 
-    def counters(self) -> dict[str, int]:
-        return counters(object.__getattribute__(self, "_system"))
+    def _write_lock(self) -> AbstractContextManager[Any]:
+        return self._system.locks.stat  # type: ignore[no-any-return]
 
-    def sysfs_lines(self) -> list[str]:
-        """``grep . /sys/kernel/mm/ksm/*``, line by line."""
-        return _sysfs_lines({**self.knobs(), **self.counters()})
+    def _zero_pages(self) -> int:
+        return sum(ksm_zero_pages_of(self._system, g) for g in self._system.live_guests())
+
+    def _unmerge_here(self) -> Callable[[], None] | None:
+        return lambda: unmerge_everything(self._system)
+
+    _system: System
 
 
 # -- a running machine, from another process ---------------------------------------------------
@@ -217,7 +261,7 @@ def running_machines() -> list[str]:
     return sorted(live, key=lambda n: os.stat(os.path.join(segments.SHM_DIR, f"{n}_ctl")).st_mtime)
 
 
-class AttachedKsm:
+class AttachedKsm(KsmFiles):
     """The knobs and counters of a machine run by another process (``shmksm stats``/``knobs``).
 
     Attaches the control segment and the guests' page tables read-only in
@@ -265,31 +309,5 @@ class AttachedKsm:
                 seg.close()
         return total
 
-    def counters(self) -> dict[str, int]:
-        return _counters(self.get, self._zero_pages())
-
-    def knobs(self) -> dict[str, Any]:
-        out: dict[str, Any] = {name: self.get(name) for name in control.KNOB_DEFAULTS}
-        out["advisor_mode"] = control.ADVISOR_MODES[out["advisor_mode"]]
-        return out
-
-    def set(self, name: str, value: Any) -> None:
-        """Write a knob, refused as the kernel refuses it (EINVAL, EBUSY); run=2 waits for the unmerge."""
-        unmerge = name == "run" and self.get("run") != 2 and parse_knob(name, value) == 2
-        before = self.get("scanner_unmerges")
-        write_knob(name, value, self.get, self._put)
-        if unmerge:
-            wait_unmerged(self.get, before, None)
-
     def _put(self, name: str, value: int) -> None:
         self.ctl[control.INDEX[name]] = value
-
-    def sysfs_lines(self) -> list[str]:
-        return _sysfs_lines({**self.knobs(), **self.counters()})
-
-
-def _sysfs_lines(values: dict[str, Any]) -> list[str]:
-    """``grep . /sys/kernel/mm/ksm/*``, line by line."""
-    values = dict(values)
-    values["advisor_mode"] = "[none] scan-time" if values["advisor_mode"] == "none" else "none [scan-time]"
-    return [f"/sys/kernel/mm/ksm/{name}:{values[name]}" for name in sorted(values)]

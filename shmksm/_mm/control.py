@@ -33,6 +33,8 @@ KNOB_DEFAULTS: Final[dict[str, int]] = {
     "advisor_max_pages_to_scan": 30000,
 }
 ADVISOR_MODES: Final = ("none", "scan-time")
+# Knobs whose values are words: the word of each stored number, in order.
+WORD_KNOBS: Final[dict[str, tuple[str, ...]]] = {"advisor_mode": ADVISOR_MODES}
 
 # Counters of /sys/kernel/mm/ksm, written by the scanner.
 COUNTERS: Final = (

@@ -57,14 +57,13 @@ def unlink(segment: shared_memory.SharedMemory) -> None:
             segment.unlink()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs: it exists and is not a zombie (a killed child not yet reaped)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def stale_segments() -> list[str]:
@@ -78,7 +77,7 @@ def stale_segments() -> list[str]:
         if not entry.startswith(PREFIX):
             continue
         pid_text = entry[len(PREFIX):].split("_", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and not pid_alive(int(pid_text)):
             stale.append(entry)
     return sorted(stale)
 
