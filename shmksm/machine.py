@@ -38,6 +38,7 @@ from ._mm import control, mmu_notifier, segments
 from ._mm.frames import PAGE_SIZE
 from ._mm.locks import STUCK_SECONDS, LocksBusy, LockTable, default_context
 from ._mm.system import System, SystemSpec
+from ._mm.waiting import poll_until
 from .errors import ProcessDied, UsageError
 from .guest import GuestView
 
@@ -268,13 +269,14 @@ class Machine:
     def wait_full_scans(self, n: int, timeout: float = 60.0) -> int:
         """Wait until ``full_scans`` has grown by ``n``; return the new value."""
         start = self.system.get("full_scans")
-        deadline = time.monotonic() + timeout
-        while self.system.get("full_scans") < start + n:
+
+        def ksmd_runs() -> None:
             if self.ksmd is None or not self.ksmd.is_alive():
                 raise ProcessDied("ksmd is not running")
-            if time.monotonic() > deadline:
-                raise ProcessDied(f"ksmd made {self.system.get('full_scans') - start} of {n} full scans in {timeout} s")
-            time.sleep(0.002)
+
+        poll_until(lambda: self.system.get("full_scans") >= start + n, timeout,
+                   lambda: ProcessDied(f"ksmd made {self.system.get('full_scans') - start} of {n} full scans "
+                                       f"in {timeout} s"), check=ksmd_runs, first=0.001, most=0.002)
         return self.system.get("full_scans")
 
     @property

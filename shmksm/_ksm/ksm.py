@@ -26,10 +26,22 @@ import numpy as np
 
 from .._mm.frames import KSM as FRAME_KSM
 from .._mm.frames import PAGE_SIZE, ZERO_PFN, Frames, with_frames
-from .._mm.pagetable import DIRTY, KSM, KSM_ZERO_PTE, PFN_MASK, PRESENT, UNMAPPED, WRITE, YOUNG, ZERO, PageTable
+from .._mm.pagetable import (
+    DIRTY,
+    KSM,
+    KSM_ZERO_PTE,
+    PFN_MASK,
+    PRESENT,
+    PRIVATE_MASK,
+    UNMAPPED,
+    WRITE,
+    YOUNG,
+    ZERO,
+    PageTable,
+    is_private,
+)
 
 ZERO_BYTES: Final = bytes(PAGE_SIZE)
-_MERGEABLE_MASK: Final = PRESENT | ZERO | UNMAPPED | KSM
 _NOT_WRITE: Final = ~WRITE
 _KSM_PRESENT: Final = KSM | PRESENT
 _DIRTY_YOUNG: Final = DIRTY | YOUNG
@@ -56,7 +68,7 @@ def write_protect_page(table: PageTable, page: int, pfn: int) -> int:
     another user (the kernel's page_mapcount + 1 != page_count check).
     """
     pte = table.pv[page]
-    if pte & (PRESENT | ZERO | UNMAPPED | KSM) != PRESENT or pte & PFN_MASK != pfn:
+    if not is_private(pte) or pte & PFN_MASK != pfn:
         return 0
     frames = table.frames
     if frames.mc[pfn] != 1 or frames.fl[pfn] & FRAME_KSM:
@@ -136,7 +148,7 @@ def make_ksm_pages(table: PageTable, pages: list[int], pfns: list[int]) -> list[
         with _run_locked(table, pages[i]) as records:
             for k, page, pfn in zip(range(i, j), pages[i:j], pfns[i:j], strict=True):
                 pte = pv[page]
-                if pte & _MERGEABLE_MASK != PRESENT or pte & PFN_MASK != pfn or mc[pfn] != 1 or fl[pfn] & FRAME_KSM:
+                if pte & PRIVATE_MASK != PRESENT or pte & PFN_MASK != pfn or mc[pfn] != 1 or fl[pfn] & FRAME_KSM:
                     continue
                 if pte & WRITE:
                     pte &= _NOT_WRITE
@@ -214,7 +226,7 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
                 for k, page, pfn, kpfn, kgen in zip(range(i, j), pages[i:j], pfns[i:j], kpfns[i:j], kgens[i:j],
                                                     strict=True):
                     pte = pv[page]
-                    if pte & _MERGEABLE_MASK != PRESENT or pte & PFN_MASK != pfn or mc[pfn] != 1 or fl[pfn] & FRAME_KSM:
+                    if pte & PRIVATE_MASK != PRESENT or pte & PFN_MASK != pfn or mc[pfn] != 1 or fl[pfn] & FRAME_KSM:
                         continue
                     if pte & WRITE:
                         pte &= _NOT_WRITE

@@ -61,7 +61,16 @@ import xxhash
 
 from .._mm.frames import KSM as FRAME_KSM
 from .._mm.frames import PAGE_SIZE, ZERO_PFN, with_frames
-from .._mm.pagetable import H_MERGING, H_RMAP_ITEMS, KSM, PFN_MASK, PRESENT, UNMAPPED, ZERO, PageTable
+from .._mm.pagetable import (
+    FRAME_MASK,
+    H_MERGING,
+    H_RMAP_ITEMS,
+    KSM,
+    PFN_MASK,
+    PRESENT,
+    PageTable,
+    is_private,
+)
 from .._mm.system import System
 from . import ksm
 from .keytable import KeyTable
@@ -80,7 +89,7 @@ STABLE: Final = 3  # on a stable node (pages_shared or pages_sharing)
 
 _checksum = xxhash.xxh3_64_intdigest
 ZERO_CHECKSUM: Final = _checksum(bytes(PAGE_SIZE))
-_ANON_MASK: Final = np.uint64(PRESENT | ZERO | UNMAPPED)
+_ANON_MASK: Final = np.uint64(FRAME_MASK)
 _ANON: Final = np.uint64(PRESENT)
 _KSM: Final = np.uint64(KSM)
 _PFN: Final = np.uint64(PFN_MASK)
@@ -623,7 +632,7 @@ class Scanner:
             return None
         tree_pte = tree_slot.table.pv[tree_page]
         tree_pfn = tree_pte & PFN_MASK
-        if tree_pte & (PRESENT | ZERO | UNMAPPED | KSM) != PRESENT or tree_pfn == pfn:
+        if not is_private(tree_pte) or tree_pfn == pfn:
             return None
         return tree_slot, tree_page, tree_pfn
 
@@ -732,7 +741,7 @@ class Scanner:
             if tree_slot is not None and tree_slot.state_v[tree_page] == UNSTABLE:
                 tree_pte = tree_slot.table.pv[tree_page]
                 tree_pfn = tree_pte & PFN_MASK
-                if tree_pte & (PRESENT | ZERO | UNMAPPED | KSM) != PRESENT or tree_pfn == pfn:
+                if not is_private(tree_pte) or tree_pfn == pfn:
                     return
                 kpfn, kgen = ksm.try_to_merge_two_pages(table, page, pfn, tree_slot.table, tree_page, tree_pfn,
                                                         check_vma=True)

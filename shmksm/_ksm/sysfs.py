@@ -17,6 +17,7 @@ import numpy as np
 from .._mm import control, pagetable, segments
 from .._mm.pagetable import H_MERGE_ANY, H_MERGING, H_RMAP_ITEMS, KSM, PRESENT, ZERO
 from .._mm.system import System
+from .._mm.waiting import poll_until
 from ..errors import KnobBusyError, KnobError
 from .ksm import RMAP_ITEM_BYTES, unmerge_range
 
@@ -68,21 +69,20 @@ def wait_unmerged(get: Callable[[str], int], before: int, fallback: Callable[[],
     ksmd unmerges at its next batch boundary and counts it in
     ``scanner_unmerges``; with no ksmd running, ``fallback`` does it here.
     """
-    import time
-
-    deadline = time.monotonic() + timeout
-    while get("scanner_unmerges") <= before:
+    def ksmd_runs() -> bool:
         pid = get("scanner_pid")
-        if not pid or not segments.pid_alive(pid):
-            if fallback is None:
-                raise KnobBusyError("run=2: no ksmd runs to unmerge (EBUSY)")
-            fallback()
-            return
-        if get("run") != 2:
-            return  # another writer changed run meanwhile
-        if time.monotonic() > deadline:
-            raise KnobBusyError(f"run=2: ksmd did not unmerge within {timeout} s (EBUSY)")
-        time.sleep(0.001)
+        return bool(pid) and segments.pid_alive(pid)
+
+    # Done when ksmd counted the unmerge, when another writer changed run
+    # meanwhile, or when no ksmd runs to do it.
+    poll_until(lambda: get("scanner_unmerges") > before or get("run") != 2 or not ksmd_runs(), timeout,
+               lambda: KnobBusyError(f"run=2: ksmd did not unmerge within {timeout} s (EBUSY)"),
+               first=0.001, most=0.001)
+    if get("scanner_unmerges") > before or get("run") != 2:
+        return
+    if fallback is None:
+        raise KnobBusyError("run=2: no ksmd runs to unmerge (EBUSY)")
+    fallback()
 
 
 def guest_ksm_stat(system: System, gid: int) -> dict[str, int]:

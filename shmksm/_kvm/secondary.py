@@ -12,7 +12,6 @@ accessed, like page reclaim's ``mmu_notifier_clear_flush_young``.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -22,22 +21,19 @@ import numpy.typing as npt
 from .._mm import mmu_notifier as mn
 from .._mm.pagetable import YOUNG
 from .._mm.system import System
+from .._mm.waiting import poll_until
 from ..errors import ProcessDied, UsageError
 
 if TYPE_CHECKING:
     from ..machine import Guest, Worker
 
 
-def _wait(cond: Any, timeout: float, what: str, alive: Any = None) -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.0001
-    while not cond():
+def _wait(cond: Callable[[], bool], timeout: float, what: str, alive: Callable[[], bool] | None = None) -> None:
+    def check() -> None:
         if alive is not None and not alive():
             raise ProcessDied(f"{what}: the shadow worker died")
-        if time.monotonic() > deadline:
-            raise ProcessDied(f"{what}: no answer in {timeout} s")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.01)
+
+    poll_until(cond, timeout, lambda: ProcessDied(f"{what}: no answer in {timeout} s"), check=check)
 
 
 class ShadowMMU:
@@ -122,7 +118,11 @@ class ShadowMMU:
             return  # the guest exited: its release ran, and nothing of it can run any more
         seq = self.system.notifier.emit(mn.UNREGISTER, gid, 0, 0, shadow=self.slot)
         if self.alive:
-            _wait(lambda: self._row[mn.S_ACKED] > seq or not self.alive, timeout, "unregister")
+            self.wait_acked(seq, timeout, "unregister")
+
+    def wait_acked(self, seq: int, timeout: float, what: str) -> None:
+        """Wait until the worker acknowledged event ``seq``, or is gone; ProcessDied after ``timeout``."""
+        _wait(lambda: self._row[mn.S_ACKED] > seq or not self.alive, timeout, what)
 
     def request_round(self) -> None:
         """Ask the worker (mode ``rounds``) to read every mirrored page once more; do not wait."""
@@ -196,7 +196,7 @@ def clear_flush_young(system: System, shadows: list[ShadowMMU], guest: Guest, cl
         seq = system.notifier.emit(kind, guest.id, start, end)
         for s in shadows:
             system.locks.broker_bell.release()
-            _wait(lambda s=s, seq=seq: s._row[mn.S_ACKED] > seq or not s.alive, timeout, "clear_flush_young")
+            s.wait_acked(seq, timeout, "clear_flush_young")
             if s.alive:
                 young[start:end] |= area.young[s.slot, :end - start] != 0
     return young

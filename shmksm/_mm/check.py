@@ -26,7 +26,7 @@ from .frames import INUSE, WAITING, ZERO_PFN
 from .frames import KSM as FRAME_KSM
 from .locks import stop_the_world
 from .mmu_notifier import RELEASE
-from .pagetable import H_MM_OWNER, KSM, PFN_MASK, PRESENT, UNMAPPED, WRITE, ZERO, describe
+from .pagetable import FRAME_MASK, H_MM_OWNER, KSM, PFN_MASK, PRESENT, WRITE, ZERO, describe
 from .system import System
 
 
@@ -47,7 +47,7 @@ def _mapcounts(system: System) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bo
     ksm = np.zeros(n, np.bool_)
     for gid in system.live_guests():
         ptes = system.table(gid).ptes
-        mapped = (ptes & np.uint64(PRESENT | ZERO | UNMAPPED)) == np.uint64(PRESENT)
+        mapped = (ptes & np.uint64(FRAME_MASK)) == np.uint64(PRESENT)
         pfns = (ptes[mapped] & np.uint64(PFN_MASK)).astype(np.int64)
         if len(pfns) and int(pfns.max()) >= n:
             bad = int(np.flatnonzero(mapped)[int(np.argmax(pfns >= n))])
@@ -74,7 +74,7 @@ def check_locked(system: System) -> None:
         if len(bad):
             raise CheckError(f"guest {gid} page {int(bad[0]):#x}: zero-page PTE is writable or has a pfn "
                              f"({describe(int(ptes[bad[0]]))})")
-        mapped = (ptes & np.uint64(PRESENT | ZERO | UNMAPPED)) == np.uint64(PRESENT)
+        mapped = (ptes & np.uint64(FRAME_MASK)) == np.uint64(PRESENT)
         pfn = (ptes & np.uint64(PFN_MASK)).astype(np.int64)
         writable = mapped & ((ptes & np.uint64(WRITE)) != 0)
         shared = writable & ((counts[pfn] > 1) | ((flags[pfn] & FRAME_KSM) != 0))

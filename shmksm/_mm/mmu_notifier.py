@@ -68,6 +68,7 @@ import numpy.typing as npt
 
 from ..errors import InternalError, UsageError
 from . import control
+from .waiting import poll_until
 
 ERAS: Final = ("2009", "2012", "2024", "interval")
 
@@ -316,14 +317,14 @@ class Notifier:
         waiting with it held could wait forever.  The caller still holds the
         page-table lock of its PTE, so no event of that PTE can overtake it.
         """
-        deadline = time.monotonic() + 10.0
+        def wake_broker() -> None:
+            self.v[H_SLEEPING] = 0
+            self.doorbell()
+
         self.lock.release()
         try:
-            while seq - self.v[H_TAIL] >= MAIN_N:
-                self.v[H_SLEEPING] = 0
-                self.doorbell()
-                if time.monotonic() > deadline:
-                    raise InternalError("the notifier broker stopped draining its ring")
-                time.sleep(0.0001)
+            poll_until(lambda: seq - self.v[H_TAIL] < MAIN_N, 10.0,
+                       lambda: InternalError("the notifier broker stopped draining its ring"),
+                       check=wake_broker, first=0.0001, most=0.0001)
         finally:
             self.lock.acquire()

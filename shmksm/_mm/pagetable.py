@@ -56,6 +56,18 @@ H_RANGES_GEN: Final = 6  # bumped by every change of the mergeable ranges or mer
 H_RANGES: Final = 8
 MAX_RANGES: Final = (HEADER_WORDS - H_RANGES) // 2
 
+# A PTE maps a frame of its own when it is PRESENT, not the zero page and not
+# munmap'ed (FRAME_MASK); a private frame that ksmd may merge is, besides, not
+# a KSM page (PRIVATE_MASK).  is_private() is the scalar test.
+FRAME_MASK: Final = PRESENT | ZERO | UNMAPPED
+PRIVATE_MASK: Final = FRAME_MASK | KSM
+
+
+def is_private(pte: int) -> bool:
+    """Whether ``pte`` maps a private frame: present, not the zero page, not unmapped, not KSM."""
+    return pte & PRIVATE_MASK == PRESENT
+
+
 ZERO_PTE: Final = PRESENT | ZERO | YOUNG
 KSM_ZERO_PTE: Final = PRESENT | ZERO | KSM
 
