@@ -50,10 +50,10 @@ if __name__ == "__main__":
         machine.ksm.run = 0
         before = machine.ksm.counters()
         print(f"merged: pages_shared {before['pages_shared']}, pages_sharing {before['pages_sharing']}")
-        cow0 = machine.system.get("cow_ksm")
+        cow0 = machine.vmstat()["cow_ksm"]
         workers = [machine.spawn(storm, g, i + 1) for i, g in enumerate(guests)]
         results = [w.join() for w in workers]
-        cows = machine.system.get("cow_ksm") - cow0
+        cows = machine.vmstat()["cow_ksm"] - cow0
         merged_us = np.mean([r[0][0] for r in results]) * 1e6
         private_us = np.mean([r[0][1] for r in results]) * 1e6
         print(f"{cows} copy-on-write breaks of KSM pages (cow_ksm)")

@@ -110,13 +110,16 @@ class Worker:
 
     @property
     def pid(self) -> int:
+        """The worker's process id."""
         return int(self.process.pid)
 
     @property
     def name(self) -> str:
+        """The name given at spawn (``name=``), or the process's default name."""
         return str(self.process.name)
 
     def is_alive(self) -> bool:
+        """Whether the worker process still runs."""
         return bool(self.process.is_alive())
 
     def _collect(self) -> tuple[Any, ...]:
@@ -161,6 +164,7 @@ class Worker:
         raise ProcessDied(outcome[1])
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` (SIGKILL by default) to the worker; the machine recovers from its death."""
         self.sent_signal = int(sig)
         if self.process.pid is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -194,6 +198,7 @@ class Guest:
 
     @property
     def alive(self) -> bool:
+        """Whether the guest's address space exists (not removed, its last process not gone)."""
         return self.id in self.machine._guests
 
 
@@ -281,6 +286,7 @@ class Machine:
 
     @property
     def frames(self) -> int:
+        """The size of the frame pool, the zero page included."""
         return self.system.frames.nframes
 
     def __enter__(self) -> Machine:
@@ -338,6 +344,7 @@ class Machine:
             return shadow
 
     def shadows(self) -> list[ShadowMMU]:
+        """The shadow MMUs running now."""
         return list(self._shadows.values())
 
     def _shadow_gone(self, shadow: ShadowMMU) -> None:
@@ -388,6 +395,7 @@ class Machine:
         self.system.forget_guest(gid)
 
     def guests(self) -> list[Guest]:
+        """The live guests."""
         return list(self._guests.values())
 
     def _require_open(self) -> None:
@@ -425,6 +433,7 @@ class Machine:
         return worker
 
     def workers(self) -> list[Worker]:
+        """Every worker process spawned so far, running or ended."""
         return list(self._workers)
 
     def _watch(self) -> None:
@@ -500,7 +509,12 @@ class Machine:
         return self.system.frames.reclaim()
 
     def free_frames(self) -> int:
+        """Frames on the free list now (not counting those waiting for reclamation)."""
         return self.system.get("free_count")
+
+    def vmstat(self) -> dict[str, int]:
+        """The /proc/vmstat counters the emulation keeps, by the kernel's names (``cow_ksm``)."""
+        return {name: self.system.get(name) for name in control.VMSTAT}
 
     # -- shutdown ----------------------------------------------------------------------------------
 

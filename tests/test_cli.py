@@ -25,7 +25,7 @@ from typing import Any
 import click
 import pytest
 from click.testing import CliRunner
-from test_images import (
+from helpers import (
     assert_one_line_error,
     brute_force_ideal,
     gcore_dump,

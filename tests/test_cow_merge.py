@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import merge_pages, pfn_of, pte_of
+from helpers import merge_pages, pfn_of, pte_of
 from shmksm.workers import guest_random
 
 import shmksm

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import shm_entries, wait_until
+from helpers import shm_entries, wait_until
 
 import shmksm
 from shmksm import PAGE_SIZE

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_images import assert_one_line_error, brute_force_ideal, build_core, pages_of, run_cli
+from helpers import assert_one_line_error, brute_force_ideal, build_core, pages_of, run_cli
 
 from shmksm.cli import main
 from shmksm.tool.fleet import ideal_on_cluster

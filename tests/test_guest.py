@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from conftest import merge_pages, pfn_of, pte_of
+from helpers import merge_pages, pfn_of, pte_of
 
 import shmksm
 from shmksm import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE

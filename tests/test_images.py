@@ -6,202 +6,17 @@ and :func:`run_cli` serve test_cli.py and test_fleet.py too.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import signal
-import struct
-import subprocess
-import sys
-from collections import Counter
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 from elftools.elf.elffile import ELFFile
+from helpers import brute_force_ideal, build_core, gcore_dump, page, pages_of, run_json, write_bad_images
 
 from shmksm import PAGE_SIZE
 from shmksm.tool.images import ImageError, ideal, image_layout, image_pages, iter_chunks
 
-ZERO_PAGE = bytes(PAGE_SIZE)
-
-ET_EXEC, ET_CORE = 2, 4
-PT_LOAD, PT_NOTE = 1, 4
-EM_X86_64, EM_386 = 62, 3
-
-
-# -- running the command line as a real process ---------------------------------------------------
-
-
-def run_cli(*args: object, timeout: float = 120, cwd: str | os.PathLike[str] | None = None,
-            ) -> subprocess.CompletedProcess[str]:
-    """``python -m shmksm.cli ARGS`` as a real process: its real exit code, stdout and stderr.
-
-    A run that outlives ``timeout`` gets SIGTERM (the host then closes its
-    machine), SIGKILL 10 s later, and fails the test.
-    """
-    cmd = [sys.executable, "-m", "shmksm.cli", *map(str, args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            out, err = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        pytest.fail(f"shmksm {' '.join(map(str, args))} still ran after {timeout} s; stderr:\n{err[-2000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, fragment: str) -> None:
-    """The command failed as the CLI promises.
-
-    Exit ``code``, no traceback, and a last line "Error: ..." with ``fragment``.
-    """
-    shown = f"exit {proc.returncode}; stderr:\n{proc.stderr[-3000:]}"
-    assert "Traceback" not in proc.stderr, shown
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines, f"nothing on stderr; {shown}"
-    assert lines[-1].startswith("Error: "), shown
-    assert [line for line in lines if line.startswith("Error")] == lines[-1:], shown
-    assert fragment in lines[-1], shown
-    assert proc.returncode == code, shown
-
-
-def run_json(*args: object, timeout: float = 120) -> dict[str, object]:
-    """Run a command that writes JSON to stdout (``--json -``); its exit code must be 0."""
-    proc = run_cli(*args, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    result: dict[str, object] = json.loads(proc.stdout)
-    return result
-
-
-# -- ELF core files -------------------------------------------------------------------------------
-
-
-def _note(name: bytes, ntype: int, desc: bytes) -> bytes:
-    def pad4(b: bytes) -> bytes:
-        return b + bytes(-len(b) % 4)
-
-    return struct.pack("<III", len(name) + 1, len(desc), ntype) + pad4(name + b"\0") + pad4(desc)
-
-
-def build_core(path: str | os.PathLike[str], segments: Sequence[bytes], *, elfclass: int = 64,
-               e_type: int = ET_CORE, note: bool = True, empty_load: bool = True,
-               align: int = PAGE_SIZE) -> list[tuple[int, int]]:
-    """Write an ELF core file whose PT_LOAD segments hold ``segments``; return their (file offset, bytes).
-
-    Like gcore's: a PT_NOTE first (an NT_PRSTATUS-like note), the PT_LOAD
-    segments with data, and (``empty_load``) a PT_LOAD with no bytes in the
-    file (p_filesz 0, a region gcore could not read), which is no memory.
-    Segment data starts at multiples of ``align`` in the file.
-    """
-    if elfclass == 64:
-        ehdr_fmt, phdr_fmt, machine = "<HHIQQQIHHHHHH", "<IIQQQQQQ", EM_X86_64
-    else:
-        ehdr_fmt, phdr_fmt, machine = "<HHIIIIIHHHHHH", "<IIIIIIII", EM_386
-    ehsize = 16 + struct.calcsize(ehdr_fmt)
-    phentsize = struct.calcsize(phdr_fmt)
-    note_data = _note(b"CORE", 1, bytes(range(64)) * 5) if note else b""
-    phnum = len(segments) + int(note) + int(empty_load)
-    offset = ehsize + phnum * phentsize
-    # (p_type, offset, vaddr, filesz, memsz)
-    headers: list[tuple[int, int, int, int, int]] = []
-    if note:
-        headers.append((PT_NOTE, offset, 0, len(note_data), 0))
-        offset += len(note_data)
-    layout = []
-    vaddr = 0x400000
-    for data in segments:
-        offset += -offset % align
-        headers.append((PT_LOAD, offset, vaddr, len(data), len(data)))
-        layout.append((offset, len(data)))
-        offset += len(data)
-        vaddr += 0x100000
-    if empty_load:
-        headers.append((PT_LOAD, offset, vaddr, 0, 2 * PAGE_SIZE))
-    ident = b"\x7fELF" + bytes([1 if elfclass == 32 else 2, 1, 1, 0]) + bytes(8)
-    out = bytearray(ident + struct.pack(ehdr_fmt, e_type, machine, 1, 0, ehsize, 0, 0, ehsize, phentsize, phnum,
-                                        0, 0, 0))
-    for p_type, off, va, filesz, memsz in headers:
-        flags = 4 if p_type == PT_NOTE else 6
-        if elfclass == 64:
-            out += struct.pack(phdr_fmt, p_type, flags, off, va, 0, filesz, memsz, 1 if p_type == PT_NOTE else align)
-        else:
-            out += struct.pack(phdr_fmt, p_type, off, va, 0, filesz, memsz, flags, 1 if p_type == PT_NOTE else align)
-    out += note_data
-    for (off, _), data in zip(layout, segments, strict=True):
-        out += bytes(off - len(out))
-        out += data
-    Path(path).write_bytes(bytes(out))
-    return layout
-
-
-def page(key: int) -> bytes:
-    """Page content number ``key``: 0 is the empty page, the others pseudo-random."""
-    if key == 0:
-        return ZERO_PAGE
-    return np.random.default_rng([7, key]).integers(0, 256, PAGE_SIZE, dtype=np.uint8).tobytes()
-
-
-def pages_of(keys: Iterable[int]) -> bytes:
-    return b"".join(page(k) for k in keys)
-
-
-# -- the ideal, counted independently of shmksm.tool.images ----------------------------------------------
-
-
-def memory_pages(path: str | os.PathLike[str]) -> list[bytes]:
-    """The pages of guest memory of an image, read independently of shmksm: raw, or via pyelftools."""
-    data = Path(path).read_bytes()
-    if not data.startswith(b"\x7fELF"):
-        return [data[i:i + PAGE_SIZE] for i in range(0, len(data), PAGE_SIZE)]
-    pages = []
-    with open(path, "rb") as f:
-        for seg in ELFFile(f).iter_segments():
-            if seg["p_type"] == "PT_LOAD" and seg["p_filesz"]:
-                mem = seg.data()
-                mem += bytes(-len(mem) % PAGE_SIZE)
-                pages += [mem[i:i + PAGE_SIZE] for i in range(0, len(mem), PAGE_SIZE)]
-    return pages
-
-
-def brute_force_ideal(paths: Sequence[str | os.PathLike[str]], max_page_sharing: int = 256) -> dict[str, int]:
-    """What KSM converges to on ``paths``, by SHA-256 over every page.
-
-    A content of n > 1 pages with M = max_page_sharing takes ceil(n/M) KSM
-    pages, one fewer if n % M == 1 (the last copy has nothing to pair with,
-    the selftest's N % M == 1 rule); pages_sharing is the other copies that
-    merged.  With use_zero_pages the empty pages map the zero page instead
-    and leave both counts.
-    """
-    counts: Counter[bytes] = Counter()
-    zero_digest = hashlib.sha256(ZERO_PAGE).digest()
-    for path in paths:
-        counts.update(hashlib.sha256(p).digest() for p in memory_pages(path))
-    m = max_page_sharing
-
-    def shared_sharing(n: int) -> tuple[int, int]:
-        if n < 2:
-            return 0, 0
-        lone = 1 if n % m == 1 else 0
-        shared = -(-n // m) - lone
-        return shared, n - shared - lone
-
-    shared = sharing = 0
-    for n in counts.values():
-        s, t = shared_sharing(n)
-        shared, sharing = shared + s, sharing + t
-    zshared, zsharing = shared_sharing(counts[zero_digest])
-    return {"pages": sum(counts.values()), "distinct": len(counts), "zero_pages": counts[zero_digest],
-            "pages_shared": shared, "pages_sharing": sharing,
-            "pages_shared_zero": shared - zshared, "pages_sharing_zero": sharing - zsharing,
-            "max_page_sharing": m}
+# -- the ideal, counted independently of shmksm.tool.images (helpers.brute_force_ideal) -----------
 
 
 def test_the_brute_force_count_by_hand(tmp_path: Path) -> None:
@@ -266,26 +81,6 @@ def test_raw_images_and_cores_count_together(tmp_path: Path) -> None:
     assert ideal(paths).as_dict() == brute_force_ideal(paths)
 
 
-def write_bad_images(outdir: Path) -> dict[str, Path]:
-    """Files that are not guest memory, by what is wrong with them."""
-    bad = {
-        "ragged": outdir / "ragged.img", "empty": outdir / "empty.img", "garbage_elf": outdir / "garbage.core",
-        "executable": outdir / "exec.elf", "no_memory": outdir / "notes.core", "truncated_core": outdir / "cut.core",
-        "truncated_header": outdir / "cut-header.core", "missing": outdir / "missing.img",
-    }
-    bad["ragged"].write_bytes(bytes(PAGE_SIZE + 1))
-    bad["empty"].write_bytes(b"")
-    bad["garbage_elf"].write_bytes(b"\x7fELF" + np.random.default_rng(5).bytes(600))
-    build_core(bad["executable"], [pages_of([1, 2])], e_type=ET_EXEC)
-    build_core(bad["no_memory"], [], empty_load=True)
-    whole = outdir / "whole.core"
-    build_core(whole, [pages_of([1, 2, 3]), pages_of([4, 5, 6])])
-    data = whole.read_bytes()
-    bad["truncated_core"].write_bytes(data[:len(data) - PAGE_SIZE - 100])  # cut inside the last segment
-    bad["truncated_header"].write_bytes(data[:40])  # cut inside the ELF header
-    return bad
-
-
 @pytest.mark.parametrize(("kind", "message"), [
     ("ragged", "not a positive multiple of 4096"),
     ("empty", "size 0"),
@@ -336,46 +131,6 @@ def test_the_cli_converges_to_the_estimate_on_a_synthetic_core(tmp_path: Path) -
 
 
 # -- a real gcore dump ----------------------------------------------------------------------------
-
-CHILD = """
-import mmap, os, sys
-PAGE = 4096
-memory = mmap.mmap(-1, 2000 * PAGE)  # page-aligned, unlike a bytearray's buffer
-for i in range(2000):
-    # two pages in three hold one of seven contents; the others are random
-    memory[i * PAGE:(i + 1) * PAGE] = bytes([i % 7 + 1]) * PAGE if i % 3 else os.urandom(PAGE)
-print(os.getpid(), flush=True)
-sys.stdin.read()
-"""
-
-PTRACE_REFUSED = ("ptrace: Operation not permitted", "Operation not permitted", "ptrace_scope", "Could not attach")
-
-
-def gcore_dump(outdir: Path) -> Path:
-    """A core file of a live Python process holding 2,000 pages, most of them duplicates; skip if gcore cannot."""
-    gcore = shutil.which("gcore")
-    if gcore is None:
-        pytest.skip("gcore (gdb) is not installed")
-    child = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None
-        pid = int(child.stdout.readline())
-        prefix = outdir / "core"
-        try:
-            done = subprocess.run([gcore, "-o", str(prefix), str(pid)], check=False, capture_output=True, text=True,
-                                  timeout=60)
-        except subprocess.TimeoutExpired:
-            pytest.skip("gcore did not finish in 60 s")
-        core = Path(f"{prefix}.{pid}")
-        output = done.stdout + done.stderr
-        if done.returncode or not core.exists():
-            if any(s in output for s in PTRACE_REFUSED):
-                pytest.skip(f"gcore may not ptrace the child here: {output.strip().splitlines()[-1:]}")
-            pytest.fail(f"gcore failed (exit {done.returncode}): {output[-2000:]}")
-        return core
-    finally:
-        child.kill()
-        child.communicate()  # reaps it and closes the pipes
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import wait_until
-from test_scanner_selftests import FAST, fill, merged_machine
+from helpers import FAST, fill, merged_machine, wait_until
 
 import shmksm
 from shmksm._mm import control

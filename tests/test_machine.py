@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import merge_pages, pfn_of, shm_entries
+from helpers import merge_pages, pfn_of, shm_entries
 from shmksm.workers import guest_random
 
 import shmksm

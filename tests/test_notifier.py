@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 import shmksm.workers.shadow
-from conftest import merge_pages, pfn_of, wait_until
+from helpers import merge_pages, pfn_of, wait_until
 
 import shmksm
 import shmksm._kvm.shadow as kvm_shadow

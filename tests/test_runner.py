@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import wait_until
+from helpers import wait_until
 
 import shmksm
 import shmksm.tool.runner

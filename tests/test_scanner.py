@@ -14,11 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-from conftest import wait_until
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from shmksm.workers import guest_random
-from test_scanner_selftests import (
+from helpers import (
     FAST,
     assert_data,
     content,
@@ -28,7 +24,11 @@ from test_scanner_selftests import (
     resume,
     selftest_expectation,
     start_ksmd,
+    wait_until,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from shmksm.workers import guest_random
 
 import shmksm
 from shmksm import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE

@@ -13,144 +13,26 @@ test_runner.py too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import cache
-
 import numpy as np
 import pytest
-from conftest import wait_until
+from helpers import (
+    advise,
+    assert_data,
+    content,
+    distinct_frames,
+    merge_switch_off,
+    merged_machine,
+    pause,
+    poke_byte,
+    poke_each,
+    resume,
+    selftest_expectation,
+    wait_until,
+)
 
-import shmksm
-from shmksm import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE
+from shmksm import MADV_UNMERGEABLE, PAGE_SIZE
 from shmksm._ksm.scanner import RMAP_ITEM_BYTES
-from shmksm._mm.pagetable import KSM, PFN_MASK, PRESENT, ZERO
-
-FAST = {"pages_to_scan": 100_000, "sleep_millisecs": 0}
-
-
-@cache
-def content(key: int) -> bytes:
-    """Page content number ``key``: 0 is the empty page, others are pseudo-random bytes."""
-    if key == 0:
-        return bytes(PAGE_SIZE)
-    return np.random.default_rng(key).integers(0, 256, PAGE_SIZE, dtype=np.uint8).tobytes()
-
-
-def fill(view: shmksm.GuestView, keys: Sequence[int], merge: str = "madvise") -> int:
-    """Guest workload: page i gets ``content(keys[i])``; then the pages become mergeable.
-
-    ``merge`` is "madvise" (MADV_MERGEABLE on the range), "prctl" (the
-    whole-guest merge switch) or "none".
-    """
-    for page, key in enumerate(keys):
-        view.write(page * PAGE_SIZE, content(key))
-    if merge == "madvise":
-        view.madvise(0, len(keys) * PAGE_SIZE, MADV_MERGEABLE)
-    elif merge == "prctl":
-        view.set_memory_merge(True)
-    return len(keys)
-
-
-def advise(view: shmksm.GuestView, start: int, pages: int, advice: int) -> None:
-    """Guest workload: madvise ``pages`` pages from page ``start``."""
-    view.madvise(start * PAGE_SIZE, pages * PAGE_SIZE, advice)
-
-
-def merge_switch_off(view: shmksm.GuestView) -> None:
-    """Guest workload: prctl(PR_SET_MEMORY_MERGE, 0)."""
-    view.set_memory_merge(False)
-
-
-def poke_byte(first: int, i: int) -> bytes:
-    """The byte that :func:`poke_each` writes into its ``i``-th page: never 0."""
-    return bytes([1 + (first + i) % 255])
-
-
-def poke_each(view: shmksm.GuestView, start: int, pages: int, first: int) -> None:
-    """Guest workload: write ``poke_byte(first, i)`` at the start of page ``start + i``."""
-    for i in range(pages):
-        view.write((start + i) * PAGE_SIZE, poke_byte(first, i))
-
-
-def selftest_expectation(n: int, m: int) -> tuple[int, int]:
-    """(pages_shared, pages_sharing) for ``n`` identical pages, max_page_sharing ``m`` (ksm_tests.c)."""
-    if n % m in (0, 1):
-        shared = n // m
-        return shared, shared * (m - 1)
-    shared = n // m + 1
-    return shared, n - shared
-
-
-def distinct_frames(machine: shmksm.Machine, guests: Sequence[shmksm.Guest]) -> None:
-    """Assert that no two present, non-zero-page pages of ``guests`` map one frame, and none is KSM."""
-    pfns = []
-    for g in guests:
-        ptes = machine.system.table(g.id).ptes.copy()
-        present = (ptes & np.uint64(PRESENT | ZERO)) == np.uint64(PRESENT)
-        assert not ((ptes[present] & np.uint64(KSM)) != 0).any(), f"guest {g.id} still maps a KSM page"
-        pfns.append((ptes[present] & np.uint64(PFN_MASK)).astype(np.int64))
-    every = np.concatenate(pfns)
-    values, counts = np.unique(every, return_counts=True)
-    assert (counts == 1).all(), f"frames mapped more than once: {values[counts > 1][:10].tolist()}"
-
-
-def assert_data(guest: shmksm.Guest, keys: Sequence[int]) -> None:
-    """Assert that page i of ``guest`` holds ``content(keys[i])``."""
-    view = guest.view()
-    for page, key in enumerate(keys):
-        assert view.read(page * PAGE_SIZE, PAGE_SIZE) == content(key), f"guest {guest.id} page {page} changed"
-
-
-def start_ksmd(machine: shmksm.Machine) -> None:
-    """Start ksmd and wait until its scanner is set up.
-
-    ksmd takes the guests that are mergeable when it is set up as its first
-    full scan (see test_scanner.py's test of that), so the tests that count
-    full scans start it once their guests are ready.
-    """
-    ksmd = machine.start_ksmd()
-    wait_until(lambda: machine.system.get("scanner_pid") == ksmd.pid, 30, "ksmd to start")
-
-
-def pause(machine: shmksm.Machine) -> None:
-    """Stop ksmd between two full scans; :func:`resume` starts it again.
-
-    ksmd ends a full scan, then sleeps; run=0, written while it sleeps, is
-    what it finds when it wakes.  What the test does until it resumes happens
-    with no batch in flight (see test_scanner.py for what a batch in flight
-    does with a range made unmergeable under it), and the counters stay as
-    that full scan left them.
-    """
-    machine.ksm.sleep_millisecs = 300
-    machine.wait_full_scans(1)
-    machine.ksm.run = 0
-
-
-def resume(machine: shmksm.Machine, scans: int = 1) -> None:
-    """Run ksmd again with sleep_millisecs 0; return after ``scans`` more full scans."""
-    machine.ksm.sleep_millisecs = 0
-    machine.ksm.run = 1
-    machine.wait_full_scans(scans)
-
-
-def merged_machine(keys_per_guest: Sequence[Sequence[int]], merge: str = "madvise",
-                   **knobs: int) -> tuple[shmksm.Machine, list[shmksm.Guest]]:
-    """A running machine whose guests wrote ``keys_per_guest`` and that ksmd scanned twice."""
-    total = sum(len(k) for k in keys_per_guest)
-    machine = shmksm.Machine(frames=2 * total + 64, ksmd=False, **{**FAST, **knobs})
-    try:
-        guests = [machine.add_guest(pages=len(keys)) for keys in keys_per_guest]
-        workers = [machine.spawn(fill, g, list(keys), merge) for g, keys in zip(guests, keys_per_guest, strict=True)]
-        for w in workers:
-            w.join(30)
-        start_ksmd(machine)
-        machine.ksm.run = 1
-        machine.wait_full_scans(2)
-    except BaseException:
-        machine.close()
-        raise
-    return machine, guests
-
+from shmksm._mm.pagetable import KSM, PFN_MASK, ZERO
 
 # -- ksm_tests.c: merging identical pages, with and without max_page_sharing -----------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -24,8 +24,29 @@ from .._mm.system import System
 from .._mm.waiting import poll_until
 from ..errors import ProcessDied, UsageError
 
-if TYPE_CHECKING:
-    from ..machine import Guest, Worker
+
+class GuestHandle(Protocol):
+    """What a secondary MMU needs of a guest (``shmksm.Guest`` is one)."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def system(self) -> System: ...
+
+
+class WorkerHandle(Protocol):
+    """What the host needs of a shadow's process (``shmksm.Worker`` is one)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def is_alive(self) -> bool: ...
+
+    def join(self, timeout: float | None = None) -> Any: ...
 
 
 def _wait(cond: Callable[[], bool], timeout: float, what: str, alive: Callable[[], bool] | None = None) -> None:
@@ -51,7 +72,7 @@ class ShadowMMU:
         self.system = system
         self.slot = slot
         self.change_pte = change_pte
-        self.worker: Worker | None = None
+        self.worker: WorkerHandle | None = None
         self.registered: set[int] = set()
         self._row = system.notify_area.slots[slot]
         self._on_gone = on_gone
@@ -76,7 +97,7 @@ class ShadowMMU:
         row[mn.S_STATE] = mn.SLOT_LIVE
         return cls(system, slot, change_pte, on_gone)
 
-    def started(self, worker: Worker) -> None:
+    def started(self, worker: WorkerHandle) -> None:
         """The worker process of this slot runs: record it."""
         self.worker = worker
         self._row[mn.S_PID] = worker.pid
@@ -94,7 +115,7 @@ class ShadowMMU:
     def alive(self) -> bool:
         return self.worker is not None and self.worker.is_alive() and self._row[mn.S_STATE] == mn.SLOT_LIVE
 
-    def register(self, guest: Guest) -> None:
+    def register(self, guest: GuestHandle) -> None:
         """mmu_notifier_register: callbacks for ``guest`` from now on.  Safe while callbacks run."""
         if not guest.alive or guest.system is not self.system:
             raise UsageError(f"guest {guest.id} is not a live guest of this machine")
@@ -106,7 +127,7 @@ class ShadowMMU:
             notifier.emit_locked(mn.REGISTER, guest.id, 0, 0, shadow=self.slot)
         self.registered.add(guest.id)
 
-    def unregister(self, guest: Guest, timeout: float = 10.0) -> None:
+    def unregister(self, guest: GuestHandle, timeout: float = 10.0) -> None:
         """mmu_notifier_unregister: release if it has not run; return when no callback can run."""
         if guest.id not in self.registered:
             raise UsageError(f"shadow {self.slot} is not registered for guest {guest.id}")
@@ -167,7 +188,7 @@ class ShadowMMU:
         return summary
 
 
-def clear_flush_young(system: System, shadows: list[ShadowMMU], guest: Guest, clear: bool = True,
+def clear_flush_young(system: System, shadows: list[ShadowMMU], guest: GuestHandle, clear: bool = True,
                       timeout: float = 10.0) -> npt.NDArray[np.bool_]:
     """Which pages of ``guest`` were accessed since the last pass, by the guest or any shadow.
 

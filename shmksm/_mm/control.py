@@ -51,6 +51,9 @@ COUNTERS: Final = (
     "general_profit",
 )
 
+# Counters of /proc/vmstat that the emulation keeps (machine.vmstat()).
+VMSTAT: Final = ("cow_ksm",)
+
 _INTERNAL: Final = (
     "rmap_items",  # the scanner's rmap items, for pages_volatile and general_profit
     "cow_ksm",  # copies made by writes into KSM pages (the kernel's vmstat cow_ksm)
