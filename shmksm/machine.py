@@ -205,10 +205,14 @@ class Guest:
 class Machine:
     """An emulated machine: a frame pool, guests, and the processes that use them."""
 
-    def __init__(self, frames: int = DEFAULT_FRAMES, *, overcommit: bool = False, ksmd: bool = True,
+    def __init__(self, frames: int = DEFAULT_FRAMES, *, nodes: int = 1, overcommit: bool = False, ksmd: bool = True,
                  notifier_era: str = "2024", ctx: BaseContext | None = None, **knobs: Any) -> None:
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
             raise UsageError(f"a machine needs at least 2 frames (the zero page and one more), not {frames!r}")
+        if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= control.MAX_NODES:
+            raise UsageError(f"a machine has 1 to {control.MAX_NODES} NUMA nodes, not {nodes!r}")
+        if frames < 2 * nodes:
+            raise UsageError(f"{nodes} NUMA nodes need at least {2 * nodes} frames, not {frames}")
         segments.cleanup_stale()
         self.ctx = ctx or default_context()
         self.overcommit = overcommit
@@ -219,7 +223,9 @@ class Machine:
         self.deaths: list[Death] = []
         self._closed = False
         era = mmu_notifier.era_number(notifier_era)
-        self.system = System.create(frames, LockTable(self.ctx, control.MAX_GUESTS, mmu_notifier.MAX_SHADOWS))
+        self.system = System.create(frames, LockTable(self.ctx, control.MAX_GUESTS, mmu_notifier.MAX_SHADOWS),
+                                    nodes)
+        self._next_node = 0  # add_guest's round robin
         self.system.set("notifier_era", era)
         self.ksm = Ksm(self.system)
         self._shadows: dict[int, ShadowMMU] = {}
@@ -288,6 +294,11 @@ class Machine:
     def frames(self) -> int:
         """The size of the frame pool, the zero page included."""
         return self.system.frames.nframes
+
+    @property
+    def nodes(self) -> int:
+        """NUMA nodes the frame pool is split into."""
+        return self.system.get("nodes")
 
     def __enter__(self) -> Machine:
         return self
@@ -360,10 +371,18 @@ class Machine:
 
     # -- guests ---------------------------------------------------------------------------------
 
-    def add_guest(self, pages: int) -> Guest:
-        """A new address space of ``pages`` untouched pages of 4 KiB."""
+    def add_guest(self, pages: int, node: int | None = None) -> Guest:
+        """A new address space of ``pages`` untouched pages of 4 KiB, on NUMA ``node``.
+
+        Its frames come from that node while it has free ones, then from the
+        others (counted as numa_miss / numa_foreign).  ``node`` None: the
+        nodes in turn, round robin.
+        """
         if isinstance(pages, bool) or not isinstance(pages, int) or pages <= 0:
             raise UsageError(f"a guest needs a positive number of pages, not {pages!r}")
+        if node is not None and (isinstance(node, bool) or not isinstance(node, int)
+                                 or not 0 <= node < self.nodes):
+            raise UsageError(f"node must be one of 0..{self.nodes - 1}, not {node!r}")
         if pages > MAX_GUEST_PAGES:
             raise UsageError(f"a guest has at most {MAX_GUEST_PAGES} pages ({MAX_GUEST_PAGES >> 8} MiB), not {pages}")
         with self._lock:
@@ -374,7 +393,9 @@ class Machine:
                     f"machine too small: guests would have {committed} pages "
                     f"({committed * PAGE_SIZE >> 20} MiB) but the pool has {self.frames - 1} free frames; "
                     f"give more frames or pass overcommit=True")
-            table = self.system.create_guest(pages)
+            if node is None:
+                node, self._next_node = self._next_node, (self._next_node + 1) % self.nodes
+            table = self.system.create_guest(pages, node)
             guest = self._guests[table.gid] = Guest(self, table.gid, pages)
             return guest
 

@@ -41,9 +41,15 @@ What is emulated, and how
   the scanner) is adopted into a node on its first visit, so a new scanner
   carries on where a killed one stopped.
 
-Left out: NUMA (merge_across_nodes is accepted and has no effect), migration,
-swap, huge pages, and the pruning timer of stable node chains (a chain with a
-single dup collapses at once).
+* Partitions: the trees are kept per partition (:func:`partition_of` decides
+  a guest's), and pages of two partitions are never merged.  With
+  ``merge_across_nodes=0`` a guest's partition is its NUMA node: one stable
+  and one unstable tree per node, as the kernel's ``root_stable_tree[nid]``.
+  The kernel takes the node of each physical page; here it is the node of the
+  guest, whose frames come from that node first.
+
+Left out: migration, swap, huge pages, and the pruning timer of stable node
+chains (a chain with a single dup collapses at once).
 
 Invariants relied on: a KSM page's content never changes while mapped (every
 PTE mapping it is read-only); a KSM page is named by (pfn, generation), so a
@@ -116,13 +122,43 @@ def skip_age(age: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     return _SKIP_AGE[age]
 
 
+# A partition of the trees: pages of two different partitions are never merged.
+Partition = tuple[int, ...]
+ALL_NODES: Final = -1  # the node component with merge_across_nodes=1
+
+
+def partition_of(system: System, gid: int) -> Partition:
+    """The partition of guest ``gid``: which stable and unstable tree its pages go on.
+
+    Pages of two partitions are never compared, so never merged.  This is the
+    one place that decides it.  A partition is a tuple with one component per
+    reason to keep guests apart, each in its own position:
+
+    0. the NUMA node: with ``merge_across_nodes=0`` the guest's node (one
+       stable and one unstable tree per node, as the kernel's); with 1,
+       ALL_NODES, the same for every guest.
+
+    A further reason to keep guests apart (a security domain, say) appends its
+    component to the tuple; the trees, the scanners' ownership and the
+    counters take the tuple whole, so nothing else needs to change.  A guest
+    whose partition changed (a knob was written) is moved by the scanner at
+    the start of its next full scan: its rmap items leave the old trees, and
+    its pages are merged again in the new ones.  Reads knobs and the guest's
+    page-table header; takes no lock.
+    """
+    node = ALL_NODES if system.get("merge_across_nodes") else system.table(gid).node
+    return (node,)
+
+
 class MmSlot:
     """The scanner's rmap items for one guest (the kernel's ksm_mm_slot and its rmap_list)."""
 
-    def __init__(self, table: PageTable) -> None:
+    def __init__(self, table: PageTable, partition: Partition, trees: Trees) -> None:
         n = table.pages
         self.table = table
         self.gid = table.gid
+        self.partition = partition  # partition_of(gid) when its items were made
+        self.trees = trees  # that partition's trees: every item of this slot is on them or on none
         self.state = np.zeros(n, np.uint8)
         self.checksum = np.zeros(n, np.uint32)  # the kernel's u32 oldchecksum
         self.node = np.full(n, -1, np.int32)
@@ -265,6 +301,14 @@ class StableTree:
         self.kpfn_v[nid] = -1
 
 
+class Trees:
+    """The stable and the unstable tree of one partition."""
+
+    def __init__(self, nframes: int) -> None:
+        self.stable = StableTree(nframes)
+        self.unstable = KeyTable()  # key → gid << REF_SHIFT | page
+
+
 class Scanner:
     """ksmd's state and algorithm, in the scanner process (or a test's)."""
 
@@ -272,8 +316,7 @@ class Scanner:
         self.system = system
         self.frames = system.frames
         self.by_gid: dict[int, MmSlot] = {}
-        self.stable = StableTree(self.frames.nframes)
-        self.unstable = KeyTable()  # key → gid << REF_SHIFT | page
+        self.trees: dict[Partition, Trees] = {}  # by partition_of
         self.seqnr = 0
         self.pages_shared = 0
         self.pages_sharing = 0
@@ -295,15 +338,27 @@ class Scanner:
 
     # -- mm slots --------------------------------------------------------------------------
 
+    def _trees(self, partition: Partition) -> Trees:
+        trees = self.trees.get(partition)
+        if trees is None:
+            trees = self.trees[partition] = Trees(self.frames.nframes)
+        return trees
+
     def _slot(self, gid: int) -> MmSlot:
+        """The mm slot of guest ``gid``, made on first use, on the trees of its partition now."""
+        partition = partition_of(self.system, gid)
         slot = self.by_gid.get(gid)
         if slot is None:
-            slot = self.by_gid[gid] = MmSlot(self.system.table(gid))
+            slot = self.by_gid[gid] = MmSlot(self.system.table(gid), partition, self._trees(partition))
+        elif slot.partition != partition:
+            # Its items are on the old partition's trees: they leave them, and
+            # its pages start again (on their second visit) in the new ones.
+            self._remove_items(slot, np.flatnonzero(slot.state))
+            slot.partition, slot.trees = partition, self._trees(partition)
         return slot
 
     def _new_full_scan(self) -> None:
-        """Begin a pass: empty the unstable tree, take the guests that have mergeable memory."""
-        self.unstable.clear()
+        """Begin a pass: empty the unstable trees, take the guests that have mergeable memory."""
         live = set(self.system.live_guests())
         for gid in [g for g in self.by_gid if g not in live]:
             self._drop_slot(self.by_gid[gid])
@@ -314,6 +369,11 @@ class Scanner:
                 slot = self._slot(gid)
                 slot.cursor = 0
                 self.slots.append(slot)
+        # Trees of partitions left without guests go; the others' unstable trees are emptied.
+        used = {slot.partition for slot in self.by_gid.values()}
+        self.trees = {p: t for p, t in self.trees.items() if p in used}
+        for trees in self.trees.values():
+            trees.unstable.clear()
         self.slot_index = 0
         self.pass_pending = not self.slots
         self.scan_started = time.monotonic()
@@ -355,7 +415,7 @@ class Scanner:
 
     def _leave_node(self, slot: MmSlot, page: int) -> None:
         nid = slot.node_v[page]
-        st = self.stable
+        st = slot.trees.stable
         left = st.count_v[nid] - 1
         st.count_v[nid] = left
         if left == 0:
@@ -374,7 +434,7 @@ class Scanner:
 
     def _append_many(self, slot: MmSlot, pages: list[int], nids: list[int]) -> None:
         """stable_tree_append for each (page, node) pair."""
-        count = self.stable.count_v
+        count = slot.trees.stable.count_v
         state, node = slot.state_v, slot.node_v
         first = 0  # pages that made their node's KSM page shared
         for page, nid in zip(pages, nids, strict=True):
@@ -510,7 +570,7 @@ class Scanner:
         ptes = slot.table.ptes[pages]
         pfns = (ptes & _PFN).astype(np.int64)
         is_ksm = (ptes & _KSM) != 0
-        st = self.stable
+        st = slot.trees.stable
         # A KSM page whose item already hangs on its node: nothing to do.
         nodes = slot.node[pages]
         settled = is_ksm & (slot.state[pages] == STABLE) & (nodes >= 0)
@@ -537,8 +597,8 @@ class Scanner:
         # The common case, unique content: a key on neither tree and not twice
         # in this batch can only be inserted into the unstable tree.  Do those
         # in bulk; everything else goes through cmp_and_merge_page in order.
-        unstable = self.unstable
-        heads = self.stable.heads.lookup(keys)
+        unstable = slot.trees.unstable
+        heads = st.heads.lookup(keys)
         _, inverse, repeats = np.unique(keys, return_inverse=True, return_counts=True)
         repeats = repeats[inverse]  # pages of each page's content in the batch
         zero = keys == np.uint64(ZERO_CHECKSUM) if use_zero else np.zeros(len(keys), np.bool_)  # their own path
@@ -577,7 +637,8 @@ class Scanner:
         are merged into it together (ksm.replace_pages): at the end of the batch when the
         dup has room for every page of their content left in it (nothing else in the
         batch can change that dup), else as soon as the first is met."""
-        st = self.stable
+        trees = slot.trees
+        st = trees.stable
         # Indices of each content, in order; a page is done once its content's
         # cursor has passed it.
         same_key: dict[int, list[int]] = {}
@@ -593,12 +654,12 @@ class Scanner:
             if at >= len(indices) or indices[at] != i:
                 continue  # merged already, with an earlier page of its content
             zero = use_zero and key == ZERO_CHECKSUM
-            nid = -1 if zero else self._stable_dup(key, max_sharing)
+            nid = -1 if zero else self._stable_dup(st, key, max_sharing)
             if nid < 0:
                 cursor[key] = at + 1
                 # Alone in the batch with a partner on the unstable tree: paired with
                 # the batch's other pairs at its end (no other page here has the content).
-                partner = self._unstable_partner(key, pfns[i]) if len(indices) == 1 and not zero else None
+                partner = self._unstable_partner(trees, key, pfns[i]) if len(indices) == 1 and not zero else None
                 if partner is not None:
                     pairs.append((pages[i], pfns[i], key, *partner))
                 else:
@@ -621,9 +682,9 @@ class Scanner:
         if pairs:
             self._merge_pairs(slot, pairs)
 
-    def _unstable_partner(self, key: int, pfn: int) -> tuple[MmSlot, int, int] | None:
+    def _unstable_partner(self, trees: Trees, key: int, pfn: int) -> tuple[MmSlot, int, int] | None:
         """The unstable tree's page for ``key``, if it can pair with frame ``pfn``: (slot, page, pfn)."""
-        ref = self.unstable.get(key)
+        ref = trees.unstable.get(key)
         if ref < 0:
             return None
         tree_slot = self.by_gid.get(ref >> REF_SHIFT)
@@ -666,7 +727,7 @@ class Scanner:
             for k, ok in zip(ks, done, strict=True):
                 merged[k] = ok
         done_ks = [k for k in range(len(pairs)) if merged[k]]
-        nids = self.stable.new_nodes([pairs[k][2] for k in done_ks], [pairs[k][1] for k in done_ks],
+        nids = slot.trees.stable.new_nodes([pairs[k][2] for k in done_ks], [pairs[k][1] for k in done_ks],
                                      [kgens[k] for k in done_ks])
         self._append_many(slot, [pairs[k][0] for k in done_ks], nids)
         # The tree's entries stay: their items are not UNSTABLE any more, so a
@@ -708,7 +769,7 @@ class Scanner:
 
     def _merge_into_stable(self, slot: MmSlot, pages: list[int], pfns: list[int], nids: list[int]) -> None:
         """Merge pages[k] (ascending, mapping pfns[k]) into the KSM page of node nids[k]; append those that merged."""
-        st = self.stable
+        st = slot.trees.stable
         table = slot.table
         with table.mm_lock:  # merge only what is still mergeable (find_mergeable_vma)
             keep = table.mergeable_indices(pages)
@@ -727,14 +788,15 @@ class Scanner:
                 if mergeable and ksm.replace_with_zero_page(table, page, pfn):
                     self.zero_merges += 1
                     return
-        st = self.stable
+        trees = slot.trees
+        st = trees.stable
         if st.heads.get(key) >= 0:
-            nid = self._stable_dup(key, max_sharing)
+            nid = self._stable_dup(st, key, max_sharing)
             if nid >= 0:
                 if ksm.try_to_merge_one_page(table, page, pfn, st.kpfn_v[nid], st.kgen_v[nid], check_vma=True):
                     self._append(slot, page, nid)
                 return
-        ref = self.unstable.get(key)
+        ref = trees.unstable.get(key)
         if ref >= 0:
             tree_slot = self.by_gid.get(ref >> REF_SHIFT)
             tree_page = ref & REF_PAGE_MASK
@@ -754,17 +816,16 @@ class Scanner:
                     self._append(tree_slot, tree_page, nid)
                     self._append(slot, page, nid)
                 return
-        self.unstable.set(key, slot.gid << REF_SHIFT | page)
+        trees.unstable.set(key, slot.gid << REF_SHIFT | page)
         slot.state_v[page] = UNSTABLE
         self.pages_unshared += 1
 
-    def _stable_dup(self, key: int, max_sharing: int) -> int:
+    def _stable_dup(self, st: StableTree, key: int, max_sharing: int) -> int:
         """A live dup of content ``key`` with room for one more mapping, or -1.
 
         Walks the chain newest first (dups fill one at a time, so the newest is
         the one likely to have room) and prunes dups whose KSM page was freed.
         """
-        st = self.stable
         gn, fl = self.frames.gn, self.frames.fl
         kpfn_of, kgen_of, count, nxt = st.kpfn_v, st.kgen_v, st.count_v, st.next_v
         nid = st.heads.get(key)
@@ -781,7 +842,7 @@ class Scanner:
     def _adopt_ksm_page(self, slot: MmSlot, page: int, pfn: int) -> None:
         """A KSM mapping whose item is not on the page's node: append it there."""
         self._remove_from_tree(slot, np.array([page]))
-        st = self.stable
+        st = slot.trees.stable
         nid = st.node_of_pfn_v[pfn]
         if nid >= 0 and (self.frames.gn[pfn] != st.kgen_v[nid] or st.kpfn_v[nid] != pfn):
             st.unlink(nid)
@@ -807,8 +868,9 @@ class Scanner:
         for slot in list(self.by_gid.values()):
             self._remove_items(slot, np.flatnonzero(slot.state))
             slot.publish()
-        self.stable = StableTree(self.frames.nframes)
-        self.unstable.clear()
+        self.trees = {}
+        for slot in self.by_gid.values():
+            slot.trees = self._trees(slot.partition)
         self.pages_shared = self.pages_sharing = self.pages_unshared = 0
         self.full_scans = 0
         self.slots = []
@@ -846,8 +908,8 @@ class Scanner:
         s.set("pages_unshared", self.pages_unshared)
         s.set("pages_scanned", self.pages_scanned)
         s.set("pages_skipped", self.pages_skipped)
-        s.set("stable_node_chains", self.stable.chains)
-        s.set("stable_node_dups", self.stable.dups)
+        s.set("stable_node_chains", sum(t.stable.chains for t in self.trees.values()))
+        s.set("stable_node_dups", sum(t.stable.dups for t in self.trees.values()))
         s.set("rmap_items", self.rmap_items)
         for slot in self.slots:
             slot.publish()

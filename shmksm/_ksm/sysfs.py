@@ -149,6 +149,8 @@ def parse_knob(name: str, value: Any) -> int:
         raise KnobError(f"max_page_sharing: {value} is below 2 (EINVAL)")
     if words is not None and value >= len(words):
         raise KnobError(f"{name}: {value} is not one of {', '.join(words)} (EINVAL)")
+    if name == "scanners" and not 1 <= value <= control.MAX_SCANNERS:
+        raise KnobError(f"scanners: {value} is not in 1..{control.MAX_SCANNERS} (EINVAL)")
     if name == "advisor_max_cpu" and not 1 <= value <= 100:
         raise KnobError(f"advisor_max_cpu: {value} is not a percentage in 1..100 (EINVAL)")
     if name in ("advisor_target_scan_time", "advisor_min_pages_to_scan", "advisor_max_pages_to_scan") and value < 1:
@@ -212,7 +214,8 @@ class KsmFiles:
         values = {**self.knobs(), **self.counters()}
         for name, words in control.WORD_KNOBS.items():
             values[name] = " ".join(f"[{w}]" if w == values[name] else w for w in words)
-        return [f"/sys/kernel/mm/ksm/{name}:{values[name]}" for name in sorted(values)]
+        return [f"/sys/kernel/mm/ksm/{name}:{values[name]}" for name in sorted(values)
+                if name not in control.OWN_KNOBS]
 
 
 class Ksm(KsmFiles):

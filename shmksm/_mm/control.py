@@ -31,7 +31,11 @@ KNOB_DEFAULTS: Final[dict[str, int]] = {
     "advisor_max_cpu": 70,
     "advisor_min_pages_to_scan": 500,
     "advisor_max_pages_to_scan": 30000,
+    # shmksm's own, not the kernel's: ksmd processes scanning in parallel.
+    "scanners": 1,
 }
+# Knobs the kernel does not have: not shown as /sys/kernel/mm/ksm files.
+OWN_KNOBS: Final = ("scanners",)
 ADVISOR_MODES: Final = ("none", "scan-time")
 # Knobs whose values are words: the word of each stored number, in order.
 WORD_KNOBS: Final[dict[str, tuple[str, ...]]] = {"advisor_mode": ADVISOR_MODES}
@@ -75,12 +79,15 @@ _INTERNAL: Final = (
     # The full scan (1-based) during which pages_shared, pages_sharing or
     # ksm_zero_pages last changed, as the scanner saw it after each batch.
     "scanner_settled_scan",
+    "nodes",  # emulated NUMA nodes the frame pool is split into (fixed at creation)
 )
 
 FIELDS: Final[tuple[str, ...]] = tuple(KNOB_DEFAULTS) + COUNTERS + _INTERNAL
 INDEX: Final[dict[str, int]] = {name: i for i, name in enumerate(FIELDS)}
 
 MAX_PARTICIPANTS: Final = 32
+MAX_SCANNERS: Final = 16
+MAX_NODES: Final = 16
 MAX_GUESTS: Final = 64
 PART_BASE: Final = 128
 GUEST_BASE: Final = PART_BASE + 2 * MAX_PARTICIPANTS

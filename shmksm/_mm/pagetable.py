@@ -3,7 +3,8 @@
 A guest's segment is organized as follows::
 
     int64[HEADER_WORDS]  header: pages, merge_any, nranges, ksm_rmap_items,
-                         ksm_merging_pages, mm lock holder, and from word 8 nranges (start, end)
+                         ksm_merging_pages, mm lock holder, ranges generation, NUMA node,
+                         and from word 8 nranges (start, end)
                          page-number pairs of MADV_MERGEABLE ranges
     uint64[pages]        PTEs
 
@@ -53,6 +54,7 @@ H_RMAP_ITEMS: Final = 3  # ksm_stat, written by the scanner
 H_MERGING: Final = 4  # ksm_merging_pages, written by the scanner
 H_MM_OWNER: Final = 5  # pid of the holder of the guest's mm lock, 0 if none
 H_RANGES_GEN: Final = 6  # bumped by every change of the mergeable ranges or merge_any (mm lock held)
+H_NODE: Final = 7  # the NUMA node the guest's memory is allocated on first (set at creation)
 H_RANGES: Final = 8
 MAX_RANGES: Final = (HEADER_WORDS - H_RANGES) // 2
 
@@ -127,6 +129,7 @@ class PageTable:
         self.gid = gid
         self.header: npt.NDArray[np.int64] = np.ndarray(HEADER_WORDS, np.int64, buf, 0)
         self.pages = int(self.header[H_PAGES])
+        self.node = int(self.header[H_NODE])
         self.ptes: npt.NDArray[np.uint64] = np.ndarray(self.pages, np.uint64, buf, 8 * HEADER_WORDS)
         self.pv = buf[8 * HEADER_WORDS:8 * (HEADER_WORDS + self.pages)].cast("Q")
         halves = self.pv.cast("B").cast("I")

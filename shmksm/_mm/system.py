@@ -39,6 +39,7 @@ class SystemSpec:
     prefix: str
     nframes: int
     locks: LockTable
+    nodes: int = 1
 
     def segment_name(self, what: str) -> str:
         return f"{self.prefix}_{what}"
@@ -70,6 +71,7 @@ class System:
         if owner:
             for name, value in control.KNOB_DEFAULTS.items():
                 self.ctl[control.INDEX[name]] = value
+            self.ctl[control.INDEX["nodes"]] = spec.nodes
             Frames.format(np.ndarray((spec.nframes, PAGE_SIZE), np.uint8, pool_buf), meta_buf, self.ctl)
         self.frames = Frames(pool_buf, meta_buf, self.ctl, self.locks)
         self.notify_area = mmu_notifier.NotifyArea(notify_buf)
@@ -83,9 +85,9 @@ class System:
         return _buf(seg)
 
     @classmethod
-    def create(cls, nframes: int, locks: LockTable) -> System:
+    def create(cls, nframes: int, locks: LockTable, nodes: int = 1) -> System:
         prefix = f"{segments.PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
-        return cls(SystemSpec(prefix, nframes, locks), owner=True)
+        return cls(SystemSpec(prefix, nframes, locks, nodes), owner=True)
 
     # -- knobs and counters ------------------------------------------------------------
 
@@ -108,8 +110,8 @@ class System:
     def live_guests(self) -> list[int]:
         return [g for g in range(control.MAX_GUESTS) if self.guest_live(g)]
 
-    def create_guest(self, pages: int) -> PageTable:
-        """Make a new address space of ``pages`` untouched pages (host only)."""
+    def create_guest(self, pages: int, node: int = 0) -> PageTable:
+        """Make a new address space of ``pages`` untouched pages on NUMA ``node`` (host only)."""
         for gid in range(control.MAX_GUESTS):
             if self.guest_slot(gid)[control.G_STATE] == control.GUEST_FREE:
                 break
@@ -117,7 +119,10 @@ class System:
             raise UsageError(f"at most {control.MAX_GUESTS} guests per machine")
         seg = segments.create(self.spec.segment_name(f"g{gid}"), pagetable.segment_size(pages))
         self._guest_segments[gid] = seg
-        np.ndarray(1, np.int64, seg.buf)[0] = pages
+        header = np.ndarray(pagetable.HEADER_WORDS, np.int64, seg.buf)
+        header[pagetable.H_PAGES] = pages
+        header[pagetable.H_NODE] = node
+        del header
         slot = self.guest_slot(gid)
         slot[control.G_PAGES] = pages
         slot[control.G_MERGE_ANY] = 0
