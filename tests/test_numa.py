@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
-from test_scanner_selftests import FAST, fill, selftest_expectation
+from helpers import FAST, fill, selftest_expectation
 
 import shmksm
 from shmksm._ksm.scanner import ALL_NODES, partition_of
