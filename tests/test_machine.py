@@ -286,3 +286,16 @@ def test_the_workload_counts_what_it_did_not_write(machine: shmksm.Machine) -> N
     assert other.read(0, other.size) == view.read(0, view.size), "the workload is not deterministic"
     lossy = LossyView(machine.system, machine.add_guest(pages=256).id)  # few lost writes are overwritten
     assert guest_random.run(lossy, seed=3, seconds=10.0, max_ops=300) > 0
+
+
+def test_shadowed_machine_gives_guests_mirrored_by_shadows() -> None:
+    from shmksm.testing import shadowed_machine
+
+    with shadowed_machine(guests=2, pages=4, shadows=2) as (machine, guests, shadows):
+        assert len(machine.guests()) == 2 and len(shadows) == 2
+        for guest in guests:
+            guest.view().write(0, b"x" * 8)
+        for shadow in shadows:
+            assert shadow.registered == {g.id for g in guests}
+            shadow.round()
+            assert shadow.stats()["reads"] > 0

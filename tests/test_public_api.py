@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, int]] = [
     ("shmksm.tool.images", 7),  # image formats: the guests' image loader reads them too
     ("shmksm.workers", 8),  # the guests' workloads
     ("shmksm.tool", 9),
+    ("shmksm.testing", 9),
     ("shmksm.cli", 10),
     ("shmksm.__main__", 11),
 ]
