@@ -11,11 +11,13 @@ whole address space, is compared with the private copy.
 
 The result is the number of bytes that differed: 0 unless a write was lost,
 a read saw another page's content, or a merge or copy-on-write went wrong.
+:func:`run_counted` also says how many bytes were written, and in how long.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from functools import cache
 from typing import Final
 
@@ -37,15 +39,31 @@ def _mismatches(got: bytes, want: npt.NDArray[np.uint8]) -> int:
     return int(np.count_nonzero(np.frombuffer(got, np.uint8) != want))
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What one run of the workload did."""
+
+    mismatches: int  # bytes read back different from what was written
+    bytes_written: int  # every one of them verified by the final read of the whole address space
+    seconds: float  # wall time, the final read included
+
+
 def run(view: GuestView, seed: int, seconds: float = 2.0, max_ops: int = 1_000_000,
         npatterns: int = NPATTERNS) -> int:
     """Run the workload on ``view`` for ``seconds`` (or ``max_ops``); return the mismatched bytes."""
+    return run_counted(view, seed, seconds, max_ops, npatterns).mismatches
+
+
+def run_counted(view: GuestView, seed: int, seconds: float = 2.0, max_ops: int = 1_000_000,
+                npatterns: int = NPATTERNS) -> Outcome:
+    """:func:`run`, and how many bytes it wrote in how long."""
+    t0 = time.monotonic()
     rng = np.random.default_rng(seed)
     model = np.zeros(view.size, np.uint8)
     pages = view.pages
     patterns = [np.frombuffer(pattern(k), np.uint8) for k in range(npatterns)]
-    mismatches = 0
-    deadline = time.monotonic() + seconds
+    mismatches = written = 0
+    deadline = t0 + seconds
     for op in range(max_ops):
         if op % 64 == 0 and time.monotonic() > deadline:
             break
@@ -56,6 +74,7 @@ def run(view: GuestView, seed: int, seconds: float = 2.0, max_ops: int = 1_000_0
             data = patterns[int(rng.integers(npatterns))]
             view.write(page * PAGE_SIZE, data)
             model[page * PAGE_SIZE:(page + 1) * PAGE_SIZE] = data
+            written += PAGE_SIZE
         elif choice < 0.75:
             # A few random bytes anywhere, sometimes across a page boundary.
             n = int(rng.integers(1, 300))
@@ -63,8 +82,10 @@ def run(view: GuestView, seed: int, seconds: float = 2.0, max_ops: int = 1_000_0
             data = rng.integers(0, 256, n, dtype=np.uint8)
             view.write(addr, data)
             model[addr:addr + n] = data
+            written += n
         else:
             n = int(rng.integers(1, 3 * PAGE_SIZE))
             addr = int(rng.integers(0, view.size - n + 1))
             mismatches += _mismatches(view.read(addr, n), model[addr:addr + n])
-    return mismatches + _mismatches(view.read(0, view.size), model)
+    mismatches += _mismatches(view.read(0, view.size), model)
+    return Outcome(mismatches, written, time.monotonic() - t0)
