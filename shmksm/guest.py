@@ -37,6 +37,8 @@ _ADVICE_NAMES: Final = {MADV_MERGEABLE: "MADV_MERGEABLE", MADV_UNMERGEABLE: "MAD
 _DIRTY_YOUNG: Final = DIRTY | YOUNG
 _UINT8: Final = np.dtype(np.uint8)
 _NDARRAY: Final = np.ndarray  # one global load instead of a module attribute on the hot path
+# The high halves of a run of writable, dirty, young PTEs as bytes: one comparison tests a run.
+_WRITABLE_HIGHS: Final = np.full(512, HIGH_WRITABLE, np.uint32).tobytes()
 
 
 def as_bytes_view(data: Any) -> memoryview:
@@ -62,7 +64,7 @@ def _byte_array(data: Any, what: str = "data", copy: bool = True) -> npt.NDArray
     Then, without ``copy``, UsageError.
     """
     if type(data) is np.ndarray and data.flags.c_contiguous and not data.dtype.hasobject:
-        return data.reshape(-1).view(np.uint8)
+        return data if data.dtype is _UINT8 and data.ndim == 1 else data.reshape(-1).view(np.uint8)
     buffer: Any = data  # Any: numpy's stubs do not count an ndarray as a buffer
     if not copy and isinstance(data, np.ndarray | memoryview) and not memoryview(buffer).c_contiguous:
         raise UsageError(f"{what} are not C-contiguous: pass np.ascontiguousarray(...)")
@@ -153,6 +155,7 @@ class GuestView:
         self._hi = self.table.high_halves
         self._rows = system.frames.rows
         self._flat = system.frames.pool.reshape(-1)
+        self._scratch_buf: npt.NDArray[np.uint8] = np.empty(0, np.uint8)
 
     def __repr__(self) -> str:
         return f"<GuestView guest={self.gid} pages={self.pages}>"
@@ -176,9 +179,7 @@ class GuestView:
             return self._read_page(page, off, n)
         if not n:
             return b""
-        out = np.empty(n, np.uint8)
-        self._read_range(addr, out)
-        return out.tobytes()
+        return self._read_bytes(addr, n)
 
     def _read_page(self, page: int, off: int, n: int) -> bytes:
         """``n`` bytes at ``off`` in ``page``.  Takes its PTL."""
@@ -331,7 +332,7 @@ class GuestView:
         first, last = addr >> 12, (end - 1) >> 12
         if first >> 9 != last >> 9:
             self._check_mapped(first, last + 1, "write to")
-        hi = self._hi
+        high = self._pte_high
         page = first
         waiting: FrameWait | None = None
         while page <= last:
@@ -341,7 +342,7 @@ class GuestView:
             lock.acquire()
             try:
                 done = stop
-                if not _all_equal(hi[page:stop], HIGH_WRITABLE):
+                if high[page:stop].tobytes() != _WRITABLE_HIGHS[:4 * (stop - page)]:
                     if page == first:
                         self._check_mapped(page, stop, "write to")
                     pages = np.arange(page, stop)
@@ -384,74 +385,139 @@ class GuestView:
         """Copy the bytes of ``src`` (written at ``addr``) that fall in pages ``[a, b)``.  PTL held, pages writable."""
         if a >= b:
             return
-        lo = self._lo
+        low = self._pte_low
         mm: Any = self._mm  # Any: the stubs do not count an ndarray as a buffer
-        s, e = max(addr, a << 12), min(addr + len(src), b << 12)
+        s, e, end = a << 12, b << 12, addr + len(src)
+        s = max(s, addr)
+        e = min(e, end)
         if s & 4095:  # a partial first page
             m = min(e, (a + 1) << 12) - s
-            o = int(lo[a]) << 12 | (s & 4095)
+            o = low[a] << 12 | (s & 4095)
             mm[o:o + m] = src[s - addr:s - addr + m]
             s += m
             a += 1
         if e & 4095 and e > s:  # a partial last page
             t = e & ~4095
-            o = int(lo[b - 1]) << 12
+            o = low[b - 1] << 12
             mm[o:o + e - t] = src[t - addr:e - addr]
             e = t
             b -= 1
+        if b > a:
+            o = self._consecutive(a, b)
+            if o >= 0:
+                mm[o:o + ((b - a) << 12)] = src[s - addr:e - addr]
+            else:  # an intp index: numpy's scatter of whole items then runs at memcpy speed
+                self._rows[self._lo[a:b].astype(np.intp)] = src[s - addr:e - addr].view(FRAME_DTYPE)
+
+    def _consecutive(self, a: int, b: int) -> int:
+        """The pool offset of page ``a``'s frame if pages ``[a, b)`` map consecutive frames, else -1.
+
+        The frames of pages faulted in in address order usually are: then one
+        memcpy moves them all.
+        """
+        low = self._pte_low
+        p0 = low[a]
         if b - a == 1:
-            o = int(lo[a]) << 12
-            mm[o:o + PAGE_SIZE] = src[s - addr:e - addr]
-        elif b > a:
-            self._rows[lo[a:b]] = src[s - addr:e - addr].view(FRAME_DTYPE)
+            return p0 << 12
+        if low[b - 1] - p0 != b - a - 1 or low[a:b].tobytes() != np.arange(p0, p0 + b - a, dtype=np.uint32).tobytes():
+            return -1
+        return p0 << 12
 
     def _read_range(self, addr: int, dst: npt.NDArray[np.uint8]) -> None:
-        """Fill ``dst`` with the bytes at ``addr``: run by run, each under its PTL, gathered by numpy.
-
-        Never-touched pages read as zeros without a fault (their PTE's pfn
-        is 0, the zero page); mapped ones are marked young.
-        """
+        """Fill ``dst`` with the bytes at ``addr``: run by run, each under its PTL, gathered by numpy."""
         n = len(dst)
         if not n:
             return
         first, last = addr >> 12, (addr + n - 1) >> 12
         if first >> 9 != last >> 9:
             self._check_mapped(first, last + 1, "read of")
-        hi = self._hi
         page = first
         while page <= last:
             stop = min(last + 1, ((page >> 9) + 1) << 9)
             lock = self._run_locks[page >> 9]
             lock.acquire()
             try:
-                if not _all_equal(hi[page:stop] & HIGH_READ_MASK, HIGH_READABLE):
-                    self.table.handle_read_faults(page, stop)
+                self._readable(page, stop)
                 self._copy_out(dst, addr, page, stop)
             finally:
                 lock.release()
             page = stop
 
+    def _read_bytes(self, addr: int, n: int) -> bytes:
+        """read() across pages: each run's bytes, joined.
+
+        A run whose frames are consecutive is one slice of the pool, straight
+        into bytes; another is gathered by numpy first.
+        """
+        end = addr + n
+        first, last = addr >> 12, (end - 1) >> 12
+        if first >> 9 != last >> 9:
+            self._check_mapped(first, last + 1, "read of")
+        chunks = []
+        page = first
+        while page <= last:
+            stop = min(last + 1, ((page >> 9) + 1) << 9)
+            s, e = max(addr, page << 12), min(end, stop << 12)
+            lock = self._run_locks[page >> 9]
+            lock.acquire()
+            try:
+                self._readable(page, stop)
+                o = self._consecutive(page, stop)
+                if o >= 0:
+                    o |= s & 4095
+                    chunks.append(self._mm[o:o + e - s])
+                else:
+                    buf = self._scratch(e - s)
+                    self._copy_out(buf, s, page, stop)
+                    chunks.append(buf.tobytes())
+            finally:
+                lock.release()
+            page = stop
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _scratch(self, n: int) -> npt.NDArray[np.uint8]:
+        """A buffer of ``n`` bytes (at most a run's), the same one every time.
+
+        It stays in the cache, and its pages stay faulted in: a fresh array of
+        128 KiB or more is a new mapping from malloc, faulted in page by page
+        at every use.
+        """
+        if len(self._scratch_buf) < n:
+            self._scratch_buf = np.empty(max(n, 16 * PAGE_SIZE), np.uint8)
+        return self._scratch_buf[:n]
+
+    def _readable(self, page: int, stop: int) -> None:
+        """Make pages ``[page, stop)`` of one run readable (see PageTable.handle_read_faults).  PTL held."""
+        if (self._pte_high[page:stop].tobytes() != _WRITABLE_HIGHS[:4 * (stop - page)]
+                and not _all_equal(self._hi[page:stop] & HIGH_READ_MASK, HIGH_READABLE)):
+            self.table.handle_read_faults(page, stop)
+
     def _copy_out(self, dst: npt.NDArray[np.uint8], addr: int, a: int, b: int) -> None:
         """Copy into ``dst`` (read at ``addr``) the bytes of pages ``[a, b)``.  PTL held."""
-        lo, flat = self._lo, self._flat
-        s, e = max(addr, a << 12), min(addr + len(dst), b << 12)
+        low, flat = self._pte_low, self._flat
+        s, e, end = a << 12, b << 12, addr + len(dst)
+        s = max(s, addr)
+        e = min(e, end)
         if s & 4095:
             m = min(e, (a + 1) << 12) - s
-            o = int(lo[a]) << 12 | (s & 4095)
+            o = low[a] << 12 | (s & 4095)
             dst[s - addr:s - addr + m] = flat[o:o + m]
             s += m
             a += 1
         if e & 4095 and e > s:
             t = e & ~4095
-            o = int(lo[b - 1]) << 12
+            o = low[b - 1] << 12
             dst[t - addr:e - addr] = flat[o:o + e - t]
             e = t
             b -= 1
-        if b - a == 1:
-            o = int(lo[a]) << 12
-            dst[s - addr:e - addr] = flat[o:o + PAGE_SIZE]
-        elif b > a:
-            np.take(self._rows, lo[a:b], out=dst[s - addr:e - addr].view(FRAME_DTYPE), mode="clip")
+        if b > a:
+            o = self._consecutive(a, b)
+            if o >= 0:
+                dst[s - addr:e - addr] = flat[o:o + ((b - a) << 12)]
+                return
+            # mode="clip": with the default, numpy gathers into a temporary first (the pfns are valid).
+            np.take(self._rows, self._lo[a:b].astype(np.intp), out=dst[s - addr:e - addr].view(FRAME_DTYPE),
+                    mode="clip")
 
     # -- the array API --------------------------------------------------------------------
 
@@ -519,11 +585,16 @@ class GuestView:
             lock.acquire()
             try:
                 done = j
-                if not _all_equal(hi[run], HIGH_WRITABLE):
+                if hi[run].tobytes() != _WRITABLE_HIGHS[:4 * (j - i)]:
                     k, error = self.table.handle_write_faults(run, np.ones(len(run), np.bool_))
                     done = i + k
                 if done > i:
-                    rows_pool[lo[where[i:done]]] = srcv[i:done] if order is None else srcv[order[i:done]]
+                    dst = lo[where[i:done]].astype(np.intp)
+                    if order is None:
+                        rows_pool[dst] = srcv[i:done]
+                    else:  # the rows in address order first, in a buffer that stays put (see _scratch)
+                        rows_pool[dst] = np.take(srcv, order[i:done], mode="clip",
+                                                 out=self._scratch((done - i) << 12).view(FRAME_DTYPE))
             finally:
                 lock.release()
             if error is not None:

@@ -272,7 +272,7 @@ def test_check_finds_broken_accounting(machine: shmksm.Machine) -> None:
 
 
 class LossyView(shmksm.GuestView):
-    """A guest view that loses every 50th write: what the workload must notice."""
+    """A guest view that loses every 50th write (write or write_pages): what the workload must notice."""
 
     writes = 0
 
@@ -280,6 +280,11 @@ class LossyView(shmksm.GuestView):
         self.writes += 1
         if self.writes % 50:
             super().write(addr, data)
+
+    def write_pages(self, pages: Any, rows: Any) -> None:
+        self.writes += 1
+        if self.writes % 50:
+            super().write_pages(pages, rows)
 
 
 def test_the_workload_counts_what_it_did_not_write(machine: shmksm.Machine) -> None:
