@@ -37,6 +37,7 @@ _ADVICE_NAMES: Final = {MADV_MERGEABLE: "MADV_MERGEABLE", MADV_UNMERGEABLE: "MAD
 _DIRTY_YOUNG: Final = DIRTY | YOUNG
 _UINT8: Final = np.dtype(np.uint8)
 _NDARRAY: Final = np.ndarray  # one global load instead of a module attribute on the hot path
+_FEW_PAGES: Final = 8  # write_pages of at most this many pages goes page by page
 # The high halves of a run of writable, dirty, young PTEs as bytes: one comparison tests a run.
 _WRITABLE_HIGHS: Final = np.full(512, HIGH_WRITABLE, np.uint32).tobytes()
 
@@ -108,17 +109,21 @@ def _shape(shape: Any) -> tuple[int, ...]:
 
 def _page_numbers(pages: Any, npages: int) -> npt.NDArray[np.intp]:
     """Page numbers as a 1-D intp array, each in ``[0, npages)``; UsageError / AddressError otherwise."""
-    try:
-        where = np.asarray(pages)
-    except (TypeError, ValueError):
-        where = np.asarray(None)
-    if where.ndim != 1 or not (np.issubdtype(where.dtype, np.integer) or where.size == 0):
+    if type(pages) is np.ndarray:
+        where = pages
+    else:
+        try:
+            where = np.asarray(pages)
+        except (TypeError, ValueError):
+            where = np.asarray(None)
+    if where.ndim != 1 or not (where.dtype.kind in "iu" or where.size == 0):
         raise UsageError(f"write_pages: pages must be a 1-D array of integer page numbers, "
                          f"not {type(pages).__name__} of dtype {where.dtype} and shape {where.shape}")
-    if where.size and (where.min() < 0 or where.max() >= npages):
+    where = where.astype(np.intp, copy=False)
+    if len(where) and where.view(np.uintp).max() >= npages:  # a negative page is a large unsigned one
         bad = int(where[(where < 0) | (where >= npages)][0])
         raise AddressError(f"write_pages: page {bad} is outside the guest's {npages} pages")
-    return where.astype(np.intp, copy=False)
+    return where
 
 
 def _all_equal(values: npt.NDArray[Any], value: int) -> bool:
@@ -331,7 +336,7 @@ class GuestView:
         end = addr + n
         first, last = addr >> 12, (end - 1) >> 12
         if first >> 9 != last >> 9:
-            self._check_mapped(first, last + 1, "write to")
+            self._check_mapped(slice(first, last + 1), "write to")
         high = self._pte_high
         page = first
         waiting: FrameWait | None = None
@@ -344,7 +349,7 @@ class GuestView:
                 done = stop
                 if high[page:stop].tobytes() != _WRITABLE_HIGHS[:4 * (stop - page)]:
                     if page == first:
-                        self._check_mapped(page, stop, "write to")
+                        self._check_mapped(slice(page, stop), "write to")
                     pages = np.arange(page, stop)
                     whole = (pages << 12 >= addr) & ((pages + 1) << 12 <= end)
                     k, error = self.table.handle_write_faults(pages, whole)
@@ -375,11 +380,16 @@ class GuestView:
             raise OutOfFrames(f"{error}{said}", written) from None
         raise error
 
-    def _check_mapped(self, start: int, end: int, what: str) -> None:
-        """SegmentationFault if a page of ``[start, end)`` is unmapped (only this guest unmaps its pages)."""
-        unmapped = np.flatnonzero(self._hi[start:end] & HIGH_UNMAPPED)
-        if len(unmapped):
-            raise SegmentationFault(f"guest {self.gid}: {what} unmapped page {start + int(unmapped[0]):#x}")
+    def _check_mapped(self, pages: slice | npt.NDArray[np.intp], what: str) -> None:
+        """SegmentationFault if one of ``pages`` is unmapped (only this guest unmaps its pages).
+
+        One reduction: no PTE without UNMAPPED has a high half as large.
+        """
+        highs = self._hi[pages]
+        if len(highs) and highs.max() >= HIGH_UNMAPPED:
+            k = int(np.argmax(highs >= HIGH_UNMAPPED))
+            page = pages.start + k if isinstance(pages, slice) else int(pages[k])
+            raise SegmentationFault(f"guest {self.gid}: {what} unmapped page {page:#x}")
 
     def _copy_in(self, src: npt.NDArray[np.uint8], addr: int, a: int, b: int) -> None:
         """Copy the bytes of ``src`` (written at ``addr``) that fall in pages ``[a, b)``.  PTL held, pages writable."""
@@ -430,7 +440,7 @@ class GuestView:
             return
         first, last = addr >> 12, (addr + n - 1) >> 12
         if first >> 9 != last >> 9:
-            self._check_mapped(first, last + 1, "read of")
+            self._check_mapped(slice(first, last + 1), "read of")
         page = first
         while page <= last:
             stop = min(last + 1, ((page >> 9) + 1) << 9)
@@ -452,7 +462,7 @@ class GuestView:
         end = addr + n
         first, last = addr >> 12, (end - 1) >> 12
         if first >> 9 != last >> 9:
-            self._check_mapped(first, last + 1, "read of")
+            self._check_mapped(slice(first, last + 1), "read of")
         chunks = []
         page = first
         while page <= last:
@@ -562,13 +572,17 @@ class GuestView:
                              f"give {count} rows of {PAGE_SIZE} bytes, e.g. uint8[{count}, {PAGE_SIZE}]")
         if not count:
             return
-        self._check_mapped_pages(where)
+        self._check_mapped(where, "write to")
+        if count <= _FEW_PAGES:
+            self._write_few_pages(where, src)
+            return
         srcv = src.view(FRAME_DTYPE)
         order: npt.NDArray[np.intp] | None = None
         if count > 1 and not (where[1:] > where[:-1]).all():
             order = np.argsort(where, kind="stable")
             where = where[order]
-            last_of_each = np.append(where[:-1] != where[1:], True)  # stable: the last row of a repeated page
+            last_of_each = np.ones(count, np.bool_)  # stable: the last row of a repeated page
+            np.not_equal(where[:-1], where[1:], out=last_of_each[:-1])
             order, where = order[last_of_each], where[last_of_each]
         runs = where >> 9
         bounds = [0, *(np.flatnonzero(runs[1:] != runs[:-1]) + 1).tolist(), len(where)]
@@ -605,10 +619,20 @@ class GuestView:
                 continue
             r += 1
 
-    def _check_mapped_pages(self, pages: npt.NDArray[np.intp]) -> None:
-        unmapped = np.flatnonzero(self._hi[pages] & HIGH_UNMAPPED)
-        if len(unmapped):
-            raise SegmentationFault(f"guest {self.gid}: write to unmapped page {int(pages[unmapped[0]]):#x}")
+    def _write_few_pages(self, where: npt.NDArray[np.intp], src: npt.NDArray[np.uint8]) -> None:
+        """write_pages of a few pages: each by write()'s one-page path, in address order.
+
+        Sorting and grouping them in numpy costs more than a lock per page.
+        """
+        latest = dict(zip(where.tolist(), range(len(where)), strict=True))  # a repeated page: its last row
+        for page in sorted(latest):
+            i = latest[page]
+            try:
+                self.write(page << 12, src[i << 12:(i + 1) << 12])
+            except OutOfFrames as error:
+                written = PAGE_SIZE * int(np.count_nonzero(where < page))
+                raise OutOfFrames(f"{error}; wrote the {written // PAGE_SIZE} of {len(where)} rows below page "
+                                  f"{page:#x}", written) from None
 
     def _range(self, addr: Any, n: int, what: str) -> int:
         """``addr`` as an int, checked with ``n`` bytes from it against the guest's size."""

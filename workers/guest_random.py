@@ -27,7 +27,7 @@ import numpy as np
 from shmksm import PAGE_SIZE, GuestView
 
 NPATTERNS: Final = 4
-BATCH: Final = 16  # pages per write_pages, at most
+BATCH: Final = 32  # pages per write_pages, at most
 RUN_PAGES: Final = 24  # pages per multi-page write of random bytes, at most
 
 
