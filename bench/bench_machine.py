@@ -14,6 +14,14 @@ Sections::
     d  aggregate write throughput, 2 guest processes vs 1                         (>= 1.8x)
     e  page-table + frame-metadata bytes per 4 KiB page                           (<= 24)
     f  bring-up of a 1 GiB pool with 4 guests of 512 MiB, and its close           (< 2 s)
+    g  write of 16 / 256 / 2048 pages  vs  flat[a:b] = data          (<= 2.0x / 1.3x / 1.2x)
+       write_pages of 256 random pages  vs  pool[pages] = rows                     (<= 1.3x)
+       read of 256 / 2048 pages  vs  flat[a:b].tobytes()                           (<= 1.5x)
+       readinto and read_array beside them, and a read of pages whose frames are scattered
+
+Section g runs in one guest of 4096 pages, every page faulted in, against a
+plain shared-memory array of 4096 pages: the accesses move through the whole
+16 MiB, as a guest's would, on both sides alike.
 
 Method: ``time.perf_counter``; one warm-up pass, then the median of several
 repetitions, baseline and emulated interleaved so that drift hits both.  Every
@@ -21,7 +29,7 @@ page is faulted in (emulated) or touched (baseline) before any timed region,
 so first-touch faults of /dev/shm pages are in neither side of a ratio.  The
 cost of the bare timing loop is measured and subtracted from both sides.
 
-Run: ``python bench/bench_machine.py [--quick] [--json FILE] [--only abcdef]``.
+Run: ``python bench/bench_machine.py [--quick] [--json FILE] [--only abcdefg]``.
 """
 
 from __future__ import annotations
@@ -399,6 +407,132 @@ def bench_scaling(s: Settings) -> list[Row]:
     ]
 
 
+# -- g: many pages at once ----------------------------------------------------------------------------
+
+BULK_PAGES = 4096
+BULK_TARGETS = {("write", 16): 2.0, ("write", 256): 1.3, ("write", 2048): 1.2, ("write_pages", 256): 1.3,
+                ("read", 256): 1.5, ("read", 2048): 1.5}
+
+
+def _bulk_loops(k: int) -> int:
+    """Operations per timed loop for ``k`` pages: about 32 MiB moved."""
+    return max(4, 8192 // k)
+
+
+def bench_bulk(s: Settings) -> list[Row]:
+    shm = _shared_pool(BULK_PAGES)
+    try:
+        t = _time_bulk(s, shm)
+    finally:
+        _drop_shared_pool(shm)
+    rows = []
+    for (op, k), (emu, base, note) in t.items():
+        ratio = emu / base
+        target = BULK_TARGETS.get((op, k))
+        what = f"{op.split('.')[0]} of {k} pages" + (", frames out of page order" if "." in op else "")
+        rows.append(Row(f"g.{op}.{k}", what, ratio, "x", base / 1e3,
+                        f"<= {target}x" if target else "", ratio <= target if target else None,
+                        f"emulated {emu / 1e3:.1f} us vs {note} {base / 1e3:.1f} us"))
+    return rows
+
+
+def _time_bulk(s: Settings, shm: shared_memory.SharedMemory) -> dict[tuple[str, int], tuple[float, float, str]]:
+    """(op, pages) → (emulated ns, baseline ns, the baseline's name); medians of ``s.reps``, interleaved."""
+    rng = np.random.default_rng(4)
+    pool = np.ndarray((BULK_PAGES, PAGE), np.uint8, shm.buf)
+    flat = pool.reshape(-1)
+    out: dict[tuple[str, int], tuple[float, float, str]] = {}
+    with shmksm.Machine(frames=2 * BULK_PAGES + 16, ksmd=False) as machine:
+        view = machine.add_guest(pages=BULK_PAGES).view()
+        view.write(0, np.ones(BULK_PAGES * PAGE, np.uint8))  # every page faulted in, frames in page order
+        for op, k in [("write", 16), ("write", 256), ("write", 2048), ("read", 16), ("read", 256), ("read", 2048),
+                      ("readinto", 256), ("readinto", 2048), ("read_array", 2048)]:
+            n = _bulk_loops(k)
+            data = rng.integers(0, 256, k * PAGE, dtype=np.uint8)
+            buf = np.empty(k * PAGE, np.uint8)
+            starts = [(j * k * PAGE) % ((BULK_PAGES - k + 1) * PAGE) for j in range(n)]
+            bodies = _bulk_bodies(op, view, flat, starts, data, buf)
+            t = interleaved(bodies, n, s.reps)
+            out[(op, k)] = (t["emu"], t["np"], _BASELINE_NAMES[op])
+        scattered = machine.add_guest(pages=BULK_PAGES).view()
+        one = np.ones(PAGE, np.uint8)
+        for page in rng.permutation(BULK_PAGES).tolist():  # faulted in a random order: frames out of order
+            scattered.write(page * PAGE, one)
+        for op, k in [("read", 256), ("write", 256)]:
+            n = _bulk_loops(k)
+            data = rng.integers(0, 256, k * PAGE, dtype=np.uint8)
+            starts = [(j * k * PAGE) % ((BULK_PAGES - k + 1) * PAGE) for j in range(n)]
+            t = interleaved(_bulk_bodies(op, scattered, flat, starts, data, buf), n, s.reps)
+            out[(f"{op}.scattered", k)] = (t["emu"], t["np"], _BASELINE_NAMES[op])
+        k = 256
+        n = _bulk_loops(k)
+        page_sets = [rng.choice(BULK_PAGES, k, replace=False) for _ in range(8)]
+        rows = rng.integers(0, 256, (k, PAGE), dtype=np.uint8)
+
+        def np_scatter() -> None:
+            for j in range(n):
+                pool[page_sets[j & 7]] = rows
+
+        def emu_scatter() -> None:
+            for j in range(n):
+                view.write_pages(page_sets[j & 7], rows)
+
+        t = interleaved({"np": np_scatter, "emu": emu_scatter}, n, s.reps)
+        out[("write_pages", k)] = (t["emu"], t["np"], "pool[pages] = rows")
+        machine.check()
+        last = page_sets[(n - 1) & 7]
+        if view.read_array(int(last[0]) * PAGE, PAGE, np.uint8).tobytes() != rows[0].tobytes():
+            raise AssertionError("write_pages did not land")
+    return out
+
+
+_BASELINE_NAMES = {"write": "flat[a:b] = data", "read": "flat[a:b].tobytes()", "readinto": "buf[:] = flat[a:b]",
+                   "read_array": "flat[a:b].copy()"}
+
+
+def _bulk_bodies(op: str, view: shmksm.GuestView, flat: Any, starts: list[int], data: Any,
+                 buf: Any) -> dict[str, Callable[[], None]]:
+    """The baseline and the emulated loop of one bulk operation over ``starts``."""
+    nbytes = len(data)
+    write, read, readinto, read_array = view.write, view.read, view.readinto, view.read_array
+
+    def np_write() -> None:
+        for a in starts:
+            flat[a:a + nbytes] = data
+
+    def emu_write() -> None:
+        for a in starts:
+            write(a, data)
+
+    def np_read() -> None:
+        for a in starts:
+            flat[a:a + nbytes].tobytes()
+
+    def emu_read() -> None:
+        for a in starts:
+            read(a, nbytes)
+
+    def np_readinto() -> None:
+        for a in starts:
+            buf[:] = flat[a:a + nbytes]
+
+    def emu_readinto() -> None:
+        for a in starts:
+            readinto(a, buf)
+
+    def np_copy() -> None:
+        for a in starts:
+            flat[a:a + nbytes].copy()
+
+    def emu_read_array() -> None:
+        for a in starts:
+            read_array(a, nbytes, np.uint8)
+
+    return {"write": {"np": np_write, "emu": emu_write}, "read": {"np": np_read, "emu": emu_read},
+            "readinto": {"np": np_readinto, "emu": emu_readinto},
+            "read_array": {"np": np_copy, "emu": emu_read_array}}[op]
+
+
 # -- e, f: memory and bring-up ----------------------------------------------------------------------------
 
 POOL_FRAMES = 262144  # 1 GiB
@@ -470,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE ('-' for stdout)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions: a smoke run, not a measurement")
-    parser.add_argument("--only", default="abcdef", help="sections to run, e.g. 'ac' (default: all)")
+    parser.add_argument("--only", default="abcdefg", help="sections to run, e.g. 'ac' (default: all)")
     args = parser.parse_args(argv)
     if args.quick:
         s = Settings(reps=3, loop=20000, cow_pages=500, cow_rounds=1, seconds=0.3, machine_reps=1)
@@ -490,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_scaling(s)
     if "e" in only:
         rows += bench_memory()
+    if "g" in only:
+        rows += bench_bulk(s)
     rows.sort(key=lambda r: r.key)
     other = _others_share(start, _cpu_clock())
     print(f"shmksm {shmksm.__version__}, Python {platform.python_version()}, numpy {np.__version__}, "

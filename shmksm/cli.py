@@ -473,6 +473,8 @@ def stress(guests: int, pages: int, seconds: float, writes: int | None, shadows:
     click.echo(f"{guests} guests x {pages} pages for {out['seconds']:.1f} s, era {era}: "
                f"{c['full_scans']} full scans, {out['cow_ksm']} COW breaks of KSM pages, "
                f"{sum(s.get('faults', 0) for s in out['shadows'])} shadow faults")
+    click.echo(f"verified bytes written per second: {out['bytes_per_second'] / 1e6:.1f} MB/s "
+               f"({out['bytes_written']} bytes by {guests} guests)")
     click.echo(f"mismatched bytes per guest: {mismatches}; stale shadow reads: {stale}; check() passed")
     if any(mismatches) or stale:
         raise click.ClickException("memory was not what the guests wrote")

@@ -64,7 +64,19 @@ class KnobBusyError(ShmksmError, OSError):
 
 
 class OutOfFrames(ShmksmError, MemoryError):
-    """No free frame is left in the pool, even after reclamation."""
+    """No free frame is left in the pool, even after reclamation.
+
+    ``written``: for a guest's write that ran out part way, how many of its
+    bytes landed, as a short write(2) reports: every byte before
+    ``addr + written``, none after.  None when nothing was being written.
+    """
+
+    def __init__(self, message: str, written: int | None = None) -> None:
+        super().__init__(message)
+        self.written = written
+
+    def __reduce__(self) -> tuple[type[OutOfFrames], tuple[str, int | None]]:
+        return type(self), (str(self), self.written)
 
 
 class ProcessDied(ShmksmError, ChildProcessError):

@@ -10,15 +10,17 @@ from __future__ import annotations
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 
 from ._ksm.ksm import unmerge_range
 from ._mm import control
-from ._mm.frames import PAGE_SIZE, FramesPending, with_frames
+from ._mm.frames import FRAME_DTYPE, PAGE_SIZE, FramesPending, FrameWait, with_frames
 from ._mm.pagetable import (
     DIRTY,
     H_MERGE_ANY,
     HIGH_READ_MASK,
     HIGH_READABLE,
+    HIGH_UNMAPPED,
     HIGH_WRITABLE,
     PFN_MASK,
     PRESENT,
@@ -27,7 +29,7 @@ from ._mm.pagetable import (
     PageTable,
 )
 from ._mm.system import System
-from .errors import AddressError, DataTypeError, UsageError
+from .errors import AddressError, DataTypeError, OutOfFrames, SegmentationFault, UsageError
 
 MADV_MERGEABLE: Final = 12
 MADV_UNMERGEABLE: Final = 13
@@ -35,6 +37,9 @@ _ADVICE_NAMES: Final = {MADV_MERGEABLE: "MADV_MERGEABLE", MADV_UNMERGEABLE: "MAD
 _DIRTY_YOUNG: Final = DIRTY | YOUNG
 _UINT8: Final = np.dtype(np.uint8)
 _NDARRAY: Final = np.ndarray  # one global load instead of a module attribute on the hot path
+_FEW_PAGES: Final = 8  # write_pages of at most this many pages goes page by page
+# The high halves of a run of writable, dirty, young PTEs as bytes: one comparison tests a run.
+_WRITABLE_HIGHS: Final = np.full(512, HIGH_WRITABLE, np.uint32).tobytes()
 
 
 def as_bytes_view(data: Any) -> memoryview:
@@ -52,6 +57,78 @@ def as_bytes_view(data: Any) -> memoryview:
     if not view.c_contiguous:
         view = np.ascontiguousarray(data).data
     return view.cast("B")
+
+
+def _byte_array(data: Any, what: str = "data", copy: bool = True) -> npt.NDArray[np.uint8]:
+    """``data``'s bytes as a flat uint8 array: no copy, unless ``data`` is not C-contiguous.
+
+    Then, without ``copy``, UsageError.
+    """
+    if type(data) is np.ndarray and data.flags.c_contiguous and not data.dtype.hasobject:
+        return data if data.dtype is _UINT8 and data.ndim == 1 else data.reshape(-1).view(np.uint8)
+    buffer: Any = data  # Any: numpy's stubs do not count an ndarray as a buffer
+    if not copy and isinstance(data, np.ndarray | memoryview) and not memoryview(buffer).c_contiguous:
+        raise UsageError(f"{what} are not C-contiguous: pass np.ascontiguousarray(...)")
+    try:
+        return np.frombuffer(as_bytes_view(data), np.uint8)
+    except DataTypeError as error:
+        raise DataTypeError(f"{what}: {error}") from None
+
+
+def _writable_byte_array(buffer: Any) -> npt.NDArray[np.uint8]:
+    """``buffer``'s bytes as a flat, writable uint8 array over the same memory; UsageError if it cannot be."""
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        raise UsageError(f"readinto: buffer must be a writable buffer (bytearray, ndarray), "
+                         f"not {type(buffer).__name__}") from None
+    if view.readonly:
+        raise UsageError(f"readinto: the {type(buffer).__name__} buffer is read-only")
+    if not view.c_contiguous:
+        raise UsageError("readinto: the buffer is not C-contiguous: pass a contiguous one "
+                         "(np.ascontiguousarray, then copy back)")
+    if isinstance(buffer, np.ndarray):
+        if buffer.dtype.hasobject:
+            raise UsageError(f"readinto: dtype {buffer.dtype} holds Python objects, not bytes")
+        return buffer.reshape(-1).view(np.uint8)
+    return np.frombuffer(view.cast("B") if view.nbytes else bytearray(), np.uint8)
+
+
+def _shape(shape: Any) -> tuple[int, ...]:
+    """A numpy shape from an int or a sequence of ints, all >= 0; UsageError otherwise."""
+    dims = (shape,) if isinstance(shape, (int, np.integer)) else shape
+    try:
+        out = tuple(dims)
+    except TypeError:
+        out = None
+    if out is None or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0
+                              for d in out):
+        raise UsageError(f"read_array: shape must be an int or a tuple of ints >= 0, not {shape!r}")
+    return tuple(int(d) for d in out)
+
+
+def _page_numbers(pages: Any, npages: int) -> npt.NDArray[np.intp]:
+    """Page numbers as a 1-D intp array, each in ``[0, npages)``; UsageError / AddressError otherwise."""
+    if type(pages) is np.ndarray:
+        where = pages
+    else:
+        try:
+            where = np.asarray(pages)
+        except (TypeError, ValueError):
+            where = np.asarray(None)
+    if where.ndim != 1 or not (where.dtype.kind in "iu" or where.size == 0):
+        raise UsageError(f"write_pages: pages must be a 1-D array of integer page numbers, "
+                         f"not {type(pages).__name__} of dtype {where.dtype} and shape {where.shape}")
+    where = where.astype(np.intp, copy=False)
+    if len(where) and where.view(np.uintp).max() >= npages:  # a negative page is a large unsigned one
+        bad = int(where[(where < 0) | (where >= npages)][0])
+        raise AddressError(f"write_pages: page {bad} is outside the guest's {npages} pages")
+    return where
+
+
+def _all_equal(values: npt.NDArray[Any], value: int) -> bool:
+    """Is every element of ``values`` equal to ``value``?"""
+    return bool((values == value).all())
 
 
 def _check_addr(addr: Any, name: str = "address") -> int:
@@ -78,6 +155,12 @@ class GuestView:
         self._pte_high = self.table.pte_high
         self._mm = system.frames.mm
         self._run_locks = self.table.run_locks
+        # For the bulk paths: the PTEs' halves as arrays, the pool by frame and flat.
+        self._lo = self.table.low_halves
+        self._hi = self.table.high_halves
+        self._rows = system.frames.rows
+        self._flat = system.frames.pool.reshape(-1)
+        self._scratch_buf: npt.NDArray[np.uint8] = np.empty(0, np.uint8)
 
     def __repr__(self) -> str:
         return f"<GuestView guest={self.gid} pages={self.pages}>"
@@ -85,7 +168,12 @@ class GuestView:
     # -- read ---------------------------------------------------------------------
 
     def read(self, addr: int, n: int) -> bytes:
-        """The ``n`` bytes at ``addr``.  Takes each page's PTL while it copies."""
+        """The ``n`` bytes at ``addr``.
+
+        Within one page, takes its PTL.  Across pages, takes the PTL of each
+        run of 512 PTEs once and gathers the run's pages with one numpy call;
+        pages never touched read as zeros and stay untouched.
+        """
         if type(addr) is not int or type(n) is not int:
             addr, n = _check_addr(addr), _check_addr(n, "length")
         if addr < 0 or n < 0 or addr + n > self.size:
@@ -96,15 +184,7 @@ class GuestView:
             return self._read_page(page, off, n)
         if not n:
             return b""
-        out = bytearray(n)
-        done = 0
-        while done < n:
-            chunk = min(PAGE_SIZE - off, n - done)
-            out[done:done + chunk] = self._read_page(page, off, chunk)
-            done += chunk
-            page += 1
-            off = 0
-        return bytes(out)
+        return self._read_bytes(addr, n)
 
     def _read_page(self, page: int, off: int, n: int) -> bytes:
         """``n`` bytes at ``off`` in ``page``.  Takes its PTL."""
@@ -129,8 +209,17 @@ class GuestView:
     def write(self, addr: int, data: Any) -> None:
         """Write ``data`` at ``addr``: faults in, copies on write, marks DIRTY.
 
-        Takes each page's PTL.  All pages are faulted in before any byte is
-        written, so an error (out of frames, an unmapped page) writes nothing.
+        ``data``: bytes-like, or a numpy array of any dtype and shape, whose
+        bytes are written as they lie in memory (no copy if C-contiguous).
+        Within one page, takes its PTL.  Across pages, takes the PTL of each
+        run of 512 PTEs once, in address order, resolving the run's faults
+        together and copying its bytes with one numpy scatter.
+
+        A bad address or data, or an unmapped page in the range: nothing is
+        written.  Out of frames (none left even after waiting for the shadow
+        workers' acknowledgments): like a short write(2), the pages before the
+        one that found no frame are written, no byte from there on, and the
+        OutOfFrames error carries how many bytes landed in ``written``.
         """
         # The hot path of every guest: a write within one page already mapped
         # writable, dirty and young.  Bad arguments fail one of its steps before
@@ -187,32 +276,23 @@ class GuestView:
                 return
             except FramesPending:
                 pass  # nothing changed: wait for frames with the lock released, below
+            except OutOfFrames as error:
+                error.written = 0
+                raise
             finally:
                 lock.release()
-            with_frames(self._write_page, page, off, data)
+            try:
+                with_frames(self._write_page, page, off, data)
+            except OutOfFrames as error:
+                error.written = 0
+                raise
             return
         if type(addr) is not int:
             addr = _check_addr(addr)
         if addr < 0 or addr + n > self.size:
             raise AddressError(f"write of {n} bytes at {addr:#x} is outside guest {self.gid} ({self.size:#x} bytes)")
         if n:
-            self._write_pages(addr, as_bytes_view(data))
-
-    def _write_pages(self, addr: int, view: memoryview) -> None:
-        """A write that crosses pages: fault every page in, then copy page by page."""
-        n = len(view)
-        off = addr & 4095
-        first, last = addr >> 12, (addr + n - 1) >> 12
-        for page in range(first, last + 1):
-            with_frames(self._prefault, page)
-        done = 0
-        page = first
-        while done < n:
-            chunk = min(PAGE_SIZE - off, n - done)
-            with_frames(self._write_page, page, off, view[done:done + chunk])
-            done += chunk
-            page += 1
-            off = 0
+            self._write_range(addr, _byte_array(data))
 
     def _make_writable(self, page: int, whole: bool) -> int:
         """Make ``page``'s PTE writable, dirty and young, faulting if need be; return it.  PTL held.
@@ -240,20 +320,327 @@ class GuestView:
         finally:
             lock.release()
 
-    def _prefault(self, page: int) -> None:
-        """Make ``page`` writable ahead of a multi-page copy.  Takes its PTL.
+    # -- bulk: many pages per page-table lock -----------------------------------------
 
-        A new frame is zeroed even where the copy will cover it: the copy takes
-        the lock again later, and until then nobody may see what a recycled
-        frame held before.
+    def _write_range(self, addr: int, src: npt.NDArray[np.uint8]) -> None:
+        """Write ``src`` at ``addr``, across pages: run of 512 PTEs by run, in address order.
+
+        Per run, under its PTL taken once: one look at its PTEs; if any needs
+        a fault, all are resolved together (PageTable.handle_write_faults);
+        then the bytes go in, the whole pages with one numpy scatter into the
+        frame pool, a partial first and last page on the side.  An unmapped
+        page anywhere in the range is found before anything is written.
+        Out of frames part way: see :meth:`write`.
         """
-        lock = self._run_locks[page >> 9]
-        lock.acquire()
+        n = len(src)
+        end = addr + n
+        first, last = addr >> 12, (end - 1) >> 12
+        if first >> 9 != last >> 9:
+            self._check_mapped(slice(first, last + 1), "write to")
+        high = self._pte_high
+        page = first
+        waiting: FrameWait | None = None
+        while page <= last:
+            stop = min(last + 1, ((page >> 9) + 1) << 9)
+            error: Exception | None = None
+            lock = self._run_locks[page >> 9]
+            lock.acquire()
+            try:
+                done = stop
+                if high[page:stop].tobytes() != _WRITABLE_HIGHS[:4 * (stop - page)]:
+                    if page == first:
+                        self._check_mapped(slice(page, stop), "write to")
+                    pages = np.arange(page, stop)
+                    whole = (pages << 12 >= addr) & ((pages + 1) << 12 <= end)
+                    k, error = self.table.handle_write_faults(pages, whole)
+                    done = page + k
+                self._copy_in(src, addr, page, done)
+            finally:
+                lock.release()
+            if error is not None:
+                page = done
+                written = max(0, (page << 12) - addr)
+                waiting = self._short_write(error, written, f"; wrote the first {written} of {n} bytes at {addr:#x}",
+                                            waiting)
+                continue
+            page = stop
+
+    @staticmethod
+    def _short_write(error: Exception, written: int, said: str, waiting: FrameWait | None) -> FrameWait:
+        """After a run stopped at a page it could not fault in: wait for frames (return the
+        waiter to retry with) or raise, with ``written`` and ``said`` telling what landed.  No lock held."""
+        if isinstance(error, FramesPending):
+            waiting = waiting or FrameWait()
+            try:
+                waiting.wait()
+            except OutOfFrames as out:
+                raise OutOfFrames(f"{out}{said}", written) from None
+            return waiting
+        if isinstance(error, OutOfFrames):
+            raise OutOfFrames(f"{error}{said}", written) from None
+        raise error
+
+    def _check_mapped(self, pages: slice | npt.NDArray[np.intp], what: str) -> None:
+        """SegmentationFault if one of ``pages`` is unmapped (only this guest unmaps its pages).
+
+        One reduction: no PTE without UNMAPPED has a high half as large.
+        """
+        highs = self._hi[pages]
+        if len(highs) and highs.max() >= HIGH_UNMAPPED:
+            k = int(np.argmax(highs >= HIGH_UNMAPPED))
+            page = pages.start + k if isinstance(pages, slice) else int(pages[k])
+            raise SegmentationFault(f"guest {self.gid}: {what} unmapped page {page:#x}")
+
+    def _copy_in(self, src: npt.NDArray[np.uint8], addr: int, a: int, b: int) -> None:
+        """Copy the bytes of ``src`` (written at ``addr``) that fall in pages ``[a, b)``.  PTL held, pages writable."""
+        if a >= b:
+            return
+        low = self._pte_low
+        mm: Any = self._mm  # Any: the stubs do not count an ndarray as a buffer
+        s, e, end = a << 12, b << 12, addr + len(src)
+        s = max(s, addr)
+        e = min(e, end)
+        if s & 4095:  # a partial first page
+            m = min(e, (a + 1) << 12) - s
+            o = low[a] << 12 | (s & 4095)
+            mm[o:o + m] = src[s - addr:s - addr + m]
+            s += m
+            a += 1
+        if e & 4095 and e > s:  # a partial last page
+            t = e & ~4095
+            o = low[b - 1] << 12
+            mm[o:o + e - t] = src[t - addr:e - addr]
+            e = t
+            b -= 1
+        if b > a:
+            o = self._consecutive(a, b)
+            if o >= 0:
+                mm[o:o + ((b - a) << 12)] = src[s - addr:e - addr]
+            else:  # an intp index: numpy's scatter of whole items then runs at memcpy speed
+                self._rows[self._lo[a:b].astype(np.intp)] = src[s - addr:e - addr].view(FRAME_DTYPE)
+
+    def _consecutive(self, a: int, b: int) -> int:
+        """The pool offset of page ``a``'s frame if pages ``[a, b)`` map consecutive frames, else -1.
+
+        The frames of pages faulted in in address order usually are: then one
+        memcpy moves them all.
+        """
+        low = self._pte_low
+        p0 = low[a]
+        if b - a == 1:
+            return p0 << 12
+        if low[b - 1] - p0 != b - a - 1 or low[a:b].tobytes() != np.arange(p0, p0 + b - a, dtype=np.uint32).tobytes():
+            return -1
+        return p0 << 12
+
+    def _read_range(self, addr: int, dst: npt.NDArray[np.uint8]) -> None:
+        """Fill ``dst`` with the bytes at ``addr``: run by run, each under its PTL, gathered by numpy."""
+        n = len(dst)
+        if not n:
+            return
+        first, last = addr >> 12, (addr + n - 1) >> 12
+        if first >> 9 != last >> 9:
+            self._check_mapped(slice(first, last + 1), "read of")
+        page = first
+        while page <= last:
+            stop = min(last + 1, ((page >> 9) + 1) << 9)
+            lock = self._run_locks[page >> 9]
+            lock.acquire()
+            try:
+                self._readable(page, stop)
+                self._copy_out(dst, addr, page, stop)
+            finally:
+                lock.release()
+            page = stop
+
+    def _read_bytes(self, addr: int, n: int) -> bytes:
+        """read() across pages: each run's bytes, joined.
+
+        A run whose frames are consecutive is one slice of the pool, straight
+        into bytes; another is gathered by numpy first.
+        """
+        end = addr + n
+        first, last = addr >> 12, (end - 1) >> 12
+        if first >> 9 != last >> 9:
+            self._check_mapped(slice(first, last + 1), "read of")
+        chunks = []
+        page = first
+        while page <= last:
+            stop = min(last + 1, ((page >> 9) + 1) << 9)
+            s, e = max(addr, page << 12), min(end, stop << 12)
+            lock = self._run_locks[page >> 9]
+            lock.acquire()
+            try:
+                self._readable(page, stop)
+                o = self._consecutive(page, stop)
+                if o >= 0:
+                    o |= s & 4095
+                    chunks.append(self._mm[o:o + e - s])
+                else:
+                    buf = self._scratch(e - s)
+                    self._copy_out(buf, s, page, stop)
+                    chunks.append(buf.tobytes())
+            finally:
+                lock.release()
+            page = stop
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _scratch(self, n: int) -> npt.NDArray[np.uint8]:
+        """A buffer of ``n`` bytes (at most a run's), the same one every time.
+
+        It stays in the cache, and its pages stay faulted in: a fresh array of
+        128 KiB or more is a new mapping from malloc, faulted in page by page
+        at every use.
+        """
+        if len(self._scratch_buf) < n:
+            self._scratch_buf = np.empty(max(n, 16 * PAGE_SIZE), np.uint8)
+        return self._scratch_buf[:n]
+
+    def _readable(self, page: int, stop: int) -> None:
+        """Make pages ``[page, stop)`` of one run readable (see PageTable.handle_read_faults).  PTL held."""
+        if (self._pte_high[page:stop].tobytes() != _WRITABLE_HIGHS[:4 * (stop - page)]
+                and not _all_equal(self._hi[page:stop] & HIGH_READ_MASK, HIGH_READABLE)):
+            self.table.handle_read_faults(page, stop)
+
+    def _copy_out(self, dst: npt.NDArray[np.uint8], addr: int, a: int, b: int) -> None:
+        """Copy into ``dst`` (read at ``addr``) the bytes of pages ``[a, b)``.  PTL held."""
+        low, flat = self._pte_low, self._flat
+        s, e, end = a << 12, b << 12, addr + len(dst)
+        s = max(s, addr)
+        e = min(e, end)
+        if s & 4095:
+            m = min(e, (a + 1) << 12) - s
+            o = low[a] << 12 | (s & 4095)
+            dst[s - addr:s - addr + m] = flat[o:o + m]
+            s += m
+            a += 1
+        if e & 4095 and e > s:
+            t = e & ~4095
+            o = low[b - 1] << 12
+            dst[t - addr:e - addr] = flat[o:o + e - t]
+            e = t
+            b -= 1
+        if b > a:
+            o = self._consecutive(a, b)
+            if o >= 0:
+                dst[s - addr:e - addr] = flat[o:o + ((b - a) << 12)]
+                return
+            # mode="clip": with the default, numpy gathers into a temporary first (the pfns are valid).
+            np.take(self._rows, self._lo[a:b].astype(np.intp), out=dst[s - addr:e - addr].view(FRAME_DTYPE),
+                    mode="clip")
+
+    # -- the array API --------------------------------------------------------------------
+
+    def readinto(self, addr: int, buffer: Any) -> int:
+        """Fill ``buffer`` (writable, C-contiguous: a bytearray, an ndarray of any dtype...) with
+        the bytes at ``addr``; return how many.  Takes each run's PTL once (see :meth:`read`)."""
+        dst = _writable_byte_array(buffer)
+        addr = self._range(addr, len(dst), "read")
+        self._read_range(addr, dst)
+        return len(dst)
+
+    def read_array(self, addr: int, shape: Any, dtype: Any) -> npt.NDArray[Any]:
+        """A new array of ``shape`` and ``dtype`` holding the bytes at ``addr``, as np.frombuffer would read them."""
         try:
-            if not self._pv[page] & WRITE:
-                self.table.handle_write_fault(page)
-        finally:
-            lock.release()
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise UsageError(f"read_array: {dtype!r} is not a numpy dtype") from None
+        if dt.hasobject:
+            raise UsageError(f"read_array: dtype {dt} holds Python objects, not bytes")
+        out = np.empty(_shape(shape), dt)
+        self.readinto(addr, out)
+        return out
+
+    def write_pages(self, pages: Any, rows: Any) -> None:
+        """Write whole pages: ``rows[i]`` (4096 bytes) on page ``pages[i]``; a page given twice gets its last row.
+
+        ``pages``: 1-D integer page numbers, in any order; ``rows``: a C-contiguous
+        array or bytes-like of ``len(pages)`` * 4096 bytes (``uint8[len(pages), 4096]``,
+        or any dtype and shape whose first axis is ``len(pages)``).  The pages are
+        sorted into runs of 512 PTEs, each run's PTL taken once in address order,
+        its faults resolved together and its rows scattered with one numpy call.
+        Out of frames part way, OutOfFrames says in ``written`` how many bytes
+        landed: the rows of every page below the one that failed, no other.
+        """
+        given = where = _page_numbers(pages, self.pages)
+        count = len(where)
+        src = _byte_array(rows, "write_pages: rows", copy=False)
+        if len(src) != count * PAGE_SIZE or (isinstance(rows, np.ndarray) and rows.ndim > 1
+                                              and rows.shape[0] != count):
+            shape = rows.shape if isinstance(rows, np.ndarray) else len(src)
+            raise UsageError(f"write_pages: rows of shape {shape} for {count} pages; "
+                             f"give {count} rows of {PAGE_SIZE} bytes, e.g. uint8[{count}, {PAGE_SIZE}]")
+        if not count:
+            return
+        self._check_mapped(where, "write to")
+        if count <= _FEW_PAGES:
+            self._write_few_pages(where, src)
+            return
+        srcv = src.view(FRAME_DTYPE)
+        order: npt.NDArray[np.intp] | None = None
+        if count > 1 and not (where[1:] > where[:-1]).all():
+            order = np.argsort(where, kind="stable")
+            where = where[order]
+            last_of_each = np.ones(count, np.bool_)  # stable: the last row of a repeated page
+            np.not_equal(where[:-1], where[1:], out=last_of_each[:-1])
+            order, where = order[last_of_each], where[last_of_each]
+        runs = where >> 9
+        bounds = [0, *(np.flatnonzero(runs[1:] != runs[:-1]) + 1).tolist(), len(where)]
+        hi, lo, rows_pool = self._hi, self._lo, self._rows
+        waiting: FrameWait | None = None
+        r = 0
+        i = 0
+        while r < len(bounds) - 1:
+            i = max(i, bounds[r])
+            j = bounds[r + 1]
+            run = where[i:j]
+            error: Exception | None = None
+            lock = self._run_locks[int(run[0]) >> 9]
+            lock.acquire()
+            try:
+                done = j
+                if hi[run].tobytes() != _WRITABLE_HIGHS[:4 * (j - i)]:
+                    k, error = self.table.handle_write_faults(run, np.ones(len(run), np.bool_))
+                    done = i + k
+                if done > i:
+                    dst = lo[where[i:done]].astype(np.intp)
+                    if order is None:
+                        rows_pool[dst] = srcv[i:done]
+                    else:  # the rows in address order first, in a buffer that stays put (see _scratch)
+                        rows_pool[dst] = np.take(srcv, order[i:done], mode="clip",
+                                                 out=self._scratch((done - i) << 12).view(FRAME_DTYPE))
+            finally:
+                lock.release()
+            if error is not None:
+                written = PAGE_SIZE * int(np.count_nonzero(given < where[done]))
+                waiting = self._short_write(error, written, f"; wrote the {written // PAGE_SIZE} of {count} rows "
+                                            f"below page {int(where[done]):#x}", waiting)
+                i = done
+                continue
+            r += 1
+
+    def _write_few_pages(self, where: npt.NDArray[np.intp], src: npt.NDArray[np.uint8]) -> None:
+        """write_pages of a few pages: each by write()'s one-page path, in address order.
+
+        Sorting and grouping them in numpy costs more than a lock per page.
+        """
+        latest = dict(zip(where.tolist(), range(len(where)), strict=True))  # a repeated page: its last row
+        for page in sorted(latest):
+            i = latest[page]
+            try:
+                self.write(page << 12, src[i << 12:(i + 1) << 12])
+            except OutOfFrames as error:
+                written = PAGE_SIZE * int(np.count_nonzero(where < page))
+                raise OutOfFrames(f"{error}; wrote the {written // PAGE_SIZE} of {len(where)} rows below page "
+                                  f"{page:#x}", written) from None
+
+    def _range(self, addr: Any, n: int, what: str) -> int:
+        """``addr`` as an int, checked with ``n`` bytes from it against the guest's size."""
+        if type(addr) is not int:
+            addr = _check_addr(addr)
+        if addr < 0 or addr + n > self.size:
+            raise AddressError(f"{what} of {n} bytes at {addr:#x} is outside guest {self.gid} ({self.size:#x} bytes)")
+        return int(addr)
 
     # -- madvise, munmap, prctl ----------------------------------------------------------
 

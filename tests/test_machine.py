@@ -190,13 +190,17 @@ def test_out_of_frames_with_overcommit() -> None:
         with pytest.raises(shmksm.OutOfFrames) as info:
             view.write(7 * PAGE_SIZE, b"x")
         assert isinstance(info.value, MemoryError)
-        with pytest.raises(shmksm.OutOfFrames):
+        assert info.value.written == 0
+        with pytest.raises(shmksm.OutOfFrames) as info:
             view.write(7 * PAGE_SIZE - 100, b"y" * 200)  # its first page has a frame, its second none
-        with pytest.raises(shmksm.OutOfFrames):
+        assert info.value.written == 100, "a short write: the page that had a frame"
+        with pytest.raises(shmksm.OutOfFrames) as info:
             view.write(8 * PAGE_SIZE, np.ones(3 * PAGE_SIZE, np.uint8))
+        assert info.value.written == 0
         machine.check()
-        for page in range(7):
+        for page in range(6):
             assert view.read(page * PAGE_SIZE, PAGE_SIZE) == bytes([page + 1]) * PAGE_SIZE
+        assert view.read(6 * PAGE_SIZE, PAGE_SIZE) == b"\x07" * (PAGE_SIZE - 100) + b"y" * 100
         assert view.read(7 * PAGE_SIZE, 9 * PAGE_SIZE) == bytes(9 * PAGE_SIZE), "reads need no frame"
         # A frame dropped by munmap is found again by the allocator's reclaim pass.
         view.munmap(0, PAGE_SIZE)
@@ -268,7 +272,7 @@ def test_check_finds_broken_accounting(machine: shmksm.Machine) -> None:
 
 
 class LossyView(shmksm.GuestView):
-    """A guest view that loses every 50th write: what the workload must notice."""
+    """A guest view that loses every 50th write (write or write_pages): what the workload must notice."""
 
     writes = 0
 
@@ -276,6 +280,11 @@ class LossyView(shmksm.GuestView):
         self.writes += 1
         if self.writes % 50:
             super().write(addr, data)
+
+    def write_pages(self, pages: Any, rows: Any) -> None:
+        self.writes += 1
+        if self.writes % 50:
+            super().write_pages(pages, rows)
 
 
 def test_the_workload_counts_what_it_did_not_write(machine: shmksm.Machine) -> None:

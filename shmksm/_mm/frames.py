@@ -45,6 +45,7 @@ WAITING: Final = 2
 KSM: Final = 4
 
 META_BYTES_PER_FRAME: Final = 13
+FRAME_DTYPE: Final = np.dtype((np.void, PAGE_SIZE))
 NO_EPOCH_ACK: Final = 1 << 62
 ZERO_PAGE_BYTES: Final = bytes(PAGE_SIZE)
 
@@ -74,6 +75,9 @@ class Frames:
         n = len(pool_buf) // PAGE_SIZE
         self.nframes = n
         self.pool: npt.NDArray[np.uint8] = np.ndarray((n, PAGE_SIZE), np.uint8, pool_buf)
+        # The pool again, one item of 4096 bytes per frame: numpy gathers and
+        # scatters whole frames by pfn with one memcpy each.
+        self.rows: npt.NDArray[np.void] = np.ndarray(n, FRAME_DTYPE, pool_buf)
         self.flat: memoryview = pool_buf
         # The mmap under the pool's memoryview: its slices read into bytes and
         # assign from any buffer in one step, and move() copies a frame in place.
@@ -101,7 +105,7 @@ class Frames:
         """Drop every view so that the segments can be closed."""
         for view in (self.mc, self.nx, self.fl, self.gn, self.cv):
             view.release()
-        del self.pool, self.mapcount, self.gen, self.next, self.flags, self.ctl
+        del self.pool, self.rows, self.mapcount, self.gen, self.next, self.flags, self.ctl
 
     @staticmethod
     def format(pool: npt.NDArray[np.uint8], meta_buf: memoryview, ctl: npt.NDArray[np.int64]) -> None:
@@ -150,6 +154,41 @@ class Frames:
             if count >= 0:
                 cv[count] += 1
             return pfn
+        finally:
+            lock.release()
+
+    def alloc_many(self, k: int, count: int = -1, counted: int = 0) -> list[int]:
+        """Take ``k`` free frames in one critical section; their pfns, each INUSE with mapcount 0.
+
+        All or nothing: raises FramesPending, having taken none, when fewer
+        than ``k`` are free after a reclaim pass (the caller falls back to
+        :meth:`alloc` frame by frame, which tells waiting frames from none).
+        ``count``, a control word index, grows by ``counted`` under the same
+        lock.  Takes the allocator lock.
+        """
+        cv, nx = self.cv, self.nx
+        lock = self.alloc_lock
+        lock.acquire()
+        try:
+            if cv[_FREE_COUNT] < k:
+                self._reclaim_locked()
+                if cv[_FREE_COUNT] < k:
+                    raise FramesPending
+            pfns = []
+            pfn = cv[_FREE_HEAD]
+            for _ in range(k):
+                if pfn < 0:
+                    raise InternalError(f"free_count {cv[_FREE_COUNT]} but the free list ends early")
+                pfns.append(pfn)
+                pfn = nx[pfn]
+            cv[_FREE_HEAD] = pfn
+            cv[_FREE_COUNT] -= k
+            idx = np.array(pfns, np.intp)
+            self.flags[idx] = INUSE
+            self.mapcount[idx] = 0
+            if count >= 0:
+                cv[count] += counted
+            return pfns
         finally:
             lock.release()
 
@@ -332,19 +371,36 @@ class Frames:
         self.mm[pfn << 12:(pfn + 1) << 12] = ZERO_PAGE_BYTES
 
 
+class FrameWait:
+    """Waits for frames pending acknowledgment: growing sleeps, OutOfFrames after a deadline.
+
+    The caller holds no lock while it waits.
+    """
+
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + _FRAME_WAIT_SECONDS
+        self.delay = 0.0005
+
+    def wait(self, what: str = "") -> None:
+        """Sleep a little longer than last time; OutOfFrames once the deadline has passed.
+
+        ``what``, appended to the error's message, says what the caller did so far.
+        """
+        if time.monotonic() > self.deadline:
+            raise OutOfFrames(f"out of frames: dropped frames were never acknowledged by the shadow workers{what}")
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, 0.02)
+
+
 def with_frames(op: Any, *args: Any) -> Any:
     """Run ``op(*args)``, retrying while freed frames wait for acknowledgments.
 
     ``op`` raises FramesPending with no lock held; the wait happens unlocked.
     """
-    deadline = time.monotonic() + _FRAME_WAIT_SECONDS
-    delay = 0.0005
+    waiting = FrameWait()
     while True:
         try:
             return op(*args)
         except FramesPending:
-            if time.monotonic() > deadline:
-                raise OutOfFrames("out of frames: dropped frames were never acknowledged by the shadow workers"
-                                  ) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
+            pass
+        waiting.wait()

@@ -34,7 +34,7 @@ import numpy.typing as npt
 
 from ..errors import OutOfFrames, SegmentationFault
 from . import control
-from .frames import INUSE, PAGE_SHIFT, PAGE_SIZE, ZERO_PFN, Frames
+from .frames import INUSE, PAGE_SHIFT, PAGE_SIZE, ZERO_PFN, Frames, FramesPending
 from .frames import KSM as FRAME_KSM
 
 PFN_MASK: Final = (1 << 40) - 1
@@ -84,6 +84,15 @@ _LOW_HALF, _HIGH_HALF = (0, 1) if sys.byteorder == "little" else (1, 0)
 HIGH_WRITABLE: Final = (PRESENT | WRITE | DIRTY | YOUNG) >> 32
 HIGH_READABLE: Final = (PRESENT | YOUNG) >> 32
 HIGH_READ_MASK: Final = HIGH_READABLE | PFN_MASK >> 32
+HIGH_UNMAPPED: Final = UNMAPPED >> 32
+
+WRITABLE_PTE: Final = PRESENT | WRITE | DIRTY | YOUNG  # needs no fault to write
+_WRITABLE_BITS: Final = np.uint64(WRITABLE_PTE)
+_RW: Final = np.uint64(PRESENT | WRITE)
+_PRESENT64: Final = np.uint64(PRESENT)
+_ZERO64: Final = np.uint64(ZERO)
+_DIRTY_YOUNG64: Final = np.uint64(DIRTY | YOUNG)
+_PFN64: Final = np.uint64(PFN_MASK)
 
 _COW_KSM: Final = control.INDEX["cow_ksm"]
 
@@ -135,6 +144,10 @@ class PageTable:
         halves = self.pv.cast("B").cast("I")
         self.pte_low = halves[_LOW_HALF::2]
         self.pte_high = halves[_HIGH_HALF::2]
+        # The same halves as arrays, for the bulk paths' vectorized looks.
+        words = self.ptes.view(np.uint32)
+        self.low_halves: npt.NDArray[np.uint32] = words[_LOW_HALF::2]
+        self.high_halves: npt.NDArray[np.uint32] = words[_HIGH_HALF::2]
         self.frames = frames
         locks = frames.locks
         self.ptl_table = locks.ptl  # type: ignore[attr-defined]
@@ -153,7 +166,7 @@ class PageTable:
     def release_views(self) -> None:
         for view in (self.pte_low, self.pte_high, self.pv, self.mm_lock.owner, self._hv):
             view.release()
-        del self.header, self.ptes
+        del self.header, self.ptes, self.low_halves, self.high_halves
 
     def ptl(self, page: int) -> object:
         """The page-table lock of ``page``."""
@@ -170,6 +183,20 @@ class PageTable:
             pte = ZERO_PTE
             self.pv[page] = pte
         return pte
+
+    def handle_read_faults(self, start: int, end: int) -> None:
+        """A read of pages ``[start, end)`` (one run): mark the mapped ones young.  PTL held.
+
+        Untouched pages stay untouched, the zero page is not mapped for them:
+        their PTE's pfn is 0, so a read through it reads the zero page anyway.
+        SegmentationFault at an unmapped page.
+        """
+        ptes = self.ptes[start:end]
+        unmapped = np.flatnonzero(ptes & np.uint64(UNMAPPED))
+        if len(unmapped):
+            raise SegmentationFault(f"guest {self.gid}: read of unmapped page {start + int(unmapped[0]):#x}")
+        present = (ptes & _PRESENT64) != 0
+        ptes[present] |= np.uint64(YOUNG)
 
     def handle_write_fault(self, page: int, whole: bool = False) -> int:
         """Make ``page`` writable; return the new PTE.  PTL held.
@@ -202,6 +229,87 @@ class PageTable:
             pv[page] = new
             return new
         return self.cow(page, pte, dirty=True)
+
+    def handle_write_faults(self, pages: npt.NDArray[np.intp], whole: npt.NDArray[np.bool_]
+                            ) -> tuple[int, Exception | None]:
+        """handle_write_fault for ``pages`` (ascending, one run of 512), resolved together.  PTL held.
+
+        ``whole[i]``: the caller overwrites all of ``pages[i]`` before it
+        releases the PTL (a new frame need not be zeroed, nor a copy made).
+        What no order can change is done at once: the new frames of
+        untouched pages, of the zero page and of copy-on-write come from one
+        allocator call; PTEs change in numpy; the change_pte records of the
+        run go out in one emit_many, before the old frames are put (a frame
+        dropped is tagged with an epoch that includes its invalidation).
+
+        Returns ``(k, None)`` when every page is writable, dirty and young
+        now; ``(k, error)`` when ``pages[k]`` could not be made so: then
+        ``pages[:k]`` are, nothing of ``pages[k:]`` changed, and ``error`` is
+        what handle_write_fault raised for ``pages[k]`` (FramesPending,
+        OutOfFrames, SegmentationFault).  When frames run short, or a page
+        is unmapped, the pages are faulted one by one in address order.
+        """
+        ptes = self.ptes
+        old = ptes[pages]
+        if (old & np.uint64(UNMAPPED)).any():
+            return self._write_faults_in_order(pages, whole)
+        rw = old & _RW
+        present = (old & _PRESENT64) != 0
+        new_frame = ~present | ((old & _ZERO64) != 0)
+        protected = present & ~new_frame & (rw != _RW)
+        frames = self.frames
+        old_pfns = (old & _PFN64).astype(np.intp)
+        ksm_frame = (frames.flags[old_pfns] & FRAME_KSM) != 0
+        cow = protected & (ksm_frame | (frames.mapcount[old_pfns] != 1))
+        fresh = new_frame | cow
+        nfresh = int(np.count_nonzero(fresh))
+        try:
+            pfns = frames.alloc_many(nfresh, _COW_KSM, int(np.count_nonzero(cow & ksm_frame))) if nfresh else []
+        except FramesPending:
+            return self._write_faults_in_order(pages, whole)
+        # Everything below changes state and cannot fail.
+        new = old | _WRITABLE_BITS  # dirty and young, and writable where protected but private (do_wp_page reuse)
+        if nfresh:
+            at = np.flatnonzero(fresh)
+            new_pfns = np.array(pfns, np.uint64)
+            new[at] = new_pfns | _WRITABLE_BITS
+            # The content before the PTE points at it: zeros or a copy, unless the caller overwrites it all.
+            for i, pfn in zip(at.tolist(), pfns, strict=True):
+                if whole[i]:
+                    continue
+                if cow[i]:
+                    frames.copy_frame(pfn, int(old_pfns[i]))
+                else:
+                    frames.zero_frame(pfn)
+            frames.mapcount[new_pfns.astype(np.intp)] = 1
+        ptes[pages] = new
+        if nfresh:
+            notifier = self.notifier
+            replaced = fresh & present  # the zero page or a copied frame: a secondary MMU may map the old one
+            if replaced.any() and notifier is not None and notifier.active(self.gid):
+                records: list[tuple[int, int, int]] = []
+                for i in np.flatnonzero(replaced).tolist():
+                    records.extend(notifier.change_records(int(pages[i]), int(new[i])))
+                notifier.emit_many(records, self.gid)
+            for pfn in old_pfns[cow].tolist():
+                frames.put(pfn)
+        return len(pages), None
+
+    def _write_faults_in_order(self, pages: npt.NDArray[np.intp], whole: npt.NDArray[np.bool_]
+                               ) -> tuple[int, Exception | None]:
+        """handle_write_faults one page at a time, in address order, up to the first that fails.  PTL held."""
+        pv = self.pv
+        for i, page in enumerate(pages.tolist()):
+            if pv[page] & WRITABLE_PTE == WRITABLE_PTE:
+                continue
+            try:
+                if pv[page] & WRITE:
+                    pv[page] |= DIRTY | YOUNG
+                else:
+                    self.handle_write_fault(page, bool(whole[i]))
+            except (FramesPending, OutOfFrames, SegmentationFault) as error:
+                return i, error
+        return len(pages), None
 
     def cow(self, page: int, pte: int, dirty: bool) -> int:
         """Give ``page`` a private copy of the frame ``pte`` maps; return the new PTE.

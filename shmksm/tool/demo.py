@@ -86,9 +86,11 @@ def run_stress(guests: int, pages: int, seconds: float, *, writes: int | None = 
     """Guests write and verify at full speed (``shmksm.workers.guest_random``) while ksmd merges.
 
     Returns the counters, the mismatched bytes per guest, the shadows'
-    summaries and stale reads; ``machine.check()`` has passed.
+    summaries and stale reads, and the bytes the guests wrote (every one
+    verified by a read) with their sum of per-guest rates; ``machine.check()``
+    has passed.
     """
-    from ..workers.guest_random import run as random_workload
+    from ..workers.guest_random import run_counted as random_workload
 
     total = guests * pages
     with Machine(frames=total + 64, pages_to_scan=max(1000, total // 4), sleep_millisecs=0,
@@ -102,10 +104,12 @@ def run_stress(guests: int, pages: int, seconds: float, *, writes: int | None = 
         workers = [machine.spawn(random_workload, g, seed + i, seconds if writes is None else 1e9, limit,
                                  name=f"stress{i}") for i, g in enumerate(handles)]
         elapsed, _ = _watch(machine, workers, on_tick, 0.25)
-        mismatches = [w.join() for w in workers]
+        outcomes = [w.join() for w in workers]
         machine.ksm.run = 0
         summaries = [m.stop() for m in mmus]
         machine.check()
         return {"counters": counters(machine.system), "seconds": elapsed, "cow_ksm": machine.system.get("cow_ksm"),
-                "mismatches": mismatches, "shadows": summaries,
+                "mismatches": [o.mismatches for o in outcomes], "shadows": summaries,
+                "bytes_written": sum(o.bytes_written for o in outcomes),
+                "bytes_per_second": sum(o.bytes_written / o.seconds for o in outcomes),
                 "stale_reads": sum(s.get("stale_reads", 0) for s in summaries)}
