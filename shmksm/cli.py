@@ -104,9 +104,16 @@ def main() -> None:
     """shmksm: Linux KSM and MMU notifiers, emulated with real processes and real shared memory."""
 
 
+_FORMAT_OPTION = click.option(
+    "--format", "image_format", type=click.Choice(["auto", "raw", "core"]), default="auto", show_default=True,
+    help="How to read the images: auto takes ELF cores (ET_CORE) as cores and any other file of whole pages as "
+         "raw memory (even one that begins with an ELF header); core insists on a core; raw never parses.")
+
+
 @main.command()
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
               help="Memory image: a raw file of 4096-byte pages or an ELF core file; one guest per image. Repeatable.")
+@_FORMAT_OPTION
 @click.option("--scenario", default=None, metavar="NAME",
               help="A built-in scenario instead of images: default, zero-heavy, mostly-unique, one-content.")
 @click.option("--guests", type=int, default=4, show_default=True, callback=_positive, help="Guests of a --scenario.")
@@ -132,10 +139,10 @@ def main() -> None:
               help="Write the counters' timeline as CSV ('-' for stdout).")
 @click.option("--plot", default=None, metavar="FILE.png", help="Plot the counters over time (needs matplotlib).")
 @friendly
-def run(images: tuple[str, ...], scenario: str | None, guests: int, pages_to_scan: int, sleep_millisecs: int,
-        max_page_sharing: int, use_zero_pages: bool, smart_scan: bool, until: str, stable_scans: int,
-        scans: int | None, seconds: float | None, timeout: float, json_out: str | None, csv_out: str | None,
-        plot: str | None) -> None:
+def run(images: tuple[str, ...], image_format: str, scenario: str | None, guests: int, pages_to_scan: int,
+        sleep_millisecs: int, max_page_sharing: int, use_zero_pages: bool, smart_scan: bool, until: str,
+        stable_scans: int, scans: int | None, seconds: float | None, timeout: float, json_out: str | None,
+        csv_out: str | None, plot: str | None) -> None:
     """Run memory images (or a built-in scenario) under ksmd until the counters settle.
 
     The report has the same keys as the kernel-side runner's
@@ -159,7 +166,7 @@ def run(images: tuple[str, ...], scenario: str | None, guests: int, pages_to_sca
     if scenario is not None and scenario not in MIXES:
         raise click.UsageError(f"unknown scenario {scenario!r}; scenarios: {', '.join(MIXES)}")
     for path in images:
-        image_pages(path)
+        image_pages(path, image_format)
     outputs = [_open_output(path) if path else None for path in (json_out, csv_out)]
     if plot:
         _check_plot_path(plot)
@@ -169,7 +176,7 @@ def run(images: tuple[str, ...], scenario: str | None, guests: int, pages_to_sca
     with tempfile.TemporaryDirectory(prefix="shmksm-scenario-") as tmp:
         paths = list(images) if images else write_mix(tmp, guests, MIXES[str(scenario)])
         report = run_images(paths, knobs=knobs, stable_scans=stable_scans, max_scans=scans,
-                            max_seconds=seconds, timeout=timeout)
+                            max_seconds=seconds, timeout=timeout, format=image_format)
     if scenario:
         report["scenario"] = scenario
     json_file, csv_file = outputs
@@ -217,13 +224,15 @@ def _check_plot_path(path: str) -> None:
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_FORMAT_OPTION
 @click.option("--max-page-sharing", type=click.IntRange(min=2), default=256, show_default=True,
               help="Mappings per KSM page, as the knob.")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Run on a Dask cluster (tcp://host:port); every worker must read the image paths.")
 @click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result as JSON ('-' for stdout).")
 @friendly
-def estimate(images: tuple[str, ...], max_page_sharing: int, scheduler: str | None, json_out: str | None) -> None:
+def estimate(images: tuple[str, ...], image_format: str, max_page_sharing: int, scheduler: str | None,
+             json_out: str | None) -> None:
     """The ideal dedup of IMAGES, without running the emulator.
 
     Streams the images (16 bytes of memory per page, whatever their size)
@@ -235,15 +244,15 @@ def estimate(images: tuple[str, ...], max_page_sharing: int, scheduler: str | No
 
     from .tool.images import ideal, image_pages
 
-    total = sum(image_pages(p) for p in images)
+    total = sum(image_pages(p, image_format) for p in images)
     out = _open_output(json_out) if json_out else None
     t0 = time.perf_counter()
     if scheduler:
         from .tool.fleet import ideal_on_cluster
 
-        best = ideal_on_cluster(list(images), scheduler, max_page_sharing)
+        best = ideal_on_cluster(list(images), scheduler, max_page_sharing, image_format)
     else:
-        best = ideal(list(images), max_page_sharing)
+        best = ideal(list(images), max_page_sharing, image_format)
     seconds = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = {**best.as_dict(), "images": list(images), "seconds": round(seconds, 3),

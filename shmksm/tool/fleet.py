@@ -14,7 +14,8 @@ from ..errors import ShmksmError, UsageError
 from .images import Ideal, content_counts, ideal_from_counts, merge_counts
 
 
-def ideal_on_cluster(paths: Sequence[str], scheduler: str, max_page_sharing: int = 256) -> Ideal:
+def ideal_on_cluster(paths: Sequence[str], scheduler: str, max_page_sharing: int = 256,
+                     format: str = "auto") -> Ideal:
     """images.ideal() with one task per image on the Dask cluster at ``scheduler``."""
     try:
         from distributed import Client
@@ -28,7 +29,7 @@ def ideal_on_cluster(paths: Sequence[str], scheduler: str, max_page_sharing: int
     except Exception as exc:  # OSError, TimeoutError: nobody answers there
         raise ShmksmError(f"cannot reach the Dask scheduler at {scheduler}: {type(exc).__name__}: {exc}") from None
     try:
-        futures = client.map(lambda p: content_counts([p]), paths, pure=False)
+        futures = client.map(lambda p: content_counts([p], format), paths, pure=False)
         try:
             parts = client.gather(futures)  # type: ignore[no-untyped-call]
         except ShmksmError:

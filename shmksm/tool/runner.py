@@ -25,8 +25,11 @@ _SETTLE_KEYS = ("pages_shared", "pages_sharing", "ksm_zero_pages")
 
 def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, stable_scans: int = 3,
                max_scans: int | None = None, max_seconds: float | None = None, timeout: float = 600.0,
-               frames: int | None = None, progress: Callable[[dict[str, int]], None] | None = None) -> dict[str, Any]:
+               frames: int | None = None, progress: Callable[[dict[str, int]], None] | None = None,
+               format: str = "auto") -> dict[str, Any]:
     """Load each image into a guest, run ksmd, follow the counters; return the report.
+
+    ``format`` says how to read the images: auto, raw or core (images.image_layout).
 
     Stops when pages_shared, pages_sharing and ksm_zero_pages have not changed
     for ``stable_scans`` full scans (or after ``max_scans`` full scans, or
@@ -34,7 +37,7 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
     """
     if not images:
         raise UsageError("no image given")
-    sizes = [image_pages(p) for p in images]
+    sizes = [image_pages(p, format) for p in images]
     knobs = dict(knobs or {})
     total = sum(sizes)
     nframes = frames if frames is not None else total + 1 + max(64, total // 64)
@@ -42,7 +45,7 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
 
     with Machine(frames=nframes, **knobs) as machine:
         guests = [machine.add_guest(pages=n) for n in sizes]
-        loaders = [machine.spawn(load_image, g, os.path.abspath(p), name=f"load{g.id}")
+        loaders = [machine.spawn(load_image, g, os.path.abspath(p), True, format, name=f"load{g.id}")
                    for g, p in zip(guests, images, strict=True)]
         for loader in loaders:
             loader.join()
