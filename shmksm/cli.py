@@ -222,27 +222,61 @@ def _check_plot_path(path: str) -> None:
         raise click.UsageError(f"cannot write {path!r}: no writable folder {folder!r}")
 
 
+_PID_OPTIONS = (
+    click.option("--pid", "pids", multiple=True, type=click.IntRange(min=1), metavar="PID",
+                 help="A live process to read (repeatable), instead of images."),
+    click.option("--all-mappings", is_flag=True,
+                 help="Read every readable mapping, not only the private anonymous ones ksmd would scan."),
+    click.option("--keep-going", is_flag=True, help="Skip a process that cannot be read (gone, no permission) "
+                                                    "instead of stopping."),
+)
+
+
+def _pid_options(fn: F) -> F:
+    for option in reversed(_PID_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, type=click.Path(dir_okay=False))
 @_FORMAT_OPTION
+@_pid_options
 @click.option("--max-page-sharing", type=click.IntRange(min=2), default=256, show_default=True,
               help="Mappings per KSM page, as the knob.")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Run on a Dask cluster (tcp://host:port); every worker must read the image paths.")
 @click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result as JSON ('-' for stdout).")
 @friendly
-def estimate(images: tuple[str, ...], image_format: str, max_page_sharing: int, scheduler: str | None,
-             json_out: str | None) -> None:
-    """The ideal dedup of IMAGES, without running the emulator.
+def estimate(images: tuple[str, ...], image_format: str, pids: tuple[int, ...], all_mappings: bool,
+             keep_going: bool, max_page_sharing: int, scheduler: str | None, json_out: str | None) -> None:
+    """The ideal dedup of IMAGES (or of live processes, --pid), without running the emulator.
 
     Streams the images (16 bytes of memory per page, whatever their size)
     and counts what KSM would converge to: pages_shared and pages_sharing
     under max_page_sharing, with and without use_zero_pages.
+
+    With --pid, reads the resident pages of running processes as ksmd would
+    scan them (/proc/PID/maps, pagemap, mem) and prints, in total and per
+    process, the pages that would merge and the memory saved, with
+    general_profit and ksm_process_profit as the kernel computes them:
+
+    \b
+        shmksm estimate --pid 1234 --pid 5678
+        shmksm estimate guest0.img guest1.img --max-page-sharing 64 --json -
     """
     import resource
     import time
 
     from .tool.images import ideal, image_pages
+
+    if bool(images) == bool(pids):
+        raise click.UsageError("give IMAGES or --pid PID (repeatable), not both or neither")
+    if pids:
+        if scheduler:
+            raise click.UsageError("--scheduler reads images, not live processes: capture them first")
+        _estimate_live(list(pids), max_page_sharing, all_mappings, keep_going, json_out)
+        return
 
     total = sum(image_pages(p, image_format) for p in images)
     out = _open_output(json_out) if json_out else None
@@ -272,6 +306,82 @@ def estimate(images: tuple[str, ...], image_format: str, max_page_sharing: int, 
 
 def _mib(pages: int) -> str:
     return f"{pages * 4096 / 2**20:.1f} MiB"
+
+
+def _skipped(message: str) -> None:
+    click.echo(f"skipped: {message}", err=True)
+
+
+def _estimate_live(pids: list[int], max_page_sharing: int, all_mappings: bool, keep_going: bool,
+                   json_out: str | None) -> None:
+    """estimate --pid: what KSM would converge to on live processes, in total and per process."""
+    from .tool.live import estimate_processes
+
+    out = _open_output(json_out) if json_out else None
+    result = estimate_processes(pids, max_page_sharing, all_mappings, keep_going, _skipped)
+    if out is not None:
+        _write_json(out, result)
+        return
+    what = "readable mappings" if all_mappings else "private anonymous mappings"
+    click.echo(f"{len(result['processes'])} process(es), resident pages of {what} (as ksmd scans them), "
+               f"max_page_sharing {max_page_sharing}")
+    click.echo(f"{'pid':>8}  {'command':<16}{'pages':>10}{'merging':>10}{'saved':>10}{'saved MiB':>11}"
+               f"{'ksm_process_profit':>20}{'zero-page maps':>16}")
+    for p in result["processes"]:
+        click.echo(f"{p['pid']:>8}  {p['comm'][:15]:<16}{p['pages']:>10}{p['ksm_merging_pages']:>10}"
+                   f"{p['saved_pages']:>10}{p['saved_pages'] * 4096 / 2**20:>11.1f}"
+                   f"{p['ksm_process_profit']:>20}{p['zero_page_mappings']:>16}")
+    saved = result["pages_sharing"]
+    click.echo(f"total: pages {result['pages']}, distinct {result['distinct']}, zero {result['zero_pages']}; "
+               f"pages_shared {result['pages_shared']}, pages_sharing {saved} "
+               f"({_mib(saved)} saved, {100 * saved / max(1, result['pages']):.1f}%), "
+               f"general_profit {result['general_profit']}")
+    click.echo(f"with use_zero_pages: pages_shared {result['pages_shared_zero']}, pages_sharing "
+               f"{result['pages_sharing_zero']}, ksm_zero_pages {result['zero_pages']}, "
+               f"general_profit {result['general_profit_zero']}")
+    click.echo("merging: pages that would map a KSM page (ksm_merging_pages); saved: its share of pages_sharing, "
+               "each KSM page's cost split among the pages that map it")
+
+
+@main.command()
+@click.option("--pid", "pids", multiple=True, required=True, type=click.IntRange(min=1), metavar="PID",
+              help="A live process to capture (repeatable).")
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
+              help="Folder for PID.img (raw pages) and mappings.json.")
+@click.option("--all-mappings", is_flag=True,
+              help="Capture every readable mapping, not only the private anonymous ones ksmd would scan.")
+@click.option("--keep-going", is_flag=True, help="Skip a process that cannot be read instead of stopping.")
+@click.option("--json", "json_out", default=None, metavar="FILE", help="Write the summary as JSON ('-' for stdout).")
+@friendly
+def capture(pids: tuple[int, ...], outdir: str, all_mappings: bool, keep_going: bool, json_out: str | None) -> None:
+    """Write the resident memory of live processes as raw images, for shmksm run later.
+
+    One raw image per process (the pages estimate --pid reads, in address
+    order) and mappings.json: per process its command, image and, per
+    mapping, the address range, permissions, path and first page in the image.
+
+    \b
+        shmksm capture --pid 1234 --pid 5678 -o snap
+        shmksm run --image snap/1234.img --image snap/5678.img
+    """
+    import os
+
+    from .tool.live import capture_processes
+
+    if os.path.exists(outdir) and not os.access(outdir, os.W_OK):
+        raise click.UsageError(f"cannot write into {outdir!r}")
+    out = _open_output(json_out) if json_out else None
+    try:
+        result = capture_processes(list(pids), outdir, all_mappings, keep_going, _skipped)
+    except OSError as exc:
+        raise click.UsageError(f"cannot write into {outdir!r}: {exc.strerror or exc}") from None
+    if out is not None:
+        _write_json(out, result)
+        return
+    for pid, p in result["processes"].items():
+        image = os.path.join(outdir, p["image"]) if p["image"] else "(no pages: no image)"
+        click.echo(f"{pid:>8}  {p['comm'][:15]:<16}{p['pages']:>9} pages in {len(p['mappings'])} mappings -> {image}")
+    click.echo(f"mappings: {os.path.join(outdir, 'mappings.json')}")
 
 
 class LiveView:
