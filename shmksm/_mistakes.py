@@ -139,6 +139,11 @@ def host_memory_message(frames: int) -> str:
 
 def check_spawnable(fn: Callable[..., Any]) -> None:
     """UsageError unless a new process can find ``fn`` by its module and name (as pickle does)."""
+    main = sys.modules.get("__main__")
+    if getattr(fn, "__module__", None) == "__main__" and not getattr(main, "__file__", None):
+        raise UsageError(f"spawn: fn must be a module-level function of a file, not {fn.__qualname__} of "
+                         "python -c or an interactive session: the worker is a new process that imports fn "
+                         "by its module and name, and this __main__ has no file to import")
     try:
         pickle.dumps(fn)
     except (pickle.PicklingError, AttributeError, TypeError):

@@ -138,11 +138,13 @@ _FORMAT_OPTION = click.option(
 @click.option("--csv", "csv_out", default=None, metavar="FILE",
               help="Write the counters' timeline as CSV ('-' for stdout).")
 @click.option("--plot", default=None, metavar="FILE.png", help="Plot the counters over time (needs matplotlib).")
+@click.option("--explain", "explain_pages", is_flag=True,
+              help="Add why each page merged or not (as shmksm explain) to the report.")
 @friendly
 def run(images: tuple[str, ...], image_format: str, scenario: str | None, guests: int, pages_to_scan: int,
         sleep_millisecs: int, max_page_sharing: int, use_zero_pages: bool, smart_scan: bool, until: str,
         stable_scans: int, scans: int | None, seconds: float | None, timeout: float, json_out: str | None,
-        csv_out: str | None, plot: str | None) -> None:
+        csv_out: str | None, plot: str | None, explain_pages: bool) -> None:
     """Run memory images (or a built-in scenario) under ksmd until the counters settle.
 
     The report has the same keys as the kernel-side runner's
@@ -176,7 +178,7 @@ def run(images: tuple[str, ...], image_format: str, scenario: str | None, guests
     with tempfile.TemporaryDirectory(prefix="shmksm-scenario-") as tmp:
         paths = list(images) if images else write_mix(tmp, guests, MIXES[str(scenario)])
         report = run_images(paths, knobs=knobs, stable_scans=stable_scans, max_scans=scans,
-                            max_seconds=seconds, timeout=timeout, format=image_format)
+                            max_seconds=seconds, timeout=timeout, format=image_format, explain=explain_pages)
     if scenario:
         report["scenario"] = scenario
     json_file, csv_file = outputs
@@ -198,6 +200,12 @@ def run(images: tuple[str, ...], image_format: str, scenario: str | None, guests
         c = report["converged"]
         click.echo(f"converged at full scan {c['full_scans']} after {c['seconds']} s "
                    f"({c['ksmd_cpu_seconds']} ksmd CPU-s)")
+        if explain_pages:
+            from .tool.explain import explanation_lines
+
+            click.echo("")
+            for line in explanation_lines(report["explain"]):
+                click.echo(line)
 
 
 def write_timeline_csv(timeline: list[dict[str, Any]], out: Any) -> None:
@@ -530,6 +538,35 @@ def _attached(machine: str | None) -> Any:
 
 _MACHINE_OPTION = click.option("--machine", default=None, metavar="NAME",
                                help="Which running machine (its segment prefix); needed when several run.")
+
+
+@main.command()
+@_MACHINE_OPTION
+@click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result as JSON ('-' for stdout).")
+@friendly
+def explain(machine: str | None, json_out: str | None) -> None:
+    """Why pages merge or not in a running machine: every page of every guest under exactly one reason.
+
+    merged, zero page, unique so far, volatile, waiting for its second scan,
+    skipped by smart_scan, over max_page_sharing, not mergeable, not present;
+    a column per guest and the total, each summing to the guests' pages.
+    ksmd publishes its rmap items' states for it between two batches.
+
+    \b
+        shmksm explain
+        shmksm explain --machine shmksm_1234_abcd --json -
+    """
+    from .tool.explain import explain_machine, explanation_lines
+
+    out = _open_output(json_out) if json_out else None
+    with _attached(machine) as ksm:
+        prefix = ksm.prefix
+    result = explain_machine(prefix).as_dict()
+    if out is not None:
+        _write_json(out, result)
+        return
+    for line in explanation_lines(result):
+        click.echo(line)
 
 
 @main.command()

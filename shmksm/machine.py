@@ -35,6 +35,7 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 from . import _mistakes
+from ._ksm import explain as explaining
 from ._ksm.scanner import MAX_GUEST_PAGES
 from ._ksm.sysfs import Ksm, guest_ksm_stat
 from ._kvm.secondary import ShadowMMU, clear_flush_young
@@ -446,6 +447,20 @@ class Machine:
     def guests(self) -> list[Guest]:
         """The live guests."""
         return list(self._guests.values())
+
+    def explain(self) -> explaining.Explanation:
+        """Why pages merged or not: every page of every guest under exactly one reason.
+
+        ``result.guests[gid]`` and ``result.total`` map each reason of
+        ``shmksm._ksm.explain.REASONS`` to pages (summing to the guests'
+        pages).  ksmd publishes its rmap items' states for it between two
+        batches; with no ksmd running every mergeable page waits for its scans.
+        """
+        with self._lock:
+            self._require_open()
+            tables = {gid: (self.system.table(gid).ptes, self.system.table(gid).header) for gid in self._guests}
+        return explaining.explain(self.system.spec.prefix, tables, self.system.get, self.system.set,
+                                  self.ksm.counters)
 
     def _require_open(self) -> None:
         if self._closed:

@@ -27,6 +27,7 @@ import shmksm
 import shmksm._mm.segments
 from shmksm import MADV_MERGEABLE, PAGE_SIZE
 from shmksm._ksm import ksm
+from shmksm._ksm.scanner import Scanner
 from shmksm._mm.pagetable import KSM, PFN_MASK, PRESENT, ZERO
 
 # -- /dev/shm, waiting, and looking under the MMU
@@ -231,6 +232,16 @@ def resume(machine: shmksm.Machine, scans: int = 1) -> None:
     machine.ksm.sleep_millisecs = 0
     machine.ksm.run = 1
     machine.wait_full_scans(scans)
+
+
+def full_scans(scanner: Scanner, n: int) -> None:
+    """Run ``n`` full scans (fewer if no guest has anything to scan)."""
+    for _ in range(n):
+        before = scanner.full_scans
+        for _ in range(10):
+            scanner.do_scan(10_000)
+            if scanner.full_scans > before:
+                break
 
 
 def merged_machine(keys_per_guest: Sequence[Sequence[int]], merge: str = "madvise",
