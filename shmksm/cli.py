@@ -653,12 +653,23 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
 @click.option("--scenario", default="default", show_default=True, help="The built-in scenario to run.")
 @click.option("--guests", type=int, default=4, show_default=True, callback=_positive, help="Guests (unless swept).")
 @click.option("--jobs", type=int, default=None, callback=_positive, help="Runs side by side (default: the cores).")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run each run as a task on a Dask cluster (tcp://host:port) instead of here.")
 @click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result as JSON ('-' for stdout).")
 @click.option("--plot", default=None, metavar="FILE.png", help="Plot the sweep (needs matplotlib).")
 @friendly
 def experiment_sweep(knob: str, values: list[int], runs: int, scenario: str, guests: int, jobs: int | None,
-                     json_out: str | None, plot: str | None) -> None:
-    """Vary one knob over values; report convergence time, scanner CPU and memory saved."""
+                     scheduler: str | None, json_out: str | None, plot: str | None) -> None:
+    """Vary one knob over values; report convergence time, scanner CPU and memory saved.
+
+    Each run is a whole emulated machine in a process of its own: --jobs at
+    a time here, or one task each on a Dask cluster with --scheduler (every
+    worker needs shmksm installed), with the same table, JSON and plot.
+
+    \b
+        shmksm experiment sweep --knob pages_to_scan --values 100,1000,10000
+        shmksm experiment sweep --knob pages_to_scan --values 100,1000 --scheduler tcp://10.0.0.5:8786 --json -
+    """
     from ._ksm.sysfs import parse_knob
     from .tool.experiments import sweep
 
@@ -674,7 +685,8 @@ def experiment_sweep(knob: str, values: list[int], runs: int, scenario: str, gue
     if plot:
         _check_plot_path(plot)
     with click.progressbar(length=len(values) * runs, label=f"sweeping {knob}", file=sys.stderr) as bar:
-        result = sweep(knob, values, runs, scenario, guests, jobs=jobs, progress=lambda v, r: bar.update(1))
+        result = sweep(knob, values, runs, scenario, guests, jobs=jobs, progress=lambda v, r: bar.update(1),
+                       scheduler=scheduler)
     if plot:
         from .tool.plots import plot_sweep
 
