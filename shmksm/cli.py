@@ -104,9 +104,16 @@ def main() -> None:
     """shmksm: Linux KSM and MMU notifiers, emulated with real processes and real shared memory."""
 
 
+_FORMAT_OPTION = click.option(
+    "--format", "image_format", type=click.Choice(["auto", "raw", "core"]), default="auto", show_default=True,
+    help="How to read the images: auto takes ELF cores (ET_CORE) as cores and any other file of whole pages as "
+         "raw memory (even one that begins with an ELF header); core insists on a core; raw never parses.")
+
+
 @main.command()
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
               help="Memory image: a raw file of 4096-byte pages or an ELF core file; one guest per image. Repeatable.")
+@_FORMAT_OPTION
 @click.option("--scenario", default=None, metavar="NAME",
               help="A built-in scenario instead of images: default, zero-heavy, mostly-unique, one-content.")
 @click.option("--guests", type=int, default=4, show_default=True, callback=_positive, help="Guests of a --scenario.")
@@ -131,11 +138,13 @@ def main() -> None:
 @click.option("--csv", "csv_out", default=None, metavar="FILE",
               help="Write the counters' timeline as CSV ('-' for stdout).")
 @click.option("--plot", default=None, metavar="FILE.png", help="Plot the counters over time (needs matplotlib).")
+@click.option("--explain", "explain_pages", is_flag=True,
+              help="Add why each page merged or not (as shmksm explain) to the report.")
 @friendly
-def run(images: tuple[str, ...], scenario: str | None, guests: int, pages_to_scan: int, sleep_millisecs: int,
-        max_page_sharing: int, use_zero_pages: bool, smart_scan: bool, until: str, stable_scans: int,
-        scans: int | None, seconds: float | None, timeout: float, json_out: str | None, csv_out: str | None,
-        plot: str | None) -> None:
+def run(images: tuple[str, ...], image_format: str, scenario: str | None, guests: int, pages_to_scan: int,
+        sleep_millisecs: int, max_page_sharing: int, use_zero_pages: bool, smart_scan: bool, until: str,
+        stable_scans: int, scans: int | None, seconds: float | None, timeout: float, json_out: str | None,
+        csv_out: str | None, plot: str | None, explain_pages: bool) -> None:
     """Run memory images (or a built-in scenario) under ksmd until the counters settle.
 
     The report has the same keys as the kernel-side runner's
@@ -159,7 +168,7 @@ def run(images: tuple[str, ...], scenario: str | None, guests: int, pages_to_sca
     if scenario is not None and scenario not in MIXES:
         raise click.UsageError(f"unknown scenario {scenario!r}; scenarios: {', '.join(MIXES)}")
     for path in images:
-        image_pages(path)
+        image_pages(path, image_format)
     outputs = [_open_output(path) if path else None for path in (json_out, csv_out)]
     if plot:
         _check_plot_path(plot)
@@ -169,7 +178,7 @@ def run(images: tuple[str, ...], scenario: str | None, guests: int, pages_to_sca
     with tempfile.TemporaryDirectory(prefix="shmksm-scenario-") as tmp:
         paths = list(images) if images else write_mix(tmp, guests, MIXES[str(scenario)])
         report = run_images(paths, knobs=knobs, stable_scans=stable_scans, max_scans=scans,
-                            max_seconds=seconds, timeout=timeout)
+                            max_seconds=seconds, timeout=timeout, format=image_format, explain=explain_pages)
     if scenario:
         report["scenario"] = scenario
     json_file, csv_file = outputs
@@ -191,6 +200,12 @@ def run(images: tuple[str, ...], scenario: str | None, guests: int, pages_to_sca
         c = report["converged"]
         click.echo(f"converged at full scan {c['full_scans']} after {c['seconds']} s "
                    f"({c['ksmd_cpu_seconds']} ksmd CPU-s)")
+        if explain_pages:
+            from .tool.explain import explanation_lines
+
+            click.echo("")
+            for line in explanation_lines(report["explain"]):
+                click.echo(line)
 
 
 def write_timeline_csv(timeline: list[dict[str, Any]], out: Any) -> None:
@@ -215,35 +230,71 @@ def _check_plot_path(path: str) -> None:
         raise click.UsageError(f"cannot write {path!r}: no writable folder {folder!r}")
 
 
+_PID_OPTIONS = (
+    click.option("--pid", "pids", multiple=True, type=click.IntRange(min=1), metavar="PID",
+                 help="A live process to read (repeatable), instead of images."),
+    click.option("--all-mappings", is_flag=True,
+                 help="Read every readable mapping, not only the private anonymous ones ksmd would scan."),
+    click.option("--keep-going", is_flag=True, help="Skip a process that cannot be read (gone, no permission) "
+                                                    "instead of stopping."),
+)
+
+
+def _pid_options(fn: F) -> F:
+    for option in reversed(_PID_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, type=click.Path(dir_okay=False))
+@_FORMAT_OPTION
+@_pid_options
 @click.option("--max-page-sharing", type=click.IntRange(min=2), default=256, show_default=True,
               help="Mappings per KSM page, as the knob.")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Run on a Dask cluster (tcp://host:port); every worker must read the image paths.")
 @click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result as JSON ('-' for stdout).")
 @friendly
-def estimate(images: tuple[str, ...], max_page_sharing: int, scheduler: str | None, json_out: str | None) -> None:
-    """The ideal dedup of IMAGES, without running the emulator.
+def estimate(images: tuple[str, ...], image_format: str, pids: tuple[int, ...], all_mappings: bool,
+             keep_going: bool, max_page_sharing: int, scheduler: str | None, json_out: str | None) -> None:
+    """The ideal dedup of IMAGES (or of live processes, --pid), without running the emulator.
 
     Streams the images (16 bytes of memory per page, whatever their size)
     and counts what KSM would converge to: pages_shared and pages_sharing
     under max_page_sharing, with and without use_zero_pages.
+
+    With --pid, reads the resident pages of running processes as ksmd would
+    scan them (/proc/PID/maps, pagemap, mem) and prints, in total and per
+    process, the pages that would merge and the memory saved, with
+    general_profit and ksm_process_profit as the kernel computes them:
+
+    \b
+        shmksm estimate --pid 1234 --pid 5678
+        shmksm estimate guest0.img guest1.img --max-page-sharing 64 --json -
     """
     import resource
     import time
 
     from .tool.images import ideal, image_pages
 
-    total = sum(image_pages(p) for p in images)
+    if bool(images) == bool(pids):
+        raise click.UsageError("give IMAGES or --pid PID (repeatable), not both or neither")
+    if pids:
+        if scheduler:
+            raise click.UsageError("--scheduler reads images, not live processes: capture them first")
+        _estimate_live(list(pids), max_page_sharing, all_mappings, keep_going, json_out)
+        return
+
+    total = sum(image_pages(p, image_format) for p in images)
     out = _open_output(json_out) if json_out else None
     t0 = time.perf_counter()
     if scheduler:
         from .tool.fleet import ideal_on_cluster
 
-        best = ideal_on_cluster(list(images), scheduler, max_page_sharing)
+        best = ideal_on_cluster(list(images), scheduler, max_page_sharing, image_format)
     else:
-        best = ideal(list(images), max_page_sharing)
+        best = ideal(list(images), max_page_sharing, image_format)
     seconds = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = {**best.as_dict(), "images": list(images), "seconds": round(seconds, 3),
@@ -263,6 +314,82 @@ def estimate(images: tuple[str, ...], max_page_sharing: int, scheduler: str | No
 
 def _mib(pages: int) -> str:
     return f"{pages * 4096 / 2**20:.1f} MiB"
+
+
+def _skipped(message: str) -> None:
+    click.echo(f"skipped: {message}", err=True)
+
+
+def _estimate_live(pids: list[int], max_page_sharing: int, all_mappings: bool, keep_going: bool,
+                   json_out: str | None) -> None:
+    """estimate --pid: what KSM would converge to on live processes, in total and per process."""
+    from .tool.live import estimate_processes
+
+    out = _open_output(json_out) if json_out else None
+    result = estimate_processes(pids, max_page_sharing, all_mappings, keep_going, _skipped)
+    if out is not None:
+        _write_json(out, result)
+        return
+    what = "readable mappings" if all_mappings else "private anonymous mappings"
+    click.echo(f"{len(result['processes'])} process(es), resident pages of {what} (as ksmd scans them), "
+               f"max_page_sharing {max_page_sharing}")
+    click.echo(f"{'pid':>8}  {'command':<16}{'pages':>10}{'merging':>10}{'saved':>10}{'saved MiB':>11}"
+               f"{'ksm_process_profit':>20}{'zero-page maps':>16}")
+    for p in result["processes"]:
+        click.echo(f"{p['pid']:>8}  {p['comm'][:15]:<16}{p['pages']:>10}{p['ksm_merging_pages']:>10}"
+                   f"{p['saved_pages']:>10}{p['saved_pages'] * 4096 / 2**20:>11.1f}"
+                   f"{p['ksm_process_profit']:>20}{p['zero_page_mappings']:>16}")
+    saved = result["pages_sharing"]
+    click.echo(f"total: pages {result['pages']}, distinct {result['distinct']}, zero {result['zero_pages']}; "
+               f"pages_shared {result['pages_shared']}, pages_sharing {saved} "
+               f"({_mib(saved)} saved, {100 * saved / max(1, result['pages']):.1f}%), "
+               f"general_profit {result['general_profit']}")
+    click.echo(f"with use_zero_pages: pages_shared {result['pages_shared_zero']}, pages_sharing "
+               f"{result['pages_sharing_zero']}, ksm_zero_pages {result['zero_pages']}, "
+               f"general_profit {result['general_profit_zero']}")
+    click.echo("merging: pages that would map a KSM page (ksm_merging_pages); saved: its share of pages_sharing, "
+               "each KSM page's cost split among the pages that map it")
+
+
+@main.command()
+@click.option("--pid", "pids", multiple=True, required=True, type=click.IntRange(min=1), metavar="PID",
+              help="A live process to capture (repeatable).")
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
+              help="Folder for PID.img (raw pages) and mappings.json.")
+@click.option("--all-mappings", is_flag=True,
+              help="Capture every readable mapping, not only the private anonymous ones ksmd would scan.")
+@click.option("--keep-going", is_flag=True, help="Skip a process that cannot be read instead of stopping.")
+@click.option("--json", "json_out", default=None, metavar="FILE", help="Write the summary as JSON ('-' for stdout).")
+@friendly
+def capture(pids: tuple[int, ...], outdir: str, all_mappings: bool, keep_going: bool, json_out: str | None) -> None:
+    """Write the resident memory of live processes as raw images, for shmksm run later.
+
+    One raw image per process (the pages estimate --pid reads, in address
+    order) and mappings.json: per process its command, image and, per
+    mapping, the address range, permissions, path and first page in the image.
+
+    \b
+        shmksm capture --pid 1234 --pid 5678 -o snap
+        shmksm run --image snap/1234.img --image snap/5678.img
+    """
+    import os
+
+    from .tool.live import capture_processes
+
+    if os.path.exists(outdir) and not os.access(outdir, os.W_OK):
+        raise click.UsageError(f"cannot write into {outdir!r}")
+    out = _open_output(json_out) if json_out else None
+    try:
+        result = capture_processes(list(pids), outdir, all_mappings, keep_going, _skipped)
+    except OSError as exc:
+        raise click.UsageError(f"cannot write into {outdir!r}: {exc.strerror or exc}") from None
+    if out is not None:
+        _write_json(out, result)
+        return
+    for pid, p in result["processes"].items():
+        image = os.path.join(outdir, p["image"]) if p["image"] else "(no pages: no image)"
+        click.echo(f"{pid:>8}  {p['comm'][:15]:<16}{p['pages']:>9} pages in {len(p['mappings'])} mappings -> {image}")
+    click.echo(f"mappings: {os.path.join(outdir, 'mappings.json')}")
 
 
 class LiveView:
@@ -415,6 +542,35 @@ _MACHINE_OPTION = click.option("--machine", default=None, metavar="NAME",
 
 @main.command()
 @_MACHINE_OPTION
+@click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result as JSON ('-' for stdout).")
+@friendly
+def explain(machine: str | None, json_out: str | None) -> None:
+    """Why pages merge or not in a running machine: every page of every guest under exactly one reason.
+
+    merged, zero page, unique so far, volatile, waiting for its second scan,
+    skipped by smart_scan, over max_page_sharing, not mergeable, not present;
+    a column per guest and the total, each summing to the guests' pages.
+    ksmd publishes its rmap items' states for it between two batches.
+
+    \b
+        shmksm explain
+        shmksm explain --machine shmksm_1234_abcd --json -
+    """
+    from .tool.explain import explain_machine, explanation_lines
+
+    out = _open_output(json_out) if json_out else None
+    with _attached(machine) as ksm:
+        prefix = ksm.prefix
+    result = explain_machine(prefix).as_dict()
+    if out is not None:
+        _write_json(out, result)
+        return
+    for line in explanation_lines(result):
+        click.echo(line)
+
+
+@main.command()
+@_MACHINE_OPTION
 @friendly
 def stats(machine: str | None) -> None:
     """Print the knobs and counters of a running machine, like grep . /sys/kernel/mm/ksm/*."""
@@ -499,12 +655,23 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
 @click.option("--scenario", default="default", show_default=True, help="The built-in scenario to run.")
 @click.option("--guests", type=int, default=4, show_default=True, callback=_positive, help="Guests (unless swept).")
 @click.option("--jobs", type=int, default=None, callback=_positive, help="Runs side by side (default: the cores).")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run each run as a task on a Dask cluster (tcp://host:port) instead of here.")
 @click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result as JSON ('-' for stdout).")
 @click.option("--plot", default=None, metavar="FILE.png", help="Plot the sweep (needs matplotlib).")
 @friendly
 def experiment_sweep(knob: str, values: list[int], runs: int, scenario: str, guests: int, jobs: int | None,
-                     json_out: str | None, plot: str | None) -> None:
-    """Vary one knob over values; report convergence time, scanner CPU and memory saved."""
+                     scheduler: str | None, json_out: str | None, plot: str | None) -> None:
+    """Vary one knob over values; report convergence time, scanner CPU and memory saved.
+
+    Each run is a whole emulated machine in a process of its own: --jobs at
+    a time here, or one task each on a Dask cluster with --scheduler (every
+    worker needs shmksm installed), with the same table, JSON and plot.
+
+    \b
+        shmksm experiment sweep --knob pages_to_scan --values 100,1000,10000
+        shmksm experiment sweep --knob pages_to_scan --values 100,1000 --scheduler tcp://10.0.0.5:8786 --json -
+    """
     from ._ksm.sysfs import parse_knob
     from .tool.experiments import sweep
 
@@ -520,7 +687,8 @@ def experiment_sweep(knob: str, values: list[int], runs: int, scenario: str, gue
     if plot:
         _check_plot_path(plot)
     with click.progressbar(length=len(values) * runs, label=f"sweeping {knob}", file=sys.stderr) as bar:
-        result = sweep(knob, values, runs, scenario, guests, jobs=jobs, progress=lambda v, r: bar.update(1))
+        result = sweep(knob, values, runs, scenario, guests, jobs=jobs, progress=lambda v, r: bar.update(1),
+                       scheduler=scheduler)
     if plot:
         from .tool.plots import plot_sweep
 

@@ -6,6 +6,7 @@ and also from the builtin exception a Python programmer would expect, so that
 
     ShmksmError
      ├── UsageError (ValueError)             bad argument: size, advice, data
+     │    ├── HostMemoryError (MemoryError)  a machine larger than the host's memory
      │    ├── AddressError (IndexError)      address outside the guest
      │    ├── KnobError                      a knob value the kernel refuses (EINVAL)
      │    └── DataTypeError (TypeError)      data that is not bytes-like
@@ -35,6 +36,10 @@ class UsageError(ShmksmError, ValueError):
     """An argument that can never be right (the kernel's EINVAL)."""
 
     exit_code = 2
+
+
+class HostMemoryError(UsageError, MemoryError):
+    """A machine whose frame pool the host cannot hold (its RAM, or /dev/shm)."""
 
 
 class AddressError(UsageError, IndexError):

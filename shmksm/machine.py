@@ -17,19 +17,25 @@ kernel's exit_mmap), and the death is reported by ``machine.deaths``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
+import errno
 import os
+import pickle
 import signal
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
 from typing import Any
 
+from . import _mistakes
+from ._ksm import explain as explaining
 from ._ksm.scanner import MAX_GUEST_PAGES
 from ._ksm.sysfs import Ksm, guest_ksm_stat
 from ._kvm.secondary import ShadowMMU, clear_flush_young
@@ -39,7 +45,7 @@ from ._mm.frames import PAGE_SIZE
 from ._mm.locks import STUCK_SECONDS, LocksBusy, LockTable, default_context
 from ._mm.system import System, SystemSpec
 from ._mm.waiting import poll_until
-from .errors import ProcessDied, UsageError
+from .errors import HostMemoryError, ProcessDied, UsageError
 from .guest import GuestView
 
 DEFAULT_FRAMES = 65536
@@ -137,6 +143,8 @@ class Worker:
                 code = self.process.exitcode
                 if code is not None and code < 0:
                     how = f"was killed by signal {-code}"
+                elif code == _mistakes.REIMPORTED_MAIN_EXIT:
+                    how = f"exited at start: {_mistakes.reimported_main_message('the main script')}"
                 elif self.sent_signal:
                     # The forkserver reports 255 when it lost the child's status.
                     how = f"was killed by signal {self.sent_signal} (exit status {code} as reported)"
@@ -202,19 +210,33 @@ class Guest:
         return self.id in self.machine._guests
 
 
+def _closer(ref: weakref.ref[Machine]) -> Callable[[], None]:
+    """Close the machine behind ``ref`` if it is still there (an exit handler that keeps nobody alive)."""
+
+    def close() -> None:
+        machine = ref()
+        if machine is not None:
+            machine.close()
+
+    return close
+
+
 class Machine:
     """An emulated machine: a frame pool, guests, and the processes that use them."""
 
     def __init__(self, frames: int = DEFAULT_FRAMES, *, nodes: int = 1, overcommit: bool = False, ksmd: bool = True,
                  notifier_era: str = "2024", ctx: BaseContext | None = None, **knobs: Any) -> None:
+        _mistakes.refuse_in_reimported_main()
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
             raise UsageError(f"a machine needs at least 2 frames (the zero page and one more), not {frames!r}")
         if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= control.MAX_NODES:
             raise UsageError(f"a machine has 1 to {control.MAX_NODES} NUMA nodes, not {nodes!r}")
         if frames < 2 * nodes:
             raise UsageError(f"{nodes} NUMA nodes need at least {2 * nodes} frames, not {frames}")
-        segments.cleanup_stale()
         self.ctx = ctx or default_context()
+        _mistakes.refuse_unguarded_main(self.ctx.get_start_method())
+        _mistakes.check_host_memory(frames)
+        segments.cleanup_stale()
         self.overcommit = overcommit
         self._lock = threading.RLock()
         self._stw = threading.Lock()  # one stop-the-world pass (check, recovery) at a time in this host
@@ -223,8 +245,13 @@ class Machine:
         self.deaths: list[Death] = []
         self._closed = False
         era = mmu_notifier.era_number(notifier_era)
-        self.system = System.create(frames, LockTable(self.ctx, control.MAX_GUESTS, mmu_notifier.MAX_SHADOWS),
-                                    nodes)
+        try:
+            self.system = System.create(frames, LockTable(self.ctx, control.MAX_GUESTS, mmu_notifier.MAX_SHADOWS),
+                                        nodes)
+        except OSError as exc:
+            if exc.errno != errno.ENOMEM:
+                raise
+            raise HostMemoryError(_mistakes.host_memory_message(frames)) from None
         self._next_node = 0  # add_guest's round robin
         self.system.set("notifier_era", era)
         self.ksm = Ksm(self.system)
@@ -236,6 +263,8 @@ class Machine:
         except BaseException:
             self.system.close()
             raise
+        self._close_at_exit = _closer(weakref.ref(self))  # a machine nobody closed leaves nothing at exit
+        atexit.register(self._close_at_exit)
         self._wake_r, self._wake_w = os.pipe()
         self._watcher = threading.Thread(target=self._watch, name="shmksm-reaper", daemon=True)
         self._watcher.start()
@@ -419,6 +448,20 @@ class Machine:
         """The live guests."""
         return list(self._guests.values())
 
+    def explain(self) -> explaining.Explanation:
+        """Why pages merged or not: every page of every guest under exactly one reason.
+
+        ``result.guests[gid]`` and ``result.total`` map each reason of
+        ``shmksm._ksm.explain.REASONS`` to pages (summing to the guests'
+        pages).  ksmd publishes its rmap items' states for it between two
+        batches; with no ksmd running every mergeable page waits for its scans.
+        """
+        with self._lock:
+            self._require_open()
+            tables = {gid: (self.system.table(gid).ptes, self.system.table(gid).header) for gid in self._guests}
+        return explaining.explain(self.system.spec.prefix, tables, self.system.get, self.system.set,
+                                  self.ksm.counters)
+
     def _require_open(self) -> None:
         if self._closed:
             raise UsageError("the machine is closed")
@@ -434,8 +477,10 @@ class Machine:
         """Run ``fn(view, *args)`` in a new process attached to ``guest``.
 
         With ``guest`` None, ``fn`` gets the machine's :class:`System` instead
-        (for services such as the scanner).  ``fn`` and ``args`` must pickle.
+        (for services such as the scanner).  ``fn`` must be a module-level
+        function and ``args`` must pickle: the worker is a new process.
         """
+        _mistakes.check_spawnable(fn)
         with self._lock:
             if guest is not None:
                 self._require_live(guest)
@@ -446,8 +491,14 @@ class Machine:
             label = name or (f"guest{gid}" if gid is not None else getattr(fn, "__name__", "worker"))
             process = self.ctx.Process(target=worker_main, name=label, daemon=True,  # type: ignore[attr-defined]
                                        args=(self.system.spec, gid, fn, args, writer))
-            process.start()
-            writer.close()
+            try:
+                process.start()
+            except (pickle.PicklingError, AttributeError, TypeError) as exc:
+                reader.close()
+                raise UsageError(f"spawn: the arguments of {label} must pickle (the worker is a new process): "
+                                 f"{exc}") from None
+            finally:
+                writer.close()
             worker = Worker(process, reader, gid)
             self._workers.append(worker)
         os.write(self._wake_w, b"x")
@@ -545,6 +596,7 @@ class Machine:
             if self._closed:
                 return
             self._closed = True
+        atexit.unregister(self._close_at_exit)
         os.write(self._wake_w, b"x")
         self._watcher.join(5)
         if self.ksmd is not None and self.ksmd.process.exitcode is None:

@@ -27,6 +27,7 @@ import shmksm
 import shmksm._mm.segments
 from shmksm import MADV_MERGEABLE, PAGE_SIZE
 from shmksm._ksm import ksm
+from shmksm._ksm.scanner import Scanner
 from shmksm._mm.pagetable import KSM, PFN_MASK, PRESENT, ZERO
 
 # -- /dev/shm, waiting, and looking under the MMU
@@ -233,6 +234,16 @@ def resume(machine: shmksm.Machine, scans: int = 1) -> None:
     machine.wait_full_scans(scans)
 
 
+def full_scans(scanner: Scanner, n: int) -> None:
+    """Run ``n`` full scans (fewer if no guest has anything to scan)."""
+    for _ in range(n):
+        before = scanner.full_scans
+        for _ in range(10):
+            scanner.do_scan(10_000)
+            if scanner.full_scans > before:
+                break
+
+
 def merged_machine(keys_per_guest: Sequence[Sequence[int]], merge: str = "madvise",
                    **knobs: int) -> tuple[shmksm.Machine, list[shmksm.Guest]]:
     """A running machine whose guests wrote ``keys_per_guest`` and that ksmd scanned twice."""
@@ -382,14 +393,17 @@ def pages_of(keys: Iterable[int]) -> bytes:
     return b"".join(page(k) for k in keys)
 
 
-def memory_pages(path: str | os.PathLike[str]) -> list[bytes]:
-    """The pages of guest memory of an image, read independently of shmksm: raw, or via pyelftools."""
+def memory_pages(path: str | os.PathLike[str], format: str = "auto") -> list[bytes]:
+    """The pages of guest memory of an image, read independently of shmksm: raw, or a core via pyelftools."""
     data = Path(path).read_bytes()
-    if not data.startswith(b"\x7fELF"):
+    if format == "raw" or not data.startswith(b"\x7fELF"):
         return [data[i:i + PAGE_SIZE] for i in range(0, len(data), PAGE_SIZE)]
     pages = []
     with open(path, "rb") as f:
-        for seg in ELFFile(f).iter_segments():
+        elf = ELFFile(f)
+        if format == "auto" and elf.header["e_type"] != "ET_CORE":
+            return [data[i:i + PAGE_SIZE] for i in range(0, len(data), PAGE_SIZE)]
+        for seg in elf.iter_segments():
             if seg["p_type"] == "PT_LOAD" and seg["p_filesz"]:
                 mem = seg.data()
                 mem += bytes(-len(mem) % PAGE_SIZE)
@@ -397,7 +411,8 @@ def memory_pages(path: str | os.PathLike[str]) -> list[bytes]:
     return pages
 
 
-def brute_force_ideal(paths: Sequence[str | os.PathLike[str]], max_page_sharing: int = 256) -> dict[str, int]:
+def brute_force_ideal(paths: Sequence[str | os.PathLike[str]], max_page_sharing: int = 256,
+                      format: str = "auto") -> dict[str, int]:
     """What KSM converges to on ``paths``, by SHA-256 over every page.
 
     A content of n > 1 pages with M = max_page_sharing takes ceil(n/M) KSM
@@ -409,7 +424,7 @@ def brute_force_ideal(paths: Sequence[str | os.PathLike[str]], max_page_sharing:
     counts: Counter[bytes] = Counter()
     zero_digest = hashlib.sha256(ZERO_PAGE).digest()
     for path in paths:
-        counts.update(hashlib.sha256(p).digest() for p in memory_pages(path))
+        counts.update(hashlib.sha256(p).digest() for p in memory_pages(path, format))
     m = max_page_sharing
 
     def shared_sharing(n: int) -> tuple[int, int]:

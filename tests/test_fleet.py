@@ -88,3 +88,30 @@ def test_relative_image_paths_work_with_a_scheduler(cluster: str, fleet: list[st
     report = json.loads(proc.stdout)
     assert {k: report[k] for k in ("pages_shared", "pages_sharing")} == {
         k: v for k, v in brute_force_ideal(fleet).items() if k in ("pages_shared", "pages_sharing")}
+
+
+def test_a_sweep_on_the_cluster_gives_the_local_table_json_and_plot(cluster: str, tmp_path: Path) -> None:
+    """Each run a task on the two workers: the same points as a local sweep (the saving is exact)."""
+    args = ["experiment", "sweep", "--knob", "max_page_sharing", "--values", "2,256", "--runs", "2",
+            "--scenario", "one-content", "--guests", "1"]
+    on_cluster = json.loads(run_cli(*args, "--scheduler", cluster, "--json", "-", timeout=300).stdout)
+    local = json.loads(run_cli(*args, "--json", "-", timeout=300).stdout)
+    for result in (on_cluster, local):
+        assert [p["value"] for p in result["points"]] == [2, 256]
+        assert [p["runs"] for p in result["points"]] == [2, 2]
+    assert [p["saved_mib"] for p in on_cluster["points"]] == [p["saved_mib"] for p in local["points"]]
+    assert {k: v for k, v in on_cluster.items() if k != "points"} == {k: v for k, v in local.items() if k != "points"}
+    table = run_cli(*args, "--scheduler", cluster, "--plot", tmp_path / "sweep.png", timeout=300)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0].split() == ["max_page_sharing", "converged", "s", "ksmd", "CPU", "s",
+                                                    "saved", "MiB", "full", "scans"]
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_a_sweep_with_an_unreachable_scheduler_is_a_one_line_error() -> None:
+    proc = run_cli("experiment", "sweep", "--knob", "pages_to_scan", "--values", "100", "--runs", "1",
+                   "--scheduler", "tcp://127.0.0.1:1", timeout=60)
+    assert_one_line_error(proc, 1, "cannot reach the Dask scheduler at tcp://127.0.0.1:1")
+    proc = run_cli("experiment", "sweep", "--knob", "pages_to_scan", "--values", "100", "--runs", "1",
+                   "--scheduler", "garbage", timeout=60)
+    assert_one_line_error(proc, 2, "scheduler")

@@ -6,12 +6,24 @@ and :func:`run_cli` serve test_cli.py and test_fleet.py too.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 from elftools.elf.elffile import ELFFile
-from helpers import brute_force_ideal, build_core, gcore_dump, page, pages_of, run_json, write_bad_images
+from helpers import (
+    assert_one_line_error,
+    brute_force_ideal,
+    build_core,
+    gcore_dump,
+    page,
+    pages_of,
+    run_cli,
+    run_json,
+    write_bad_images,
+)
 
 from shmksm import PAGE_SIZE
 from shmksm.tool.images import ImageError, ideal, image_layout, image_pages, iter_chunks
@@ -81,27 +93,42 @@ def test_raw_images_and_cores_count_together(tmp_path: Path) -> None:
     assert ideal(paths).as_dict() == brute_force_ideal(paths)
 
 
-@pytest.mark.parametrize(("kind", "message"), [
-    ("ragged", "not a positive multiple of 4096"),
-    ("empty", "size 0"),
-    ("missing", "No such file"),
-    ("garbage_elf", "corrupt ELF core"),
-    ("executable", "not a core dump"),
-    ("no_memory", "no memory"),
-    ("truncated_core", "runs past the end"),
-    ("truncated_header", "corrupt ELF core"),
+@pytest.mark.parametrize(("kind", "format", "message"), [
+    ("ragged", "auto", "not a positive multiple of 4096"),
+    ("ragged", "raw", "not a positive multiple of 4096"),
+    ("ragged", "core", "not an ELF file"),
+    ("empty", "auto", "size 0"),
+    ("missing", "auto", "No such file"),
+    ("garbage_elf", "auto", "not a positive multiple of 4096"),
+    ("garbage_elf", "core", "corrupt ELF core"),
+    ("executable", "core", "not a core dump"),
+    ("no_memory", "auto", "no memory"),
+    ("truncated_core", "auto", "runs past the end"),
+    ("truncated_header", "auto", "corrupt ELF core"),
+    ("truncated_header", "raw", "not a positive multiple of 4096"),
 ])
-def test_bad_images_are_image_errors(tmp_path: Path, kind: str, message: str) -> None:
+def test_bad_images_are_image_errors(tmp_path: Path, kind: str, format: str, message: str) -> None:
     path = str(write_bad_images(tmp_path)[kind])
     with pytest.raises(ImageError, match=message):
-        image_layout(path)
+        image_layout(path, format)
     with pytest.raises(ImageError, match=message):
-        image_pages(path)
+        image_pages(path, format)
+
+
+def test_an_elf_executable_of_whole_pages_is_raw_memory_unless_core_is_asked(tmp_path: Path) -> None:
+    path = str(write_bad_images(tmp_path)["executable"])
+    size = os.path.getsize(path)
+    assert size % PAGE_SIZE == 0
+    assert image_layout(path) == image_layout(path, "raw") == [(0, size)]
+    with pytest.raises(ImageError, match="an ELF ET_EXEC file, not a core dump"):
+        image_layout(path, "core")
+    with pytest.raises(ImageError, match="must be one of auto, raw, core"):
+        image_layout(path, "elf")
 
 
 @pytest.mark.parametrize(("kind", "message"), [
     ("ragged", "not a positive multiple of 4096"),
-    ("garbage_elf", "corrupt ELF core"),
+    ("garbage_elf", "not a positive multiple of 4096"),
     ("truncated_core", "runs past the end"),
     ("missing", "No such file"),
 ])
@@ -128,6 +155,89 @@ def test_the_cli_converges_to_the_estimate_on_a_synthetic_core(tmp_path: Path) -
     assert report["pages"] == 22
     assert (ksm["pages_shared"], ksm["pages_sharing"], ksm["ksm_zero_pages"]) == (
         want["pages_shared"], want["pages_sharing"], 0)
+
+
+# -- raw memory that begins with an ELF header ----------------------------------------------------
+
+
+def shared_libraries(n: int) -> list[Path]:
+    """``n`` real shared libraries of this system (ELF ET_DYN files), smallest first above 16 KiB."""
+    found = {}
+    for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/lib/x86_64-linux-gnu", "/usr/lib"):
+        if os.path.isdir(folder):
+            for name in sorted(os.listdir(folder)):
+                path = Path(folder, name)
+                if ".so" in name and path.is_file() and not path.is_symlink() and path.stat().st_size > 16384:
+                    with open(path, "rb") as f:
+                        head = f.read(18)
+                    if head.startswith(b"\x7fELF") and head[16] == 3:  # ET_DYN
+                        found.setdefault(path.resolve(), path)
+    if len(found) < n:
+        pytest.skip(f"fewer than {n} shared libraries on this system")
+    return sorted(found.values(), key=lambda p: (p.stat().st_size, str(p)))[:n]
+
+
+def write_raw_library_image(path: Path, libraries: Sequence[Path], max_pages: int = 64) -> None:
+    """A raw image of libraries as mapped: each one's first pages (the last padded with zeros), one twice."""
+    out = bytearray()
+    for lib in [*libraries, libraries[0]]:
+        data = lib.read_bytes()[:max_pages * PAGE_SIZE]
+        out += data + bytes(-len(data) % PAGE_SIZE)
+    path.write_bytes(bytes(out))
+
+
+@pytest.fixture
+def library_image(tmp_path: Path) -> Path:
+    image = tmp_path / "libraries.img"
+    write_raw_library_image(image, shared_libraries(3))
+    with open(image, "rb") as f:
+        assert ELFFile(f).header["e_type"] == "ET_DYN"  # it begins with a real ELF header
+    return image
+
+
+@pytest.mark.parametrize("format", ["auto", "raw"])
+def test_a_raw_image_beginning_with_an_elf_header_is_raw_memory(library_image: Path, format: str) -> None:
+    pages = library_image.stat().st_size // PAGE_SIZE
+    assert image_layout(str(library_image), format) == [(0, pages * PAGE_SIZE)]
+    assert image_pages(str(library_image), format) == pages
+    assert np.concatenate(list(iter_chunks([str(library_image)], 7, format))).tobytes() == library_image.read_bytes()
+    want = brute_force_ideal([library_image], format="raw")
+    assert want["pages"] == pages and want["pages_sharing"] > 0  # the library mapped twice
+    assert ideal([str(library_image)], format=format).as_dict() == want
+
+
+def test_format_core_refuses_a_raw_image_beginning_with_an_elf_header(library_image: Path) -> None:
+    with pytest.raises(ImageError, match="an ELF ET_DYN file, not a core dump"):
+        image_pages(str(library_image), "core")
+    with pytest.raises(ImageError, match="not a core dump"):
+        ideal([str(library_image)], format="core")
+
+
+def test_format_raw_reads_a_core_file_whole(tmp_path: Path) -> None:
+    core = tmp_path / "aligned.core"
+    build_core(core, [pages_of([1, 2, 1])])
+    size = core.stat().st_size
+    assert size % PAGE_SIZE == 0
+    assert image_pages(str(core)) == 3
+    assert image_pages(str(core), "raw") == size // PAGE_SIZE
+    assert ideal([str(core)], format="raw").as_dict() == brute_force_ideal([core], format="raw")
+
+
+def test_the_cli_takes_the_format_of_a_library_image(library_image: Path) -> None:
+    """estimate and run take --format auto|raw|core, and agree on a raw image of real libraries."""
+    want = brute_force_ideal([library_image], 4, format="raw")
+    for format in ("auto", "raw"):
+        estimate = run_json("estimate", library_image, "--format", format, "--max-page-sharing", 4, "--json", "-")
+        assert {k: estimate[k] for k in want} == want
+    for command in (["estimate", library_image], ["run", "--image", library_image]):
+        assert_one_line_error(run_cli(*command, "--format", "core"), 2, "not a core dump")
+    assert_one_line_error(run_cli("estimate", library_image, "--format", "elf"), 2, "'elf' is not one of")
+    report = run_json("run", "--image", library_image, "--format", "auto", "--max-page-sharing", 4,
+                      "--pages-to-scan", 1000, "--sleep-millisecs", 0, "--json", "-", "--timeout", 60)
+    ksm = report["ksm"]
+    assert isinstance(ksm, dict)
+    assert report["pages"] == want["pages"]
+    assert (ksm["pages_shared"], ksm["pages_sharing"]) == (want["pages_shared"], want["pages_sharing"])
 
 
 # -- a real gcore dump ----------------------------------------------------------------------------

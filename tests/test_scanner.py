@@ -19,6 +19,7 @@ from helpers import (
     assert_data,
     content,
     fill,
+    full_scans,
     merged_machine,
     pause,
     resume,
@@ -357,16 +358,6 @@ ops = st.one_of(
     st.tuples(st.just("scan"), st.just(10_000)),
     st.tuples(st.just("madvise"), guest_ids, page_ids, st.integers(1, PAGES), st.booleans()),
 )
-
-
-def full_scans(scanner: Scanner, n: int) -> None:
-    """Run ``n`` full scans (fewer if no guest has anything to scan)."""
-    for _ in range(n):
-        before = scanner.full_scans
-        for _ in range(10):
-            scanner.do_scan(10_000)
-            if scanner.full_scans > before:
-                break
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -11,14 +11,14 @@ from shmksm import MADV_MERGEABLE, PAGE_SIZE, GuestView
 from shmksm.tool.images import iter_chunks
 
 
-def load_image(view: GuestView, path: str, mergeable: bool = True) -> int:
+def load_image(view: GuestView, path: str, mergeable: bool = True, format: str = "auto") -> int:
     """Copy the memory of the image at ``path`` into ``view`` from address 0; return pages loaded.
 
     Raw images are copied whole; ELF core files, their PT_LOAD segments one
-    after the other.
+    after the other; ``format`` (auto, raw, core) says which ``path`` is.
     """
     page = 0
-    for chunk in iter_chunks([path], 1024):
+    for chunk in iter_chunks([path], 1024, format):
         view.write(page * PAGE_SIZE, chunk)
         page += len(chunk)
     if mergeable and page:

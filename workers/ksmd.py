@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 
+from shmksm._ksm import explain
 from shmksm._ksm.scanner import Scanner
 from shmksm._mm.system import System
 
@@ -51,6 +52,9 @@ def ksmd(system: System, started_ns: int = 0) -> dict[str, int]:
     batches = 0
     settle = _settle_key(scanner)
     while not get("scanner_stop"):
+        if (requester := get("explain_request")) != get("explain_answer"):
+            explain.answer(scanner, system.spec.prefix, requester)
+            system.set("explain_answer", requester)
         run = get("run")
         if run == 1:
             if cpu0 is None:

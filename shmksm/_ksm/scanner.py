@@ -89,9 +89,12 @@ MAX_GUEST_PAGES: Final = 1 << REF_SHIFT
 
 # rmap item states
 NONE: Final = 0  # no rmap item
-ITEM: Final = 1  # an item on no tree (new, or volatile)
+ITEM: Final = 1  # an item on no tree (new: its checksum taken once)
 UNSTABLE: Final = 2  # on the unstable tree (counted in pages_unshared)
 STABLE: Final = 3  # on a stable node (pages_shared or pages_sharing)
+# Items on no tree too, as ITEM for the algorithm; they say why, for explain.
+VOLATILE: Final = 4  # its checksum changed at its last visit
+SKIPPED: Final = 5  # smart_scan skipped it at its last visit
 
 _checksum = xxhash.xxh3_64_intdigest
 ZERO_CHECKSUM: Final = _checksum(bytes(PAGE_SIZE))
@@ -100,6 +103,7 @@ _ANON: Final = np.uint64(PRESENT)
 _KSM: Final = np.uint64(KSM)
 _PFN: Final = np.uint64(PFN_MASK)
 _CHUNK: Final = 1 << 16
+OVER_MAX_SHARING: Final = 8  # item_states: a flag beside the state
 _MERGE_CHUNK: Final = 2048  # pages merged into stable dups per replace_pages call, at most
 
 
@@ -564,6 +568,7 @@ class Scanner:
         slot.skips[skipped] -= 1
         self.pages_skipped += len(skipped)
         self._remove_from_tree(slot, skipped)
+        slot.state[skipped] = SKIPPED
 
     def _scan_pages(self, slot: MmSlot, pages: npt.NDArray[np.intp]) -> None:
         """cmp_and_merge_page for a batch of pages of one guest, vectorized where it can be."""
@@ -587,7 +592,9 @@ class Scanner:
         flat = self.frames.flat
         sums = np.fromiter((_checksum(flat[p << 12:(p + 1) << 12]) for p in pfns.tolist()), np.uint64, len(pfns))
         low = sums.astype(np.uint32)
-        steady = np.flatnonzero(slot.checksum[pages] == low)
+        old = slot.checksum[pages]
+        steady = np.flatnonzero(old == low)
+        slot.state[pages[(old != low) & (old != 0)]] = VOLATILE  # 0: a new item's, as the kernel's oldchecksum
         slot.checksum[pages] = low
         if not len(steady):
             return
@@ -855,6 +862,41 @@ class Scanner:
                 gen = int(self.frames.gn[pfn])
             nid = st.new_node(key, pfn, gen)
         self._append(slot, page, nid)
+
+    # -- explain ------------------------------------------------------------------------------------
+
+    def item_states(self, gid: int) -> npt.NDArray[np.uint8]:
+        """Per page of guest ``gid``: its rmap item's state, with OVER_MAX_SHARING added to an
+        unstable page whose content has KSM pages already, all full (it waits to pair into a new dup)."""
+        slot = self.by_gid.get(gid)
+        if slot is None:
+            return np.zeros(self.system.table(gid).pages, np.uint8)
+        states = slot.state.copy()
+        waiting = np.flatnonzero(states == UNSTABLE)
+        if len(waiting):
+            ptes = slot.table.ptes[waiting]
+            plain = (ptes & (_ANON_MASK | _KSM)) == _ANON
+            waiting, pfns = waiting[plain], (ptes[plain] & _PFN).tolist()
+            flat = self.frames.flat
+            keys = np.fromiter((_checksum(flat[p << 12:(p + 1) << 12]) for p in pfns), np.uint64, len(pfns))
+            heads = slot.trees.stable.heads.lookup(keys)
+            full = [k for k in np.flatnonzero(heads >= 0).tolist()
+                    if self._chain_full(slot.trees.stable, int(heads[k]))]
+            states[waiting[full]] |= OVER_MAX_SHARING
+        return states
+
+    def _chain_full(self, st: StableTree, nid: int) -> bool:
+        """Has every live dup of the chain from ``nid`` of ``st`` max_page_sharing mappings (and one at least)?"""
+        max_sharing = self.system.get("max_page_sharing")
+        live = False
+        while nid >= 0:
+            kpfn = st.kpfn_v[nid]
+            if self.frames.gn[kpfn] == st.kgen_v[nid] and self.frames.fl[kpfn] & FRAME_KSM:
+                if st.count_v[nid] < max_sharing:
+                    return False
+                live = True
+            nid = st.next_v[nid]
+        return live
 
     # -- run = 2 ------------------------------------------------------------------------------------
 

@@ -80,6 +80,8 @@ _INTERNAL: Final = (
     # ksm_zero_pages last changed, as the scanner saw it after each batch.
     "scanner_settled_scan",
     "nodes",  # emulated NUMA nodes the frame pool is split into (fixed at creation)
+    "explain_request",  # a request for ksmd's rmap items' states: requester pid << 20 | number (_ksm.explain)
+    "explain_answer",  # the request ksmd answered last
 )
 
 FIELDS: Final[tuple[str, ...]] = tuple(KNOB_DEFAULTS) + COUNTERS + _INTERNAL

@@ -26,8 +26,16 @@ SHM_DIR = "/dev/shm"
 
 
 def create(name: str, size: int) -> shared_memory.SharedMemory:
-    """Create a new segment of ``size`` bytes, mode 0600, zero-filled."""
-    return shared_memory.SharedMemory(name=name, create=True, size=max(size, 1))
+    """Create a new segment of ``size`` bytes, mode 0600, zero-filled.
+
+    It is registered with the resource tracker once it exists: a creation
+    that fails (ENOMEM) would otherwise unregister a name never registered,
+    and the tracker print a KeyError traceback at exit.
+    """
+    with _untracked():
+        segment = shared_memory.SharedMemory(name=name, create=True, size=max(size, 1))
+    resource_tracker.register(segment._name, "shared_memory")  # type: ignore[attr-defined]
+    return segment
 
 
 @contextmanager

@@ -10,15 +10,24 @@ round again.  Shadow faults after the warm-up are the result.
 
 from __future__ import annotations
 
+import json
+import os
+import statistics
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import numpy as np
 
 from .._mm import mmu_notifier as mn
 from .._mm.frames import PAGE_SIZE
+from ..errors import ShmksmError, UsageError
 from ..guest import MADV_MERGEABLE, GuestView
 from ..machine import Machine
+from .fleet import map_on_cluster
+from .images import MIXES
 
 
 def _fill_duplicates(view: GuestView, pages: int, seed: int) -> int:
@@ -100,64 +109,74 @@ def notifier_experiment(guests: int = 2, pages: int = 1024, shadows: int = 2, er
 SWEEP_KNOBS = ("pages_to_scan", "sleep_millisecs", "guests", "max_page_sharing", "use_zero_pages")
 
 
+def run_report(args: list[str]) -> dict[str, Any]:
+    """``shmksm run ARGS --json -`` as a process of its own (a whole machine); its report.
+
+    ShmksmError with the run's last line of error if it failed.  Module-level,
+    so that a Dask worker can run it as a task.
+    """
+    proc = subprocess.run([sys.executable, "-m", "shmksm.cli", "run", *args, "--json", "-"], capture_output=True,
+                          text=True, check=False)
+    if proc.returncode:
+        err = proc.stderr.strip()
+        raise ShmksmError(err.splitlines()[-1].removeprefix("Error: ") if err else f"exit code {proc.returncode}")
+    report: dict[str, Any] = json.loads(proc.stdout)
+    return report
+
+
+def _sweep_run(task: tuple[str, list[str]]) -> dict[str, Any]:
+    """run_report of a sweep's run (label, args), its failure named by the label (knob=value)."""
+    label, args = task
+    try:
+        return run_report(args)
+    except ShmksmError as exc:
+        raise ShmksmError(f"a run with {label} failed: {exc}") from None
+
+
+def _run_args(scenario: str, guests: int, knobs: dict[str, int]) -> list[str]:
+    args = ["--scenario", scenario, "--guests", str(guests), "--pages-to-scan", str(knobs["pages_to_scan"]),
+            "--sleep-millisecs", str(knobs["sleep_millisecs"]), "--max-page-sharing", str(knobs["max_page_sharing"])]
+    return [*args, "--use-zero-pages"] if knobs["use_zero_pages"] else args
+
+
 def sweep(knob: str, values: list[int], runs: int = 3, scenario: str = "default", guests: int = 4,
-          base: dict[str, int] | None = None, jobs: int | None = None, progress: Any = None) -> dict[str, Any]:
-    """Vary one knob over ``values``, ``runs`` runs each, as parallel ``shmksm run`` processes.
+          base: dict[str, int] | None = None, jobs: int | None = None, progress: Any = None,
+          scheduler: str | None = None) -> dict[str, Any]:
+    """Vary one knob over ``values``, ``runs`` runs each, as separate ``shmksm run`` processes.
 
     Every run is a separate host (its own machine and processes), so runs
-    may go side by side on the available cores.  Reports, per value, the
-    mean and standard deviation of the convergence time, the scanner's CPU
-    seconds and the memory saved.
+    go side by side: ``jobs`` at a time here, or one task each on the Dask
+    cluster at ``scheduler``.  Reports, per value, the mean and standard
+    deviation of the convergence time, the scanner's CPU seconds and the
+    memory saved.
     """
-    import json
-    import os
-    import statistics
-    import subprocess
-    import sys
-    import tempfile
-
-    from ..errors import ShmksmError, UsageError
-    from .images import MIXES
-
     if knob not in SWEEP_KNOBS:
         raise UsageError(f"cannot sweep {knob!r}; knobs: {', '.join(SWEEP_KNOBS)}")
     if scenario not in MIXES:
         raise UsageError(f"unknown scenario {scenario!r}; scenarios: {', '.join(MIXES)}")
     knobs = {"pages_to_scan": 1000, "sleep_millisecs": 0, "max_page_sharing": 256, "use_zero_pages": 0,
              **(base or {})}
-    jobs = jobs or os.cpu_count() or 1
-    tasks = [(value, i) for value in values for i in range(runs)]
+    tasks = [value for value in values for _ in range(runs)]
+    runs_args = [(f"{knob}={value}", _run_args(scenario, value, knobs) if knob == "guests"
+                  else _run_args(scenario, guests, {**knobs, knob: value})) for value in tasks]
+
+    def done(i: int, report: dict[str, Any]) -> None:
+        if progress is not None:
+            progress(tasks[i], report)
+
+    if scheduler:
+        reports = map_on_cluster(_sweep_run, runs_args, scheduler, done)
+    else:
+        with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+            futures = {pool.submit(_sweep_run, task): i for i, task in enumerate(runs_args)}
+            reports = [{}] * len(runs_args)
+            for future in as_completed(futures):
+                i = futures[future]
+                reports[i] = future.result()
+                done(i, reports[i])
     results: dict[int, list[dict[str, Any]]] = {v: [] for v in values}
-    with tempfile.TemporaryDirectory(prefix="shmksm-sweep-") as tmp:
-        pending = list(tasks)
-        running: list[tuple[int, Any, str]] = []
-        while pending or running:
-            while pending and len(running) < jobs:
-                value, i = pending.pop(0)
-                k = {**knobs}
-                g = guests
-                if knob == "guests":
-                    g = value
-                else:
-                    k[knob] = value
-                out = os.path.join(tmp, f"{value}-{i}.json")
-                cmd = [sys.executable, "-m", "shmksm.cli", "run", "--scenario", scenario, "--guests", str(g),
-                       "--pages-to-scan", str(k["pages_to_scan"]), "--sleep-millisecs", str(k["sleep_millisecs"]),
-                       "--max-page-sharing", str(k["max_page_sharing"]), "--json", out]
-                if k["use_zero_pages"]:
-                    cmd.append("--use-zero-pages")
-                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                running.append((value, proc, out))
-            value, proc, out = running.pop(0)
-            _, err = proc.communicate()
-            if proc.returncode:
-                why = err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}"
-                raise ShmksmError(f"a run with {knob}={value} failed: {why}")
-            with open(out) as f:
-                report = json.load(f)
-            results[value].append(report)
-            if progress is not None:
-                progress(value, report)
+    for value, report in zip(tasks, reports, strict=True):
+        results[value].append(report)
 
     def stat(xs: list[float]) -> dict[str, float]:
         return {"mean": round(statistics.fmean(xs), 4), "stdev": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0}

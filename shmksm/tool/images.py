@@ -8,6 +8,11 @@ and the pages of zeros (ksm_zero_pages with use_zero_pages).  It streams the
 images a chunk at a time and keeps a 16-byte digest per page.  Images are raw
 files or ELF core files (gdb's ``gcore``, QEMU's ``dump-guest-memory``), whose
 PT_LOAD segments are the memory.
+
+Which one a file is, its ``format`` says: ``auto`` takes an ELF file of type
+ET_CORE as a core and anything else whose size is a multiple of 4096 as raw
+memory (a raw dump of a process or of mapped libraries begins with an ELF
+header, and is still raw); ``core`` insists on a core; ``raw`` never parses.
 """
 
 from __future__ import annotations
@@ -91,6 +96,15 @@ class ImageError(UsageError):
 
 
 _ELF_MAGIC = b"\x7fELF"
+_ET_CORE = 4
+FORMATS: Final = ("auto", "raw", "core")
+
+
+def _elf_type(head: bytes) -> int | None:
+    """e_type of an ELF header's first 18 bytes (in the byte order EI_DATA names), None if not ELF."""
+    if len(head) < 18 or not head.startswith(_ELF_MAGIC):
+        return None
+    return int.from_bytes(head[16:18], "big" if head[5] == 2 else "little")
 
 
 def _elf_segments(path: str) -> list[tuple[int, int]]:
@@ -123,38 +137,45 @@ def _elf_segments(path: str) -> list[tuple[int, int]]:
         raise ImageError(f"image {path!r}: corrupt ELF core: {type(exc).__name__}: {exc}") from None
 
 
-def image_layout(path: str) -> list[tuple[int, int]]:
+def image_layout(path: str, format: str = "auto") -> list[tuple[int, int]]:
     """(file offset, bytes) of the guest memory in ``path``: a raw file, or an ELF core's PT_LOAD segments.
 
+    ``format`` is ``auto``, ``raw`` or ``core`` (see the module's text).
     ImageError for a missing or unreadable file, an empty one, a raw file
-    whose size is not a multiple of 4096, or a corrupt ELF.
+    whose size is not a multiple of 4096, or a corrupt ELF core.
     """
+    if format not in FORMATS:
+        raise ImageError(f"image format must be one of {', '.join(FORMATS)}, not {format!r}")
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            magic = f.read(4)
+            head = f.read(18)
     except OSError as exc:
         raise ImageError(f"image {path!r}: {exc.strerror or exc}") from None
-    if magic == _ELF_MAGIC:
+    e_type = _elf_type(head)
+    if format == "core" or (format == "auto" and e_type == _ET_CORE):
+        if not head.startswith(_ELF_MAGIC):
+            raise ImageError(f"image {path!r}: not an ELF file, so not a core dump")
         segments = _elf_segments(path)
         if not segments:
             raise ImageError(f"image {path!r}: an ELF core with no memory (no PT_LOAD data)")
         return segments
     if size == 0 or size % PAGE_SIZE:
-        raise ImageError(f"image {path!r}: size {size} is not a positive multiple of {PAGE_SIZE} "
-                         "(nor an ELF core file)")
+        what = f"raw memory, and an ELF file of e_type {e_type}, not a core dump" if e_type is not None else \
+            "raw memory (nor an ELF core file)"
+        raise ImageError(f"image {path!r}: size {size} is not a positive multiple of {PAGE_SIZE}, as for {what}")
     return [(0, size)]
 
 
-def image_pages(path: str) -> int:
+def image_pages(path: str, format: str = "auto") -> int:
     """Pages of guest memory in an image (a partial last page of a segment counts as one)."""
-    return sum(-(-n // PAGE_SIZE) for _, n in image_layout(path))
+    return sum(-(-n // PAGE_SIZE) for _, n in image_layout(path, format))
 
 
-def iter_chunks(paths: Iterable[str], chunk_pages: int = _CHUNK_PAGES) -> Iterable[np.ndarray]:
+def iter_chunks(paths: Iterable[str], chunk_pages: int = _CHUNK_PAGES, format: str = "auto") -> Iterable[np.ndarray]:
     """The pages of every image, ``chunk_pages`` at a time, as (n, 4096) uint8 arrays."""
     for path in paths:
-        layout = image_layout(path)
+        layout = image_layout(path, format)
         with open(path, "rb") as f:
             for offset, length in layout:
                 f.seek(offset)
@@ -179,12 +200,13 @@ def digests(chunk: np.ndarray) -> npt.NDArray[np.uint64]:
     return np.frombuffer(b"".join([h(row) for row in chunk]), np.uint64).reshape(-1, 2)
 
 
-def content_counts(paths: Sequence[str]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
+def content_counts(paths: Sequence[str], format: str = "auto",
+                   ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
     """Every distinct page digest of ``paths`` and how many pages have it.
 
     Streams the images; keeps 16 bytes a page (the digests), not the pages.
     """
-    parts = [digests(chunk) for chunk in iter_chunks(paths)]
+    parts = [digests(chunk) for chunk in iter_chunks(paths, format=format)]
     return count_digests(np.concatenate(parts) if parts else np.zeros((0, 2), np.uint64))
 
 
@@ -222,11 +244,11 @@ def merge_counts(parts: Iterable[tuple[npt.NDArray[np.uint64], npt.NDArray[np.in
 ZERO_DIGEST: Final = np.frombuffer(xxhash.xxh3_128_digest(bytes(PAGE_SIZE)), np.uint64)
 
 
-def ideal(paths: Sequence[str], max_page_sharing: int = 256) -> Ideal:
-    """Count the ideal dedup of ``paths`` by content (a 128-bit digest per page)."""
+def ideal(paths: Sequence[str], max_page_sharing: int = 256, format: str = "auto") -> Ideal:
+    """Count the ideal dedup of ``paths`` by content (a 128-bit digest per page); ``format`` as image_layout's."""
     if max_page_sharing < 2:
         raise UsageError(f"max_page_sharing must be at least 2, not {max_page_sharing}")
-    return ideal_from_counts(*content_counts(paths), max_page_sharing)
+    return ideal_from_counts(*content_counts(paths, format), max_page_sharing)
 
 
 def ideal_from_counts(uniq: npt.NDArray[np.uint64], counts: npt.NDArray[np.int64], m: int) -> Ideal:

@@ -25,8 +25,12 @@ _SETTLE_KEYS = ("pages_shared", "pages_sharing", "ksm_zero_pages")
 
 def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, stable_scans: int = 3,
                max_scans: int | None = None, max_seconds: float | None = None, timeout: float = 600.0,
-               frames: int | None = None, progress: Callable[[dict[str, int]], None] | None = None) -> dict[str, Any]:
+               frames: int | None = None, progress: Callable[[dict[str, int]], None] | None = None,
+               format: str = "auto", explain: bool = False) -> dict[str, Any]:
     """Load each image into a guest, run ksmd, follow the counters; return the report.
+
+    ``format`` says how to read the images: auto, raw or core (images.image_layout).
+    ``explain`` adds why each page merged or not (Machine.explain) under "explain".
 
     Stops when pages_shared, pages_sharing and ksm_zero_pages have not changed
     for ``stable_scans`` full scans (or after ``max_scans`` full scans, or
@@ -34,7 +38,7 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
     """
     if not images:
         raise UsageError("no image given")
-    sizes = [image_pages(p) for p in images]
+    sizes = [image_pages(p, format) for p in images]
     knobs = dict(knobs or {})
     total = sum(sizes)
     nframes = frames if frames is not None else total + 1 + max(64, total // 64)
@@ -42,7 +46,7 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
 
     with Machine(frames=nframes, **knobs) as machine:
         guests = [machine.add_guest(pages=n) for n in sizes]
-        loaders = [machine.spawn(load_image, g, os.path.abspath(p), name=f"load{g.id}")
+        loaders = [machine.spawn(load_image, g, os.path.abspath(p), True, format, name=f"load{g.id}")
                    for g, p in zip(guests, images, strict=True)]
         for loader in loaders:
             loader.join()
@@ -78,6 +82,7 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
             if max_seconds is not None and elapsed >= max_seconds:
                 break
         wall = time.perf_counter() - t0
+        explained = machine.explain().as_dict() if explain else None
         machine.ksm.run = 0
         cpu_ns = system.get("scanner_cpu_ns")
         final = {k: v for k, v in counters(system).items() if k in RUN_COUNTERS}
@@ -104,4 +109,5 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
             "ksmd_rss_anon_kb": system.get("scanner_rss_kb"),
             "ksm_stat": stats,
             "timeline": timeline,
+            **({"explain": explained} if explained is not None else {}),
         }

@@ -1,0 +1,231 @@
+"""Why pages do not merge: every page of every guest under exactly one reason.
+
+Most of the answer is in shared memory already: a PTE says whether a page is
+present, maps a KSM page or the zero page, and the guest's header says which
+ranges are mergeable.  The rest — has ksmd seen the page, did its checksum
+change, is it on the unstable tree, did smart_scan skip it — is in ksmd's
+rmap items, in its private memory.  ksmd publishes them on request only, so
+scanning pays nothing for it but one word read per batch:
+
+1. the requester (the host, or ``shmksm explain`` attached from another
+   process) creates the answer segment ``<prefix>_explain<pid>``, laid out as::
+
+       int64[2 * MAX_GUESTS]   per guest: offset of its bytes, pages (0: no answer)
+       uint8[...]              one byte a page: Scanner.item_states
+
+   and writes its request (pid << 20 | a sequence number) into the control
+   word ``explain_request``;
+2. ksmd, between batches (and while idle), attaches it, writes each guest's
+   item states, detaches, and writes the request into ``explain_answer``;
+3. the requester reads the states, then the PTEs, classifies, and unlinks
+   the segment.
+
+Two requesters at once take turns: one whose request was overwritten asks
+again once the other's was answered.  With no ksmd running every page counts
+as not yet scanned.
+
+The reasons, in the order a page is tested against them (:data:`REASONS`):
+not present; merged (maps a KSM page: the KSM page itself or a sharing
+mapping); zero page; not mergeable (no MADV_MERGEABLE, no
+PR_SET_MEMORY_MERGE); skipped by smart_scan at its last visit; volatile (its
+checksum changed at its last visit, or it was written since it merged: the
+kernel's pages_volatile); over max_page_sharing (its content's KSM pages are
+all full: it waits to pair with another copy into a new dup, or stays alone);
+unique so far (on the unstable tree, no copy found yet); waiting for its second
+scan (a new page needs two visits with one checksum).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from .._mm import control, pagetable, segments
+from .._mm.pagetable import H_MERGE_ANY, H_NRANGES, H_RANGES, KSM, PRESENT, UNMAPPED, ZERO
+from ..errors import ProcessDied
+from .scanner import OVER_MAX_SHARING, SKIPPED, STABLE, UNSTABLE, VOLATILE, Scanner
+
+REASONS: Final = ("not_present", "merged", "zero_page", "not_mergeable", "smart_scan_skipped", "volatile",
+                  "over_max_page_sharing", "unique_so_far", "waiting_second_scan")
+DESCRIPTIONS: Final = {
+    "not_present": "never written, or unmapped",
+    "merged": "maps a KSM page (the KSM page itself or a sharing mapping)",
+    "zero_page": "maps the zero page (read before written, or use_zero_pages)",
+    "not_mergeable": "no MADV_MERGEABLE and no PR_SET_MEMORY_MERGE",
+    "smart_scan_skipped": "skipped by smart_scan: it kept failing to merge",
+    "volatile": "changed since the last scan (pages_volatile)",
+    "over_max_page_sharing": "its content's KSM pages are full (max_page_sharing): waits for a new dup",
+    "unique_so_far": "no other page with its content found yet (pages_unshared)",
+    "waiting_second_scan": "scanned fewer than twice: merging needs two scans with one checksum",
+}
+_HEADER_WORDS: Final = 2 * control.MAX_GUESTS
+_SEQ_BITS: Final = 20  # a request is the requester's pid << _SEQ_BITS | its sequence number
+_requests = itertools.count(1)
+_one_at_a_time = threading.Lock()  # one answer segment per process
+_STATE_MASK: Final = OVER_MAX_SHARING - 1
+ANSWER_SECONDS: Final = 10.0
+
+
+def segment_name(prefix: str, pid: int) -> str:
+    return f"{prefix}_explain{pid}"
+
+
+def answer(scanner: Scanner, prefix: str, request: int) -> None:
+    """ksmd's side: write every live guest's item states into the answer segment of ``request``."""
+    try:
+        seg = segments.attach(segment_name(prefix, request >> _SEQ_BITS))
+    except FileNotFoundError:
+        return  # the requester gave up meanwhile
+    try:
+        header = np.ndarray(_HEADER_WORDS, np.int64, seg.buf)
+        for gid in scanner.system.live_guests():
+            offset, pages = int(header[2 * gid]), int(header[2 * gid + 1])
+            if pages:
+                states = scanner.item_states(gid)
+                np.ndarray(pages, np.uint8, seg.buf, offset)[:] = states[:pages]
+        del header
+    finally:
+        seg.close()
+
+
+@contextmanager
+def _answer_segment(prefix: str, pages: dict[int, int]) -> Iterator[memoryview]:
+    """The requester's answer segment, laid out for guests of ``pages`` (gid → pages); unlinked after."""
+    size = 8 * _HEADER_WORDS + sum(pages.values())
+    seg = segments.create(segment_name(prefix, os.getpid()), size)
+    try:
+        buf = seg.buf
+        assert buf is not None
+        header = np.ndarray(_HEADER_WORDS, np.int64, buf)
+        offset = 8 * _HEADER_WORDS
+        for gid, n in pages.items():
+            header[2 * gid], header[2 * gid + 1] = offset, n
+            offset += n
+        del header
+        yield buf
+    finally:
+        segments.unlink(seg)
+
+
+def request_states(prefix: str, pages: dict[int, int], get: Callable[[str], int],
+                   put: Callable[[str, int], None]) -> dict[int, npt.NDArray[np.uint8]]:
+    """Ask ksmd for the item states of the guests of ``pages`` (gid → pages); zeros if no ksmd runs.
+
+    ``get`` and ``put`` read and write the machine's control words.  ProcessDied
+    if ksmd runs but does not answer within ANSWER_SECONDS.
+    """
+
+    def scanner_alive() -> bool:
+        pid = get("scanner_pid")
+        return bool(pid) and segments.pid_alive(pid)
+
+    me = os.getpid() << _SEQ_BITS | next(_requests) % (1 << _SEQ_BITS)
+    states = {gid: np.zeros(n, np.uint8) for gid, n in pages.items()}
+    if not scanner_alive():
+        return states
+    with _one_at_a_time, _answer_segment(prefix, pages) as buf:
+        put("explain_request", me)
+        deadline = time.monotonic() + ANSWER_SECONDS
+        while get("explain_answer") != me:
+            if get("explain_request") != me and get("explain_answer") == get("explain_request"):
+                put("explain_request", me)  # another requester's turn is over
+            if not scanner_alive():
+                return states
+            if time.monotonic() > deadline:
+                raise ProcessDied(f"ksmd did not answer the explain request in {ANSWER_SECONDS:g} s")
+            time.sleep(0.002)
+        header = np.ndarray(_HEADER_WORDS, np.int64, buf)
+        for gid, n in pages.items():
+            states[gid] = np.ndarray(n, np.uint8, buf, int(header[2 * gid])).copy()
+        del header
+    return states
+
+
+def mergeable_mask(header: npt.NDArray[np.int64], pages: int) -> npt.NDArray[np.bool_]:
+    """Which pages of a guest KSM may scan: all with merge_any, else its MADV_MERGEABLE ranges."""
+    mask = np.zeros(pages, np.bool_)
+    if header[H_MERGE_ANY]:
+        mask[:] = True
+        return mask
+    for i in range(int(header[H_NRANGES])):
+        mask[int(header[H_RANGES + 2 * i]):int(header[H_RANGES + 2 * i + 1])] = True
+    return mask
+
+
+def classify(ptes: npt.NDArray[np.uint64], header: npt.NDArray[np.int64],
+             states: npt.NDArray[np.uint8]) -> dict[str, int]:
+    """Pages of one guest by reason (every page under exactly one: the counts sum to its pages)."""
+    present = (ptes & np.uint64(PRESENT | UNMAPPED)) == np.uint64(PRESENT)
+    ksm = present & ((ptes & np.uint64(KSM | ZERO)) == np.uint64(KSM))
+    zero = present & ((ptes & np.uint64(ZERO)) != 0)
+    rest = present & ~ksm & ~zero
+    unmergeable = rest & ~mergeable_mask(header, len(ptes))
+    rest &= ~unmergeable
+    state = states & _STATE_MASK
+    skipped = rest & (state == SKIPPED)
+    volatile = rest & ((state == VOLATILE) | (state == STABLE))  # STABLE without a KSM PTE: written since
+    unstable = rest & (state == UNSTABLE)
+    over = unstable & ((states & OVER_MAX_SHARING) != 0)
+    masks = {
+        "not_present": ~present, "merged": ksm, "zero_page": zero, "not_mergeable": unmergeable,
+        "smart_scan_skipped": skipped, "volatile": volatile, "over_max_page_sharing": over,
+        "unique_so_far": unstable & ~over,
+        "waiting_second_scan": rest & ~skipped & ~volatile & ~unstable,
+    }
+    return {reason: int(np.count_nonzero(masks[reason])) for reason in REASONS}
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Every page of every guest under one reason: ``guests`` gid → reason → pages, and their ``total``."""
+
+    guests: dict[int, dict[str, int]]
+    total: dict[str, int]
+    counters: dict[str, int]  # the machine's KSM counters when asked
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reasons": dict(DESCRIPTIONS), "guests": {str(g): row for g, row in self.guests.items()},
+                "total": self.total, "counters": self.counters}
+
+
+def explain(prefix: str, tables: dict[int, tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]],
+            get: Callable[[str], int], put: Callable[[str, int], None],
+            counters: Callable[[], dict[str, int]]) -> Explanation:
+    """The explanation of the guests of ``tables`` (gid → (PTEs, header)): ksmd's states, then the PTEs."""
+    states = request_states(prefix, {gid: len(ptes) for gid, (ptes, _) in tables.items()}, get, put)
+    rows = {gid: classify(ptes, header, states[gid]) for gid, (ptes, header) in tables.items()}
+    return Explanation(rows, {reason: sum(row[reason] for row in rows.values()) for reason in REASONS},
+                       counters())
+
+
+@contextmanager
+def attached_guests(prefix: str, ctl: npt.NDArray[np.int64]
+                    ) -> Iterator[dict[int, tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]]]:
+    """The (PTEs, header) of every live guest of the machine ``prefix``, attached from another process."""
+    attached = []
+    tables = {}
+    try:
+        for gid in range(control.MAX_GUESTS):
+            if ctl[control.GUEST_BASE + control.GUEST_WORDS * gid + control.G_STATE] != control.GUEST_LIVE:
+                continue
+            try:
+                seg = segments.attach(f"{prefix}_g{gid}")
+            except FileNotFoundError:
+                continue  # torn down meanwhile
+            attached.append(seg)
+            header = np.ndarray(pagetable.HEADER_WORDS, np.int64, seg.buf)
+            tables[gid] = (np.ndarray(int(header[0]), np.uint64, seg.buf, 8 * pagetable.HEADER_WORDS), header)
+        yield tables
+    finally:
+        tables.clear()
+        for seg in attached:
+            seg.close()
