@@ -30,12 +30,12 @@ def available() -> bool:
     return os.access(SYSFS + "run", os.W_OK)
 
 
-def _read(name: str) -> int:
+def read_sysfs(name: str) -> int:
     with open(SYSFS + name) as f:
         return int(f.read().split()[0])
 
 
-def _write(name: str, value: int) -> None:
+def write_sysfs(name: str, value: int) -> None:
     with open(SYSFS + name, "w") as f:
         f.write(str(value))
 
@@ -71,11 +71,11 @@ def run(images: list[str], knobs: dict[str, int], stable_scans: int = 3, timeout
     """Run ``images`` on the kernel's KSM; return a report with ``ksm`` and ``converged``."""
     if not available():
         raise KernelKsmUnavailable("no writable /sys/kernel/mm/ksm (needs root and CONFIG_KSM)")
-    saved = {k: _read(k) for k in KNOBS}
-    if saved["run"] != 0 or _read("pages_shared") or _read("pages_sharing"):
-        _write("run", 2)
+    saved = {k: read_sysfs(k) for k in KNOBS}
+    if saved["run"] != 0 or read_sysfs("pages_shared") or read_sysfs("pages_sharing"):
+        write_sysfs("run", 2)
         time.sleep(0.5)
-    _write("run", 0)
+    write_sysfs("run", 0)
     ctx = mp.get_context("fork")
     ready, done = ctx.Semaphore(0), ctx.Event()
     procs = [ctx.Process(target=_guest, args=(p, ready, done), daemon=True) for p in images]
@@ -85,14 +85,14 @@ def run(images: list[str], knobs: dict[str, int], stable_scans: int = 3, timeout
         for _ in procs:
             ready.acquire()
         for name in ("max_page_sharing", "use_zero_pages", "smart_scan", "pages_to_scan", "sleep_millisecs"):
-            _write(name, knobs[name])
-        base = {k: _read(k) for k in ("full_scans", "pages_scanned")}
+            write_sysfs(name, knobs[name])
+        base = {k: read_sysfs(k) for k in ("full_scans", "pages_scanned")}
         cpu0, t0 = _ksmd_cpu_seconds(), time.perf_counter()
-        _write("run", 1)
+        write_sysfs("run", 1)
         last, last_change, converged = None, 0, (0.0, 0, cpu0)
         while time.perf_counter() - t0 < timeout:
             time.sleep(0.005)
-            snap = {k: _read(k) for k in COUNTERS}
+            snap = {k: read_sysfs(k) for k in COUNTERS}
             scans = snap["full_scans"] - base["full_scans"]
             key = (snap["pages_shared"], snap["pages_sharing"], snap["ksm_zero_pages"])
             if key != last:
@@ -100,7 +100,7 @@ def run(images: list[str], knobs: dict[str, int], stable_scans: int = 3, timeout
                 converged = (time.perf_counter() - t0, scans, _ksmd_cpu_seconds())
             if scans - last_change >= stable_scans:
                 break
-        final = {k: _read(k) for k in COUNTERS}
+        final = {k: read_sysfs(k) for k in COUNTERS}
         final["full_scans"] -= base["full_scans"]
         final["pages_scanned"] -= base["pages_scanned"]
         cpu = _ksmd_cpu_seconds()
@@ -116,9 +116,9 @@ def run(images: list[str], knobs: dict[str, int], stable_scans: int = 3, timeout
         done.set()
         for p in procs:
             p.join(5)
-        _write("run", 2)
+        write_sysfs("run", 2)
         time.sleep(0.3)
         for name in ("max_page_sharing", "use_zero_pages", "smart_scan", "pages_to_scan", "sleep_millisecs"):
             with contextlib.suppress(OSError):
-                _write(name, saved[name])
-        _write("run", saved["run"])
+                write_sysfs(name, saved[name])
+        write_sysfs("run", saved["run"])

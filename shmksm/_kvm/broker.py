@@ -12,7 +12,9 @@ handles the control records at their place in the order:
   ``release``, exactly once, and the registrations end.
 
 A shadow registered without ``change_pte`` receives ``invalidate_page``
-instead (the seed's fallback).  For every shadow the broker publishes how far
+instead of a bare change_pte (the 2009 ``__mmu_notifier_change_pte``), and
+nothing instead of one bracketed by invalidate_range_start/end (from 2012,
+commit 6bdb913f0a70 deleted that fallback: the range calls cover it).  For every shadow the broker publishes how far
 the main ring has been delivered (or filtered out): the shadow acknowledges
 up to there once its own ring is empty, which lets reclamation go on.  The
 broker is the only one that lowers the per-guest registration counts that
@@ -146,12 +148,25 @@ def _deliver(fan: Fanout, recs: npt.NDArray[np.int64]) -> int:
             continue
         out = recs if count == len(recs) else recs[sel]
         if not fan.v[fan.bases[slot] + mn.S_CHANGE_PTE]:
-            fallback = (out[:, 0] & 0xFF) == mn.CHANGE_PTE
-            if fallback.any():
-                out = out.copy() if out is recs else out  # recs goes on to other shadows unchanged
-                out[fallback, 0] += mn.INVALIDATE_PAGE - mn.CHANGE_PTE
+            out = _without_change_pte(out, recs)
         written += _write(fan, slot, out)
     return written
+
+
+def _without_change_pte(out: npt.NDArray[np.int64], recs: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """What a notifier without change_pte gets of ``out``: invalidate_page for a bare
+    change_pte, nothing for one inside invalidate_range_start/end."""
+    change = (out[:, 0] & 0xFF) == mn.CHANGE_PTE
+    if not change.any():
+        return out
+    bracketed = change & ((out[:, 0] & mn.BRACKETED) != 0)
+    if bracketed.any():
+        out = out[~bracketed]
+        change = change[~bracketed]
+    elif out is recs:
+        out = out.copy()  # recs goes on to other shadows unchanged
+    out[change, 0] += mn.INVALIDATE_PAGE - mn.CHANGE_PTE
+    return out
 
 
 def _write(fan: Fanout, slot: int, out: npt.NDArray[np.int64]) -> int:

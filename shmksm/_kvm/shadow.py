@@ -15,8 +15,12 @@ page fault handler does:
     read_retry        (interval era: an invalidation bumped the sequence → retry)
     install           the entry, with the frame's generation
 
-Callbacks arrive in order from the broker.  ``change_pte`` updates a valid
-entry in place (no fault: the seed's point); an invalidation drops entries;
+Callbacks arrive in order from the broker.  ``change_pte`` does what KVM's
+handler (kvm_set_pte_rmapp) did from the seed on: it touches only a valid
+entry; a *read-only* new PTE (a merge: the KSM page, or the page itself
+write-protected) repoints the entry in place, writable bit cleared — no fault,
+the seed's point; a *writable* new PTE (copy-on-write) drops the entry, so the
+next access faults whatever the era.  An invalidation drops entries;
 ``clear_flush_young`` reports and clears the accessed bits; ``release`` drops
 the guest for good.  A read through an entry whose frame generation changed
 would be a read of a reused frame: it is counted (``S_STALE_READS``) and must
@@ -30,7 +34,8 @@ longer one runs with numpy (:meth:`Shadow.run_batch`), with the same result as
 running its records one by one in order: records that touch one page each
 (change_pte, invalidate_page, a one-page invalidate_range_start or
 interval invalidate, invalidate_range_end) are applied together, per guest —
-an entry ends up dropped if any invalidation of its page is in the run, and a
+a change_pte with a writable PTE counts as an invalidation of its page; an
+entry ends up dropped if any invalidation of its page is in the run, and a
 change_pte updates an entry (and counts) only if the entry was valid before
 the run and no invalidation of its page came before it; the last such
 change_pte gives the entry its PTE.  Every other record (wider ranges, young
@@ -65,7 +70,7 @@ import numpy.typing as npt
 from .._mm import control
 from .._mm import mmu_notifier as mn
 from .._mm.frames import WAITING
-from .._mm.pagetable import PFN_MASK, PRESENT, UNMAPPED
+from .._mm.pagetable import PFN_MASK, PRESENT, UNMAPPED, WRITE
 from .._mm.system import System
 
 VALID = 1 << 63
@@ -126,10 +131,14 @@ def apply_points(spte: npt.NDArray[np.uint64], sgen: npt.NDArray[np.uint32], gen
 
     Returns (change_pte that updated an entry, invalidate_range_start minus
     _end, records that touched entries: every change_pte and invalidation).
+    A change_pte repoints a valid entry if its PTE is read-only, and drops
+    it if the PTE is writable (kvm_set_pte_rmapp).
     """
-    inval = (kind == mn.INVALIDATE_PAGE) | (kind == mn.RANGE_START) | (kind == mn.INVALIDATE)
+    change = kind == mn.CHANGE_PTE
+    zap = change & ((vals & WRITE) != 0)  # a writable new PTE: KVM drops the entry
+    inval = (kind == mn.INVALIDATE_PAGE) | (kind == mn.RANGE_START) | (kind == mn.INVALIDATE) | zap
     in_progress = int(np.count_nonzero(kind == mn.RANGE_START)) - int(np.count_nonzero(kind == mn.RANGE_END))
-    cpos = np.flatnonzero(kind == mn.CHANGE_PTE)
+    cpos = np.flatnonzero(change & ~zap)
     ipos = np.flatnonzero(inval)
     updated = 0
     if len(cpos):
@@ -268,10 +277,13 @@ class Shadow:
         if kind in _TOUCHING:
             self.mmu_seq[gid] += 1
         if kind == mn.CHANGE_PTE:
-            if spte[a]:
-                pfn = b & PFN_MASK
-                spte[a] = b | VALID
-                self.sgen[gid][a] = self.gn[pfn]
+            if not spte[a]:
+                return  # kvm_set_pte_rmapp walks existing sptes only
+            if b & WRITE:
+                spte[a] = 0  # a writable host PTE: drop, the next access faults
+            else:
+                spte[a] = b | VALID  # read-only: the new frame, not writable
+                self.sgen[gid][a] = self.gn[b & PFN_MASK]
                 v[base + mn.S_UPDATED] += 1
         elif kind == mn.INVALIDATE_PAGE:
             spte[a] = 0

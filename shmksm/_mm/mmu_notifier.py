@@ -25,7 +25,10 @@ measured:
   seqcount-like read side in the shadow (read_begin → fault → lock → read_retry).
 
 A notifier registered without a ``change_pte`` callback receives
-``invalidate_page`` instead (the seed's fallback); the broker converts.
+``invalidate_page`` instead in 2009 (``__mmu_notifier_change_pte``'s
+fallback); from 2012 on it receives nothing for it — 6bdb913f0a70 deleted the
+fallback, the range calls around it covering the change.  The broker
+converts or drops (a 2012 change_pte record carries ``BRACKETED``).
 
 How it is emulated
 ------------------
@@ -93,6 +96,10 @@ MAIN_N: Final = 1 << 16
 SHADOW_N: Final = 1 << 15
 YOUNG_PAGES: Final = 1 << 16  # pages per clear_flush_young request
 REC: Final = 4
+# A flag in a change_pte record's word (the shadow field, unused there): the
+# call is bracketed by invalidate_range_start/end (2012), so a notifier without
+# change_pte gets no invalidate_page for it.
+BRACKETED: Final = 1 << 16
 
 # Header words.
 HDR: Final = 64
@@ -227,7 +234,7 @@ class Notifier:
         if era == 0:
             return ((CHANGE_PTE, page, pte),)
         if era == 1:
-            return ((RANGE_START, page, page + 1), (CHANGE_PTE, page, pte), (RANGE_END, page, page + 1))
+            return ((RANGE_START, page, page + 1), (CHANGE_PTE | BRACKETED, page, pte), (RANGE_END, page, page + 1))
         if era == 2:
             return ((RANGE_START, page, page + 1), (RANGE_END, page, page + 1))
         return ((INVALIDATE, page, page + 1),)
@@ -258,7 +265,8 @@ class Notifier:
 
     def emit3(self, gid: int, page: int, pte: int) -> None:
         """change_pte bracketed by invalidate_range_start/end (the 2012 call sites)."""
-        self.emit_many(((RANGE_START, page, page + 1), (CHANGE_PTE, page, pte), (RANGE_END, page, page + 1)), gid)
+        self.emit_many(((RANGE_START, page, page + 1), (CHANGE_PTE | BRACKETED, page, pte),
+                        (RANGE_END, page, page + 1)), gid)
 
     def emit_many(self, records: tuple[tuple[int, int, int], ...] | list[tuple[int, int, int]], gid: int) -> int:
         """Append (kind, a, b) records of guest ``gid`` in one critical section; return the first's sequence.

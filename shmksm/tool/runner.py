@@ -26,7 +26,8 @@ _SETTLE_KEYS = ("pages_shared", "pages_sharing", "ksm_zero_pages")
 def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, stable_scans: int = 3,
                max_scans: int | None = None, max_seconds: float | None = None, timeout: float = 600.0,
                frames: int | None = None, progress: Callable[[dict[str, int]], None] | None = None,
-               format: str = "auto", explain: bool = False) -> dict[str, Any]:
+               format: str = "auto", explain: bool = False,
+               timeline_extra: Sequence[str] = ()) -> dict[str, Any]:
     """Load each image into a guest, run ksmd, follow the counters; return the report.
 
     ``format`` says how to read the images: auto, raw or core (images.image_layout).
@@ -34,7 +35,8 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
 
     Stops when pages_shared, pages_sharing and ksm_zero_pages have not changed
     for ``stable_scans`` full scans (or after ``max_scans`` full scans, or
-    ``max_seconds``), or at ``timeout``.
+    ``max_seconds``), or at ``timeout``.  ``timeline_extra``: further
+    counters the timeline's entries hold (the report's keys stay the kernel-side runner's).
     """
     if not images:
         raise UsageError("no image given")
@@ -64,7 +66,7 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
             if machine.ksmd is None or not machine.ksmd.is_alive():
                 raise OutOfFrames("ksmd died during the run") if machine.deaths else UsageError("ksmd stopped")
             now = counters(system)
-            snap = {k: now[k] for k in RUN_COUNTERS}
+            snap = {k: now[k] for k in (*RUN_COUNTERS, *timeline_extra)}
             snap["pages_scanned"] -= base_scanned
             key = tuple(snap[k] for k in _SETTLE_KEYS)
             elapsed = time.perf_counter() - t0
