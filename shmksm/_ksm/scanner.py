@@ -65,10 +65,12 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from .._mm.control import MITIGATION_DOMAINS, MITIGATION_VUSION
 from .._mm.frames import KSM as FRAME_KSM
 from .._mm.frames import PAGE_SIZE, ZERO_PFN, with_frames
 from .._mm.pagetable import (
     FRAME_MASK,
+    H_DOMAIN,
     H_MERGING,
     H_RMAP_ITEMS,
     KSM,
@@ -125,6 +127,7 @@ def skip_age(age: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
 # A partition of the trees: pages of two different partitions are never merged.
 Partition = tuple[int, ...]
 ALL_NODES: Final = -1  # the node component with merge_across_nodes=1
+ALL_DOMAINS: Final = -1  # the domain component unless mitigation is "domains"
 
 
 def partition_of(system: System, gid: int) -> Partition:
@@ -137,6 +140,11 @@ def partition_of(system: System, gid: int) -> Partition:
     0. the NUMA node: with ``merge_across_nodes=0`` the guest's node (one
        stable and one unstable tree per node, as the kernel's); with 1,
        ALL_NODES, the same for every guest.
+    1. the security domain: with ``mitigation = "domains"`` the guest's
+       (``add_guest(domain=)``), so that guests of two domains never share a
+       tree; else ALL_DOMAINS.  Empty pages are the one content merged across
+       domains: under that mitigation they go to the zero page, as with
+       ``use_zero_pages`` (:meth:`Scanner._use_zero_pages`), outside any tree.
 
     A further reason to keep guests apart (a security domain, say) appends its
     component to the tuple; the trees, the scanners' ownership and the
@@ -147,7 +155,9 @@ def partition_of(system: System, gid: int) -> Partition:
     page-table header; takes no lock.
     """
     node = ALL_NODES if system.get("merge_across_nodes") else system.table(gid).node
-    return (node,)
+    domains = system.get("mitigation") == MITIGATION_DOMAINS
+    domain = int(system.table(gid).header[H_DOMAIN]) if domains else ALL_DOMAINS
+    return (node, domain)
 
 
 class MmSlot:
@@ -567,6 +577,7 @@ class Scanner:
 
     def _scan_pages(self, slot: MmSlot, pages: npt.NDArray[np.intp]) -> None:
         """cmp_and_merge_page for a batch of pages of one guest, vectorized where it can be."""
+        mitigation = self.system.get("mitigation")
         ptes = slot.table.ptes[pages]
         pfns = (ptes & _PFN).astype(np.int64)
         is_ksm = (ptes & _KSM) != 0
@@ -580,18 +591,28 @@ class Scanner:
         for i in np.flatnonzero(is_ksm & ~settled).tolist():
             self._adopt_ksm_page(slot, int(pages[i]), int(pfns[i]))
         plain = ~is_ksm
+        vusion = mitigation == MITIGATION_VUSION
+        # Under vusion, KSM pages are read in their place in the batch as every
+        # other page is (their checksums are not needed): not even what the
+        # caches hold may tell merged pages from the others.
+        hashed = pfns if vusion else pfns[plain]
+        flat = self.frames.flat
+        sums = np.fromiter((_checksum(flat[p << 12:(p + 1) << 12]) for p in hashed.tolist()), np.uint64, len(hashed))
+        if vusion:
+            sums = sums[plain]
         pages, pfns = pages[plain], pfns[plain]
         if not len(pages):
             return
+        if vusion:
+            # Every page considered loses write access, merged or not (KSM pages have none).
+            ksm.write_protect_pages(slot.table, pages)
         self._remove_from_tree(slot, pages)
-        flat = self.frames.flat
-        sums = np.fromiter((_checksum(flat[p << 12:(p + 1) << 12]) for p in pfns.tolist()), np.uint64, len(pfns))
         low = sums.astype(np.uint32)
         steady = np.flatnonzero(slot.checksum[pages] == low)
         slot.checksum[pages] = low
         if not len(steady):
             return
-        use_zero = self.system.get("use_zero_pages")
+        use_zero = self._use_zero_pages(mitigation)
         max_sharing = self.system.get("max_page_sharing")
         keys = sums[steady]
         # The common case, unique content: a key on neither tree and not twice
@@ -630,6 +651,15 @@ class Scanner:
             self.pages_unshared += len(fast)
         self._merge_slow(slot, pages[steady[slow]].tolist(), pfns[steady[slow]].tolist(),
                          keys[slow].tolist(), use_zero, max_sharing)
+
+    def _use_zero_pages(self, mitigation: int) -> int:
+        """Whether empty pages go to the zero page: use_zero_pages, or mitigation "domains".
+
+        Under "domains" the trees are per domain, and the zero page is the one
+        page every domain may share: merging empty pages tells nobody anything
+        (Windows merges only those across its domains).
+        """
+        return self.system.get("use_zero_pages") or int(mitigation == MITIGATION_DOMAINS)
 
     def _merge_slow(self, slot: MmSlot, pages: list[int], pfns: list[int], keys: list[int],
                     use_zero: int, max_sharing: int) -> None:
