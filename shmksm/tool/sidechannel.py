@@ -84,11 +84,17 @@ def _plant_candidates(view: GuestView, seed: int, trials: int, candidates: int) 
     view.madvise(0, view.size, MADV_MERGEABLE)
 
 
-def _time_writes(view: GuestView, seed: int, trials: int, candidates: int) -> list[int]:
-    """The attack: write one byte into every candidate page, in a random order; the nanoseconds each took.
+def _copies(view: GuestView) -> int:
+    """Copies made by write faults so far, machine-wide: into KSM pages, and into private pages under vusion."""
+    return view.system.get("cow_ksm") + view.system.get("cow_faults")
 
-    The byte written is the complement of the page's first byte, so every
-    write changes the page.  The warm-up pages are written first, untimed.
+
+def _time_writes(view: GuestView, seed: int, trials: int, candidates: int) -> tuple[list[int], int]:
+    """The attack: write one byte into every candidate page, in a random order.
+
+    Returns the nanoseconds each write took, and the copies they made.  The
+    byte written is the complement of the page's first byte, so every write
+    changes the page.  The warm-up pages are written first, untimed.
     """
     n = trials * candidates
     first = np.empty(n, np.uint8)
@@ -97,6 +103,7 @@ def _time_writes(view: GuestView, seed: int, trials: int, candidates: int) -> li
     for page in range(n, n + WARMUP_PAGES):
         view.write(page * PAGE_SIZE, b"\x00")
     times = [0] * n
+    copies = _copies(view)
     clock = time.perf_counter_ns
     write = view.write
     for page in np.random.default_rng([seed, 2]).permutation(n).tolist():
@@ -104,7 +111,7 @@ def _time_writes(view: GuestView, seed: int, trials: int, candidates: int) -> li
         start = clock()
         write(page * PAGE_SIZE, data)
         times[page] = clock() - start
-    return times
+    return times, _copies(view) - copies
 
 
 def _lost_writes(view: GuestView, seed: int, trials: int, candidates: int, attacker: bool) -> int:
@@ -201,9 +208,8 @@ def measure(mitigation: str, trials: int, candidates: int, seed: int) -> Measure
         ptes = machine.system.table(attacker.id).ptes[:trials * candidates]
         ksm_timed = int(np.count_nonzero((ptes & np.uint64(KSM | PRESENT)) == np.uint64(KSM | PRESENT)))
         del ptes
-        faults_before = machine.system.get("cow_ksm") + machine.system.get("cow_faults")
-        times = np.array(machine.spawn(_time_writes, attacker, seed, trials, candidates).join(), np.int64)
-        faults = machine.system.get("cow_ksm") + machine.system.get("cow_faults") - faults_before
+        timed, faults = machine.spawn(_time_writes, attacker, seed, trials, candidates).join()
+        times = np.array(timed, np.int64)
         lost = machine.spawn(_lost_writes, attacker, seed, trials, candidates, True).join()
         lost += machine.spawn(_lost_writes, victim, seed, trials, candidates, False).join()
         machine.check()
