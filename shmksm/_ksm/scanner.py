@@ -46,7 +46,12 @@ What is emulated, and how
   ``merge_across_nodes=0`` a guest's partition is its NUMA node: one stable
   and one unstable tree per node, as the kernel's ``root_stable_tree[nid]``.
   The kernel takes the node of each physical page; here it is the node of the
-  guest, whose frames come from that node first.
+  guest, whose frames come from that node first.  With shmksm's
+  ``mitigation = "domains"``, its security domain too; empty pages, the one
+  content shared across domains, then go to the zero page.
+* ``mitigation = "vusion"``: every page considered loses write access
+  (:func:`ksm.write_protect_pages`), merged or not, and KSM pages are read at
+  each visit like the others.
 
 Left out: migration, swap, huge pages, and the pruning timer of stable node
 chains (a chain with a single dup collapses at once).
