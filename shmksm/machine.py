@@ -182,13 +182,14 @@ class Worker:
 class Guest:
     """A guest address space: the host's handle."""
 
-    def __init__(self, machine: Machine, gid: int, pages: int) -> None:
+    def __init__(self, machine: Machine, gid: int, pages: int, domain: int = 0) -> None:
         self.machine = machine
         self.id = gid
         self.pages = pages
+        self.domain = domain  # its security domain: with mitigation "domains", KSM merges only within one
 
     def __repr__(self) -> str:
-        return f"<Guest {self.id} pages={self.pages}>"
+        return f"<Guest {self.id} pages={self.pages} domain={self.domain}>"
 
     def view(self) -> GuestView:
         """A view of this guest for the host process itself."""
@@ -400,18 +401,22 @@ class Machine:
 
     # -- guests ---------------------------------------------------------------------------------
 
-    def add_guest(self, pages: int, node: int | None = None) -> Guest:
-        """A new address space of ``pages`` untouched pages of 4 KiB, on NUMA ``node``.
+    def add_guest(self, pages: int, node: int | None = None, domain: int = 0) -> Guest:
+        """A new address space of ``pages`` untouched pages of 4 KiB, on NUMA ``node``, in security ``domain``.
 
         Its frames come from that node while it has free ones, then from the
         others (counted as numa_miss / numa_foreign).  ``node`` None: the
-        nodes in turn, round robin.
+        nodes in turn, round robin.  Domains are numbers chosen by the caller
+        (tenants, say); they matter under ``mitigation = "domains"``, when KSM
+        merges pages only within one domain (across domains, only empty pages).
         """
         if isinstance(pages, bool) or not isinstance(pages, int) or pages <= 0:
             raise UsageError(f"a guest needs a positive number of pages, not {pages!r}")
         if node is not None and (isinstance(node, bool) or not isinstance(node, int)
                                  or not 0 <= node < self.nodes):
             raise UsageError(f"node must be one of 0..{self.nodes - 1}, not {node!r}")
+        if isinstance(domain, bool) or not isinstance(domain, int) or not 0 <= domain < 1 << 31:
+            raise UsageError(f"a guest's domain is an integer in 0..{(1 << 31) - 1}, not {domain!r}")
         if pages > MAX_GUEST_PAGES:
             raise UsageError(f"a guest has at most {MAX_GUEST_PAGES} pages ({MAX_GUEST_PAGES >> 8} MiB), not {pages}")
         with self._lock:
@@ -424,8 +429,8 @@ class Machine:
                     f"give more frames or pass overcommit=True")
             if node is None:
                 node, self._next_node = self._next_node, (self._next_node + 1) % self.nodes
-            table = self.system.create_guest(pages, node)
-            guest = self._guests[table.gid] = Guest(self, table.gid, pages)
+            table = self.system.create_guest(pages, node, domain)
+            guest = self._guests[table.gid] = Guest(self, table.gid, pages, domain)
             return guest
 
     def remove_guest(self, guest: Guest) -> None:

@@ -484,6 +484,8 @@ def test_knobs_sets_the_running_machines_knobs(machine: RunningMachine) -> None:
     ("run=5", 2, "(EINVAL)"),
     ("pages_shared=0", 2, "read-only"),
     ("nosuch=1", 2, "no knob named 'nosuch'"),
+    ("mitigation=off", 2, "mitigation must be one of none, vusion, domains"),
+    ("mitigation=vusion", 1, "mitigation cannot change while pages are shared (EBUSY)"),
 ])
 def test_knobs_refuses_as_the_kernel(machine: RunningMachine, setting: str, code: int, message: str) -> None:
     before = machine.knobs()

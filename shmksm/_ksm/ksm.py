@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 
 from .._mm.frames import KSM as FRAME_KSM
 from .._mm.frames import PAGE_SIZE, ZERO_PFN, Frames, with_frames
@@ -45,6 +46,9 @@ ZERO_BYTES: Final = bytes(PAGE_SIZE)
 _NOT_WRITE: Final = ~WRITE
 _KSM_PRESENT: Final = KSM | PRESENT
 _DIRTY_YOUNG: Final = DIRTY | YOUNG
+_WP_MASK: Final = np.uint64(PRIVATE_MASK | WRITE)
+_PRIVATE_WRITABLE: Final = np.uint64(PRESENT | WRITE)
+_NOT_WRITE_U64: Final = ~np.uint64(WRITE)
 
 # Bytes per rmap item: checksum 4, stable node 4, state 1, age 1, skips 1, plus
 # the trees' share (a key table slot of 12 bytes, at a load of at most 0.7, per
@@ -161,6 +165,32 @@ def make_ksm_pages(table: PageTable, pages: list[int], pfns: list[int]) -> list[
                 klock.release()
                 pv[page] = pte | KSM
     return gens
+
+
+def write_protect_pages(table: PageTable, pages: npt.NDArray[np.intp]) -> int:
+    """Clear WRITE on every private page of ``pages`` (ascending) that has it; return how many.
+
+    Mitigation "vusion": every page the scanner considers for merging loses
+    write access, merged or not, so that the next write to any of them faults
+    and copies alike.  Takes each run's PTL; the notifier hears a change_pte
+    for each page, as from write_protect_page.
+    """
+    ptes = table.ptes
+    notifier = table.notifier
+    protected = 0
+    for run in np.split(pages, np.flatnonzero(np.diff(pages >> 9)) + 1):
+        if not len(run):
+            continue
+        with _run_locked(table, int(run[0])) as records:
+            writable = run[(ptes[run] & _WP_MASK) == _PRIVATE_WRITABLE]
+            if not len(writable):
+                continue
+            ptes[writable] &= _NOT_WRITE_U64
+            protected += len(writable)
+            if records is not None:
+                for page, pte in zip(writable.tolist(), ptes[writable].tolist(), strict=True):
+                    records.extend(notifier.change_records(page, pte))
+    return protected
 
 
 def replace_page(table: PageTable, page: int, pfn: int, kpfn: int, kgen: int) -> bool:
@@ -368,5 +398,5 @@ def break_ksm(table: PageTable, page: int) -> int:
 
 __all__ = [
     "RMAP_ITEM_BYTES", "ZERO_PFN", "break_ksm", "replace_with_zero_page", "try_to_merge_one_page",
-    "try_to_merge_two_pages", "unmerge_range",
+    "try_to_merge_two_pages", "unmerge_range", "write_protect_pages",
 ]

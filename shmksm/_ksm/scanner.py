@@ -46,7 +46,12 @@ What is emulated, and how
   ``merge_across_nodes=0`` a guest's partition is its NUMA node: one stable
   and one unstable tree per node, as the kernel's ``root_stable_tree[nid]``.
   The kernel takes the node of each physical page; here it is the node of the
-  guest, whose frames come from that node first.
+  guest, whose frames come from that node first.  With shmksm's
+  ``mitigation = "domains"``, its security domain too; empty pages, the one
+  content shared across domains, then go to the zero page.
+* ``mitigation = "vusion"``: every page considered loses write access
+  (:func:`ksm.write_protect_pages`), merged or not, and KSM pages are read at
+  each visit like the others.
 
 Left out: migration, swap, huge pages, and the pruning timer of stable node
 chains (a chain with a single dup collapses at once).
@@ -65,10 +70,12 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from .._mm.control import MITIGATION_DOMAINS, MITIGATION_VUSION
 from .._mm.frames import KSM as FRAME_KSM
 from .._mm.frames import PAGE_SIZE, ZERO_PFN, with_frames
 from .._mm.pagetable import (
     FRAME_MASK,
+    H_DOMAIN,
     H_MERGING,
     H_RMAP_ITEMS,
     KSM,
@@ -129,6 +136,7 @@ def skip_age(age: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
 # A partition of the trees: pages of two different partitions are never merged.
 Partition = tuple[int, ...]
 ALL_NODES: Final = -1  # the node component with merge_across_nodes=1
+ALL_DOMAINS: Final = -1  # the domain component unless mitigation is "domains"
 
 
 def partition_of(system: System, gid: int) -> Partition:
@@ -141,6 +149,11 @@ def partition_of(system: System, gid: int) -> Partition:
     0. the NUMA node: with ``merge_across_nodes=0`` the guest's node (one
        stable and one unstable tree per node, as the kernel's); with 1,
        ALL_NODES, the same for every guest.
+    1. the security domain: with ``mitigation = "domains"`` the guest's
+       (``add_guest(domain=)``), so that guests of two domains never share a
+       tree; else ALL_DOMAINS.  Empty pages are the one content merged across
+       domains: under that mitigation they go to the zero page, as with
+       ``use_zero_pages`` (:meth:`Scanner._use_zero_pages`), outside any tree.
 
     A further reason to keep guests apart (a security domain, say) appends its
     component to the tuple; the trees, the scanners' ownership and the
@@ -151,7 +164,9 @@ def partition_of(system: System, gid: int) -> Partition:
     page-table header; takes no lock.
     """
     node = ALL_NODES if system.get("merge_across_nodes") else system.table(gid).node
-    return (node,)
+    domains = system.get("mitigation") == MITIGATION_DOMAINS
+    domain = int(system.table(gid).header[H_DOMAIN]) if domains else ALL_DOMAINS
+    return (node, domain)
 
 
 class MmSlot:
@@ -572,6 +587,7 @@ class Scanner:
 
     def _scan_pages(self, slot: MmSlot, pages: npt.NDArray[np.intp]) -> None:
         """cmp_and_merge_page for a batch of pages of one guest, vectorized where it can be."""
+        mitigation = self.system.get("mitigation")
         ptes = slot.table.ptes[pages]
         pfns = (ptes & _PFN).astype(np.int64)
         is_ksm = (ptes & _KSM) != 0
@@ -585,12 +601,22 @@ class Scanner:
         for i in np.flatnonzero(is_ksm & ~settled).tolist():
             self._adopt_ksm_page(slot, int(pages[i]), int(pfns[i]))
         plain = ~is_ksm
+        vusion = mitigation == MITIGATION_VUSION
+        # Under vusion, KSM pages are read in their place in the batch as every
+        # other page is (their checksums are not needed): not even what the
+        # caches hold may tell merged pages from the others.
+        hashed = pfns if vusion else pfns[plain]
+        flat = self.frames.flat
+        sums = np.fromiter((_checksum(flat[p << 12:(p + 1) << 12]) for p in hashed.tolist()), np.uint64, len(hashed))
+        if vusion:
+            sums = sums[plain]
         pages, pfns = pages[plain], pfns[plain]
         if not len(pages):
             return
+        if vusion:
+            # Every page considered loses write access, merged or not (KSM pages have none).
+            ksm.write_protect_pages(slot.table, pages)
         self._remove_from_tree(slot, pages)
-        flat = self.frames.flat
-        sums = np.fromiter((_checksum(flat[p << 12:(p + 1) << 12]) for p in pfns.tolist()), np.uint64, len(pfns))
         low = sums.astype(np.uint32)
         old = slot.checksum[pages]
         steady = np.flatnonzero(old == low)
@@ -598,7 +624,7 @@ class Scanner:
         slot.checksum[pages] = low
         if not len(steady):
             return
-        use_zero = self.system.get("use_zero_pages")
+        use_zero = self._use_zero_pages(mitigation)
         max_sharing = self.system.get("max_page_sharing")
         keys = sums[steady]
         # The common case, unique content: a key on neither tree and not twice
@@ -637,6 +663,15 @@ class Scanner:
             self.pages_unshared += len(fast)
         self._merge_slow(slot, pages[steady[slow]].tolist(), pfns[steady[slow]].tolist(),
                          keys[slow].tolist(), use_zero, max_sharing)
+
+    def _use_zero_pages(self, mitigation: int) -> int:
+        """Whether empty pages go to the zero page: use_zero_pages, or mitigation "domains".
+
+        Under "domains" the trees are per domain, and the zero page is the one
+        page every domain may share: merging empty pages tells nobody anything
+        (Windows merges only those across its domains).
+        """
+        return self.system.get("use_zero_pages") or int(mitigation == MITIGATION_DOMAINS)
 
     def _merge_slow(self, slot: MmSlot, pages: list[int], pfns: list[int], keys: list[int],
                     use_zero: int, max_sharing: int) -> None:

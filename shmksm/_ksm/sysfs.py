@@ -22,7 +22,11 @@ from ..errors import KnobBusyError, KnobError
 from .ksm import RMAP_ITEM_BYTES, unmerge_range
 
 _BOOL_KNOBS: Final = ("use_zero_pages", "merge_across_nodes", "smart_scan")
-_BUSY_KNOBS: Final = ("max_page_sharing", "merge_across_nodes")
+# Knobs refused (EBUSY) while KSM pages are shared: what was merged under the
+# old value would stay merged against the new one.  mitigation is one of them:
+# pages merged across domains, or without VUsion's write protection of the
+# pages beside them, would go on leaking; write 2 to run first.
+_BUSY_KNOBS: Final = ("max_page_sharing", "merge_across_nodes", "mitigation")
 
 
 def ksm_zero_pages_of(system: System, gid: int) -> int:

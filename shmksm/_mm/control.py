@@ -33,12 +33,23 @@ KNOB_DEFAULTS: Final[dict[str, int]] = {
     "advisor_max_pages_to_scan": 30000,
     # shmksm's own, not the kernel's: ksmd processes scanning in parallel.
     "scanners": 1,
+    # shmksm's own: the defence against the deduplication timing side channel,
+    # an index into MITIGATIONS.  "none": the kernel's KSM.  "vusion": every
+    # page the scanner considers loses write access, so a write to it faults
+    # and copies as a write to a KSM page does: merged and unmerged pages
+    # behave the same.  "domains": merge only within a guest's security
+    # domain; across domains, only empty pages.
+    "mitigation": 0,
 }
 # Knobs the kernel does not have: not shown as /sys/kernel/mm/ksm files.
-OWN_KNOBS: Final = ("scanners",)
+OWN_KNOBS: Final = ("scanners", "mitigation")
 ADVISOR_MODES: Final = ("none", "scan-time")
+MITIGATIONS: Final = ("none", "vusion", "domains")
+MITIGATION_NONE: Final = 0
+MITIGATION_VUSION: Final = 1
+MITIGATION_DOMAINS: Final = 2
 # Knobs whose values are words: the word of each stored number, in order.
-WORD_KNOBS: Final[dict[str, tuple[str, ...]]] = {"advisor_mode": ADVISOR_MODES}
+WORD_KNOBS: Final[dict[str, tuple[str, ...]]] = {"advisor_mode": ADVISOR_MODES, "mitigation": MITIGATIONS}
 
 # Counters of /sys/kernel/mm/ksm, written by the scanner.
 COUNTERS: Final = (
@@ -61,7 +72,7 @@ VMSTAT: Final = ("cow_ksm",)
 _INTERNAL: Final = (
     "rmap_items",  # the scanner's rmap items, for pages_volatile and general_profit
     "cow_ksm",  # copies made by writes into KSM pages (the kernel's vmstat cow_ksm)
-    "cow_faults",  # every copy-on-write fault, KSM or not
+    "cow_faults",  # copies made by writes into private write-protected pages (mitigation vusion)
     "free_head",  # allocator: first free frame, -1 if none
     "free_count",
     "wait_head",  # frames dropped but maybe still reachable by a participant

@@ -298,6 +298,47 @@ class Frames:
         finally:
             lock.release()
 
+    def put_alike(self, pfn: int) -> None:
+        """put(), doing the same work whether the frame is freed or keeps other mappings.
+
+        Mitigation "vusion": a write fault drops either a KSM page's mapping
+        or a private frame, and its cost must not tell which.  As
+        constant-time code hides a branch, both outcomes take the frame lock
+        and the allocator lock and store to the same words: free_locked's
+        values when the frame goes, the words' own values when it stays.
+        """
+        if pfn == ZERO_PFN:
+            return
+        lock = self.frame_locks[pfn % self._nframe_locks]
+        lock.acquire()
+        alloc_lock = self.alloc_lock
+        alloc_lock.acquire()
+        try:
+            mc, fl, gn, nx, cv = self.mc, self.fl, self.gn, self.nx, self.cv
+            left = mc[pfn] - 1
+            if left < 0:
+                raise InternalError(f"frame {pfn}: mapcount below zero")
+            free = int(left == 0)
+            # Every word is read, then written with (kept, freed)[free]: no branch on free.
+            epoch = cv[_EPOCH] & 0xFFFFFFFF
+            tail = cv[_WAIT_TAIL]
+            at_tail = tail >= 0
+            link = (cv[_WAIT_HEAD], nx[tail])[at_tail]
+            fl[pfn] = (fl[pfn], WAITING)[free]
+            gn[pfn] = (gn[pfn] + free) & 0xFFFFFFFF
+            mc[pfn] = (left, epoch - ((epoch & 0x80000000) << 1))[free]
+            nx[pfn] = (nx[pfn], -1)[free]
+            link = (link, pfn)[free]
+            if at_tail:
+                nx[tail] = link
+            else:
+                cv[_WAIT_HEAD] = link
+            cv[_WAIT_TAIL] = (tail, pfn)[free]
+            cv[_WAIT_COUNT] += free
+        finally:
+            alloc_lock.release()
+            lock.release()
+
     def take_last_mapping(self, pfn: int) -> bool:
         """Make KSM page ``pfn`` private again if one PTE maps it; return whether it did.
 

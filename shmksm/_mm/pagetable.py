@@ -4,7 +4,7 @@ A guest's segment is organized as follows::
 
     int64[HEADER_WORDS]  header: pages, merge_any, nranges, ksm_rmap_items,
                          ksm_merging_pages, mm lock holder, ranges generation, NUMA node,
-                         and from word 8 nranges (start, end)
+                         security domain, and from word 10 nranges (start, end)
                          page-number pairs of MADV_MERGEABLE ranges
     uint64[pages]        PTEs
 
@@ -34,6 +34,7 @@ import numpy.typing as npt
 
 from ..errors import OutOfFrames, SegmentationFault
 from . import control
+from .control import MITIGATION_VUSION
 from .frames import INUSE, PAGE_SHIFT, PAGE_SIZE, ZERO_PFN, Frames, FramesPending
 from .frames import KSM as FRAME_KSM
 
@@ -55,7 +56,8 @@ H_MERGING: Final = 4  # ksm_merging_pages, written by the scanner
 H_MM_OWNER: Final = 5  # pid of the holder of the guest's mm lock, 0 if none
 H_RANGES_GEN: Final = 6  # bumped by every change of the mergeable ranges or merge_any (mm lock held)
 H_NODE: Final = 7  # the NUMA node the guest's memory is allocated on first (set at creation)
-H_RANGES: Final = 8
+H_DOMAIN: Final = 8  # the guest's security domain (mitigation "domains"), set at creation
+H_RANGES: Final = 10
 MAX_RANGES: Final = (HEADER_WORDS - H_RANGES) // 2
 
 # A PTE maps a frame of its own when it is PRESENT, not the zero page and not
@@ -95,6 +97,8 @@ _DIRTY_YOUNG64: Final = np.uint64(DIRTY | YOUNG)
 _PFN64: Final = np.uint64(PFN_MASK)
 
 _COW_KSM: Final = control.INDEX["cow_ksm"]
+_COW_FAULTS: Final = control.INDEX["cow_faults"]
+_MITIGATION: Final = control.INDEX["mitigation"]
 
 
 def segment_size(pages: int) -> int:
@@ -203,7 +207,10 @@ class PageTable:
 
         Untouched → a new frame (zeroed unless ``whole``, when the caller is
         about to overwrite it); the zero page or a KSM page → copy-on-write;
-        a write-protected private page nobody else maps → reuse in place.
+        a write-protected private page nobody else maps → reuse in place,
+        except under mitigation "vusion": the scanner write-protected it when
+        it considered it for merging, and it is copied exactly as a KSM page
+        would be, so that a write's cost does not tell whether it was merged.
         Raises FramesPending / OutOfFrames before changing anything.
         """
         pv = self.pv
@@ -223,7 +230,7 @@ class PageTable:
                 self.notifier.change_pte(self.gid, page, new)
             return new
         old = pte & PFN_MASK
-        if not frames.fl[old] & FRAME_KSM and frames.mc[old] == 1:
+        if frames.cv[_MITIGATION] != MITIGATION_VUSION and not frames.fl[old] & FRAME_KSM and frames.mc[old] == 1:
             # do_wp_page reuse: write-protected by a merge that did not happen.
             new = pte | WRITE | DIRTY | YOUNG
             pv[page] = new
@@ -260,7 +267,10 @@ class PageTable:
         frames = self.frames
         old_pfns = (old & _PFN64).astype(np.intp)
         ksm_frame = (frames.flags[old_pfns] & FRAME_KSM) != 0
-        cow = protected & (ksm_frame | (frames.mapcount[old_pfns] != 1))
+        # Under mitigation "vusion" every write-protected page is copied, as
+        # handle_write_fault does; otherwise a private one is reused in place.
+        vusion = frames.cv[_MITIGATION] == MITIGATION_VUSION
+        cow = protected if vusion else protected & (ksm_frame | (frames.mapcount[old_pfns] != 1))
         fresh = new_frame | cow
         nfresh = int(np.count_nonzero(fresh))
         try:
@@ -291,8 +301,9 @@ class PageTable:
                 for i in np.flatnonzero(replaced).tolist():
                     records.extend(notifier.change_records(int(pages[i]), int(new[i])))
                 notifier.emit_many(records, self.gid)
+            put = frames.put_alike if vusion else frames.put
             for pfn in old_pfns[cow].tolist():
-                frames.put(pfn)
+                put(pfn)
         return len(pages), None
 
     def _write_faults_in_order(self, pages: npt.NDArray[np.intp], whole: npt.NDArray[np.bool_]
@@ -320,7 +331,7 @@ class PageTable:
         frames = self.frames
         old = pte & PFN_MASK
         try:
-            pfn = frames.alloc(_COW_KSM if frames.fl[old] & FRAME_KSM else -1)
+            pfn = frames.alloc(_COW_KSM if frames.fl[old] & FRAME_KSM else _COW_FAULTS)
         except OutOfFrames:
             # Out of frames: the last mapping of a KSM page may keep the page
             # itself, made private again, instead of a copy (no new frame).
@@ -337,7 +348,10 @@ class PageTable:
         self.pv[page] = new
         if self.notifier is not None:
             self.notifier.change_pte(self.gid, page, new)
-        frames.put(old)
+        if frames.cv[_MITIGATION] == MITIGATION_VUSION:
+            frames.put_alike(old)  # whether it was shared must not show in the time taken
+        else:
+            frames.put(old)
         return new
 
     def zap(self, page: int, unmap: bool) -> None:

@@ -110,8 +110,9 @@ class System:
     def live_guests(self) -> list[int]:
         return [g for g in range(control.MAX_GUESTS) if self.guest_live(g)]
 
-    def create_guest(self, pages: int, node: int = 0) -> PageTable:
-        """Make a new address space of ``pages`` untouched pages on NUMA ``node`` (host only)."""
+    def create_guest(self, pages: int, node: int = 0, domain: int = 0) -> PageTable:
+        """Make a new address space of ``pages`` untouched pages on NUMA ``node``, in security
+        ``domain`` (host only)."""
         for gid in range(control.MAX_GUESTS):
             if self.guest_slot(gid)[control.G_STATE] == control.GUEST_FREE:
                 break
@@ -122,6 +123,7 @@ class System:
         header = np.ndarray(pagetable.HEADER_WORDS, np.int64, seg.buf)
         header[pagetable.H_PAGES] = pages
         header[pagetable.H_NODE] = node
+        header[pagetable.H_DOMAIN] = domain
         del header
         slot = self.guest_slot(gid)
         slot[control.G_PAGES] = pages
