@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, int]] = [
     ("shmksm.workers.broker", 3),
     ("shmksm.workers.shadow", 3),
     ("shmksm.guest", 4),
+    ("shmksm._mistakes", 4),
     ("shmksm.machine", 5),
     ("shmksm", 6),
     ("shmksm.tool.images", 7),  # image formats: the guests' image loader reads them too
@@ -55,6 +56,7 @@ def _layer(module: str) -> tuple[int, str]:
 def _imports(module: str, path: Path) -> set[str]:
     """The shmksm modules that ``module`` imports, at any depth of its code."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    modules = _modules()
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -64,8 +66,8 @@ def _imports(module: str, path: Path) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
-            found |= {f"{base}.{a.name}" for a in node.names} | {base}
-    modules = _modules()
+            # "from package import module" imports the module; "from module import name", the module.
+            found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
     return {name for name in found if name in modules and name != module}
 
 

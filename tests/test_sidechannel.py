@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import pfn_of, pte_of
+from helpers import pfn_of, pte_of
 
 import shmksm
 from shmksm._ksm import ksm
