@@ -18,7 +18,8 @@ KERNEL_KNOBS = {
     "advisor_mode": "none", "advisor_target_scan_time": 200, "advisor_max_cpu": 70,
     "advisor_min_pages_to_scan": 500, "advisor_max_pages_to_scan": 30000,
 }
-OWN_KNOBS = {"scanners": 1, "mitigation": "none"}  # shmksm's own: read and written like the kernel's, not shown as sysfs files
+# shmksm's own: read and written like the kernel's, not shown as sysfs files
+OWN_KNOBS = {"scanners": 1, "mitigation": "none"}
 KERNEL_COUNTERS = (
     "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned", "pages_skipped",
     "full_scans", "stable_node_chains", "stable_node_dups", "ksm_zero_pages", "general_profit",
