@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from conftest import merge_pages, pfn_of, pte_of
+from helpers import merge_pages, pfn_of, pte_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from shmksm.workers.guest_random import NPATTERNS, pattern
