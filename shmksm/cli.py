@@ -482,9 +482,11 @@ def experiment() -> None:
               help="Run only these eras (repeatable); default: all four.")
 @click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result as JSON ('-' for stdout).")
 @click.option("--plot", default=None, metavar="FILE.png", help="Plot shadow faults per era (needs matplotlib).")
+@click.option("--sync/--no-sync", default=True, show_default=True,
+              help="Also run each era with synchronous shadows and report what it costs writers and ksmd.")
 @friendly
 def experiment_notifier(guests: int, pages: int, shadows: int, eras: tuple[str, ...], json_out: str | None,
-                        plot: str | None) -> None:
+                        plot: str | None, sync: bool) -> None:
     """The change_pte experiment: shadow faults per notifier era on one workload.
 
     Guests hold duplicate pages; shadow workers read every page (warm-up),
@@ -507,7 +509,7 @@ def experiment_notifier(guests: int, pages: int, shadows: int, eras: tuple[str, 
 
     if plot:
         _check_plot_path(plot)
-    result = notifier_experiment(guests, pages, shadows, eras or ERAS, progress)
+    result = notifier_experiment(guests, pages, shadows, eras or ERAS, progress, sync=sync)
     if plot:
         from .tool.plots import plot_eras
 
@@ -522,6 +524,14 @@ def experiment_notifier(guests: int, pages: int, shadows: int, eras: tuple[str, 
         click.echo(f"{era:<10}{r['shadow_faults']:>8}{r['merge_faults']:>8}{r['cow_faults']:>8}{saved[0]!s:>12}"
                    f"{saved[1]!s:>10}{r['updated_in_place']:>10}{r['messages']:>10}"
                    f"{r['broker_messages_per_s']!s:>14}{r['lag_p99_us']:>12}{r['lag_max_us']:>12}")
+    if sync:
+        click.echo(f"\nsynchronous invalidation: what the writers and ksmd pay\n"
+                   f"{'era':<10}{'cow us async':>14}{'cow us sync':>13}{'merges/s async':>16}{'merges/s sync':>15}"
+                   f"{'faults sync':>13}")
+        for era, r in result["eras"].items():
+            y = r["sync"]
+            click.echo(f"{era:<10}{r['cow_break_us']:>14}{y['cow_break_us']:>13}{r['merges_per_s']!s:>16}"
+                       f"{y['merges_per_s']!s:>15}{y['shadow_faults']:>13}")
 
 
 def _attached(machine: str | None) -> Any:

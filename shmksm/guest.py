@@ -679,9 +679,14 @@ class GuestView:
         """Unmap ``[addr, addr+length)``: its frames are dropped, any later access faults."""
         start, end = self._page_range(addr, length, "munmap")
         with self.table.mm_lock:
+            # One invalidate_range_start/end for the whole range, around the zaps (unmap_vmas).
+            notifier = self.table.notifier
+            era = notifier.begin_range(self.gid, start, end) if notifier is not None else -1
             for page in range(start, end):
                 with self.table.ptl(page):  # type: ignore[attr-defined]
-                    self.table.zap(page, unmap=True)
+                    self.table.zap(page, unmap=True, notify=False)
+            if era >= 0:
+                notifier.end_range(self.gid, start, end, era)
             self.table.set_mergeable_ranges(_subtract(self.table.stored_ranges(), start, end))
 
     @property

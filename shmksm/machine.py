@@ -360,12 +360,20 @@ class Machine:
         self.broker = self.spawn(broker_main, None, name="broker")
         return self.broker
 
-    def add_shadow(self, guests: list[Guest], *, change_pte: bool = True, mode: str = "rounds") -> ShadowMMU:
+    def add_shadow(self, guests: list[Guest], *, change_pte: bool = True, mode: str = "rounds",
+                   sync: bool = False) -> ShadowMMU:
         """Start a shadow worker mirroring ``guests`` and register a notifier for each.
 
         ``change_pte=False`` registers a notifier without that callback: it
-        gets invalidate_page instead.  ``mode`` is ``rounds`` (read every page
+        gets invalidate_page instead in 2009, nothing from 2012 (the range
+        calls cover the change).  ``mode`` is ``rounds`` (read every page
         when asked: ``shadow.round()``) or ``free`` (read continuously).
+        Callbacks are delivered asynchronously: just after a PTE change, the
+        shadow may still read through its old entry.  ``sync=True`` makes every
+        producer wait until this shadow has run the start of an invalidation
+        before it changes the PTE, as the kernel's callbacks have run when the
+        call returns: the shadow then never reads a page older than the
+        guest's last completed write.
         """
         if mode not in ("rounds", "free"):
             raise UsageError(f"shadow mode must be 'rounds' or 'free', not {mode!r}")
@@ -374,7 +382,7 @@ class Machine:
             for g in guests:
                 self._require_live(g)
             self.start_broker()
-            shadow = ShadowMMU.claim(self.system, change_pte, self._shadow_gone)
+            shadow = ShadowMMU.claim(self.system, change_pte, self._shadow_gone, sync=sync)
             self._shadows[shadow.slot] = shadow
             for g in guests:
                 shadow.register(g)

@@ -311,7 +311,7 @@ def assert_consistent(summary: dict[str, Any], guests: list[shmksm.Guest]) -> No
 
 # Events per page per merge-and-break pass: change_pte for a's write-protect, b's write-protect,
 # b's merge, a's copy-on-write and b's; as records of each era.
-_RECORDS_PER_CHANGE = {"2009": 1, "2012": 3, "2024": 2, "interval": 1}
+_RECORDS_PER_CHANGE = {"2009": 1, "2012": 3, "2024": 2, "interval": 2}
 
 
 @pytest.mark.parametrize("era", ERAS)

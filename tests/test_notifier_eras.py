@@ -96,3 +96,10 @@ def test_cli_experiment_notifier_json() -> None:
     assert eras["2009"]["cow_faults"] == eras["2024"]["cow_faults"] == 128 * 2, "each duplicate, in each shadow"
     assert eras["2012"]["shadow_faults"] == eras["2024"]["shadow_faults"]
     assert report["workload"] == {"guests": 2, "pages": 128, "shadows": 2, "duplicate_pages": 128}
+    for era, r in eras.items():
+        # The same workload with synchronous shadows: the same faults, and what it cost.
+        y = r["sync"]
+        assert y["shadow_faults"] == r["shadow_faults"], f"era {era}: sync changed the faults"
+        assert y["stale_reads"] == 0
+        assert y["cow_break_us"] > 0 and r["cow_break_us"] > 0
+        assert y["merges_per_s"] and r["merges_per_s"]

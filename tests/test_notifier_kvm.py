@@ -9,16 +9,28 @@ notifier without change_pte got invalidate_page instead in 2009 only: from
 
 from __future__ import annotations
 
+import mmap
+import os
+import tempfile
+from typing import Any
+
 import numpy as np
 import pytest
+import shmksm.workers.shadow
+from conftest import merge_pages
 
 import shmksm
+import shmksm._kvm.shadow as kvm_shadow
 from shmksm import PAGE_SIZE
+from shmksm._ksm import ksm
+from shmksm._ksm.scanner import Scanner
 from shmksm._kvm.shadow import VALID, Shadow, apply_points
 from shmksm._mm import mmu_notifier as mn
 from shmksm._mm.pagetable import PFN_MASK, PRESENT, WRITE
+from shmksm.guest import MADV_MERGEABLE, GuestView
 
 _OLD, _NEW = 7, 9
+_REAL_SHADOW_MAIN = kvm_shadow.shadow
 
 
 def _entry(pfn: int, writable: bool) -> int:
@@ -69,7 +81,7 @@ def test_change_pte_leaves_a_missing_entry_missing(machine: shmksm.Machine) -> N
 
 
 # Records per PTE change, for a notifier with and without change_pte.
-_PER_CHANGE = {"2009": (1, 1), "2012": (3, 2), "2024": (2, 2), "interval": (1, 1)}
+_PER_CHANGE = {"2009": (1, 1), "2012": (3, 2), "2024": (2, 2), "interval": (2, 2)}
 
 
 @pytest.mark.parametrize("era", mn.ERAS)
@@ -93,4 +105,146 @@ def test_records_a_notifier_gets_per_change(era: str) -> None:
         for s in (with_cp, without):
             assert s.round()["faults"] == pages, "a writable new PTE: the entry went in every era"
             s.stop()
+        machine.check()
+
+
+# -- the kernel's order: the start of an invalidation before the PTE changes ------------------------------
+
+
+def _record_order(machine: shmksm.Machine, monkeypatch: pytest.MonkeyPatch,
+                  gid: int, page: int) -> list[tuple[str, int]]:
+    """Every record of ``page`` appended in this process, with the PTE of the page when it was appended."""
+    table = machine.system.table(gid)
+    seen: list[tuple[str, int]] = []
+    emit_many = mn.Notifier.emit_many
+
+    def recording(self: mn.Notifier, records: Any, g: int) -> int:
+        seen.extend((mn.KIND_NAMES[kind & 0xFF], int(table.pv[page])) for kind, a, b in records
+                    if g == gid and a <= page < max(b, a + 1))
+        return emit_many(self, records, g)
+
+    monkeypatch.setattr(mn.Notifier, "emit_many", recording)
+    return seen
+
+
+@pytest.mark.parametrize("era", mn.ERAS)
+@pytest.mark.parametrize("how", ["copy-on-write", "merge", "ksmd", "munmap"])
+def test_the_start_comes_before_the_pte_changes(era: str, how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with shmksm.Machine(frames=64, ksmd=False, notifier_era=era) as machine:
+        a, b = machine.add_guest(pages=2), machine.add_guest(pages=2)
+        for g in (a, b):
+            g.view().write(0, b"same" * 1024)
+        shadow = machine.add_shadow([a, b])
+        if how == "copy-on-write":
+            merge_pages(machine, a, 0, b, 0)
+        before = int(machine.system.table(a.id).pv[0])
+        seen = _record_order(machine, monkeypatch, a.id, 0)
+        if how == "copy-on-write":
+            a.view().write(0, b"new")
+        elif how == "merge":
+            merge_pages(machine, b, 0, a, 0)  # a's page is replaced by b's (made a KSM page)
+        elif how == "ksmd":
+            for g in (a, b):
+                g.view().madvise(0, 2 * PAGE_SIZE, MADV_MERGEABLE)
+            scanner = Scanner(machine.system)
+            for _ in range(2):  # merged in bulk on the second full scan
+                scanner.do_scan(100)
+        else:
+            a.view().munmap(0, 2 * PAGE_SIZE)
+        monkeypatch.undo()
+        after = int(machine.system.table(a.id).pv[0])
+        assert before != after
+        starts = [pte for kind, pte in seen if kind in ("invalidate_range_start", "invalidate")]
+        ends = [pte for kind, pte in seen if kind in ("invalidate_range_end", "invalidate_end")]
+        changes = [pte for kind, pte in seen if kind == "change_pte"]
+        if era == "2009" and how != "munmap":
+            assert not starts and not ends and changes, "2009: change_pte alone"
+        else:
+            assert starts and starts[0] == before, "invalidate_range_start is sent before the PTE changes"
+            assert ends and ends[-1] == after, "and its end after"
+        assert all(pte != before for pte in changes), "change_pte is sent after the PTE changed"
+        if how == "munmap":
+            assert len(starts) == len(ends) == 1, "munmap sends one range for the whole range"
+        shadow.sync()
+        shadow.stop()
+        machine.check()
+
+
+# -- synchronous delivery: a shadow never reads a value older than the last completed write -----------------
+
+
+def _completed_log(prefix: str) -> str:
+    """A file where the writer records, per page, the last value whose write has returned."""
+    return os.path.join(tempfile.gettempdir(), f"{prefix}.completed")
+
+
+class _ReadChecker(kvm_shadow.Shadow):
+    """The real shadow, comparing every read of guest ``WATCHED`` with the writer's completed writes."""
+
+    watched = -1
+
+    def __init__(self, system: Any, slot: int) -> None:
+        super().__init__(system, slot)
+        with open(_completed_log(system.spec.prefix), "r+b") as f:
+            self.log = mmap.mmap(f.fileno(), 0)
+        self.checked = 0
+        self.older = 0
+
+    def read(self, gid: int, page: int) -> bytes:
+        completed = self.log[page] if gid == self.watched else 0  # before the read
+        data = super().read(gid, page)
+        if gid == self.watched and data:
+            self.checked += 1
+            self.older += data[0] < completed
+        return data
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "checked": self.checked, "older": self.older}
+
+
+def _read_checker_main(system: Any, slot: int, guests: list[int], mode: str = "rounds") -> dict[str, Any]:
+    _ReadChecker.watched = guests[0]
+    kvm_shadow.Shadow = _ReadChecker  # type: ignore[misc]
+    return _REAL_SHADOW_MAIN(system, slot, guests, mode)  # type: ignore[no-any-return]
+
+
+def _write_merge_write(view: GuestView, other_gid: int, pages: int, rounds: int) -> int:
+    """``rounds`` times: write value r into every page of both guests (a copy-on-write once they are
+    merged), record it as completed, then merge the pairs again.  Returns the writes."""
+    other = GuestView(view.system, other_gid)
+    ta, tb = view.table, other.table
+    with open(_completed_log(view.system.spec.prefix), "r+b") as f:
+        log = mmap.mmap(f.fileno(), 0)
+    for r in range(1, rounds + 1):
+        for i in range(pages):
+            view.write(i * PAGE_SIZE, bytes([r]))
+            log[i] = r
+            other.write(i * PAGE_SIZE, bytes([r]))
+        for i in range(pages):
+            ksm.try_to_merge_two_pages(ta, i, ta.pv[i] & PFN_MASK, tb, i, tb.pv[i] & PFN_MASK)
+    log.close()
+    return rounds * pages
+
+
+@pytest.mark.parametrize("era", mn.ERAS)
+def test_a_sync_shadow_never_reads_older_than_the_last_completed_write(era: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    pages, rounds = 32, 40
+    with shmksm.Machine(frames=4 * pages + 64, ksmd=False, notifier_era=era) as machine:
+        a, b = machine.add_guest(pages=pages), machine.add_guest(pages=pages)
+        log = _completed_log(machine.system.spec.prefix)
+        with open(log, "wb") as f:
+            f.write(bytes(pages))
+        try:
+            monkeypatch.setattr(shmksm.workers.shadow, "shadow", _read_checker_main)
+            shadow = machine.add_shadow([a, b], mode="free", sync=True)
+            monkeypatch.undo()
+            assert machine.spawn(_write_merge_write, a, b.id, pages, rounds).join(120) == rounds * pages
+            shadow.sync()
+            summary = shadow.stop()
+        finally:
+            os.unlink(log)
+        assert summary["checked"] > 0, "the shadow read nothing"
+        assert summary["older"] == 0, f"{summary['older']} reads older than the last completed write"
+        assert summary["stale_reads"] == 0
         machine.check()

@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 from .._mm.frames import KSM as FRAME_KSM
 from .._mm.frames import PAGE_SIZE, ZERO_PFN, Frames, with_frames
+from .._mm.mmu_notifier import BRACKETED, CHANGE_PTE, Notifier
 from .._mm.pagetable import (
     DIRTY,
     KSM,
@@ -79,9 +80,7 @@ def write_protect_page(table: PageTable, page: int, pfn: int) -> int:
         return 0
     if pte & WRITE:
         pte &= ~WRITE
-        table.pv[page] = pte
-        if table.notifier is not None:
-            table.notifier.change_pte(table.gid, page, pte)
+        table.set_pte_at_notify(page, pte)
     return pte
 
 
@@ -115,25 +114,66 @@ def ptl_runs(pages: list[int]) -> Iterator[tuple[int, int]]:
         i = j
 
 
-@contextmanager
-def _run_locked(table: PageTable, page: int) -> Iterator[list[tuple[int, int, int]] | None]:
-    """Hold the PTL of ``page``'s run; yield the list its notifier records go in.
+class _RunNotes:
+    """The notifier records of one run's PTE changes, in the era ``era``.
 
-    None when no notifier watches the guest: asked under the PTL, as
-    set_pte_at_notify asks at each change, so a shadow registered since an
-    earlier run, which may have filled entries of this one, hears of its
-    changes.  The records go out together at the end, the PTL still held.
+    The starts of the run's pages went out before its PTL was taken (as
+    write_protect_page and replace_page call invalidate_range_start for every
+    page they try); :meth:`changed` notes a change (change_pte in 2009 and
+    2012); the records go out with the run's ends, the PTL still held.
+    """
+
+    __slots__ = ("era", "records")
+
+    def __init__(self, era: int) -> None:
+        self.era = era
+        self.records: list[tuple[int, int, int]] = []
+
+    def changed(self, page: int, pte: int) -> None:
+        """``page`` now has PTE ``pte``."""
+        if self.era == 0:
+            self.records.append((CHANGE_PTE, page, pte))
+        elif self.era == 1:
+            self.records.append((CHANGE_PTE | BRACKETED, page, pte))
+
+
+def _send_starts(notifier: Any, gid: int, pages: list[int], era: int) -> None:
+    """invalidate_range_start of each of ``pages`` (none in 2009); with a sync shadow, wait until it has run them."""
+    if era > 0:
+        records = [Notifier.start_records(page, page + 1, era)[0] for page in pages]
+        notifier.wait_synced(notifier.emit_many(records, gid) + len(records) - 1)
+
+
+@contextmanager
+def _run_locked(table: PageTable, pages: list[int]) -> Iterator[_RunNotes | None]:
+    """Send the starts of ``pages`` (one run), hold its PTL; yield where its changes are noted.
+
+    None when no notifier watches the guest.  That is asked before the PTL is
+    taken and again under it, as set_pte_at_notify asks at each change: a
+    shadow registered meanwhile, which may have filled entries of this run,
+    gets the starts then, still before any change.  The change records and
+    the ends go out together at the end, the PTL still held.
     """
     notifier = table.notifier
-    lock = table.ptl(page)
+    gid = table.gid
+    era = notifier.era(gid) if notifier is not None else -1
+    _send_starts(notifier, gid, pages, era)
+    lock = table.ptl(pages[0])
     lock.acquire()  # type: ignore[attr-defined]
-    records: list[tuple[int, int, int]] | None = None
+    notes: _RunNotes | None = None
     try:
-        records = [] if notifier is not None and notifier.active(table.gid) else None
-        yield records
+        if era < 0 and notifier is not None and (era := notifier.era(gid)) >= 0:
+            _send_starts(notifier, gid, pages, era)
+        notes = _RunNotes(era) if era >= 0 else None
+        yield notes
     finally:
-        if records:
-            notifier.emit_many(records, table.gid)
+        if notes is not None:
+            if notes.era > 0:
+                notes.records.extend(r for page in pages for r in Notifier.end_records(page, page + 1, notes.era))
+            if notes.records:
+                seq = notifier.emit_many(notes.records, gid)
+                if notes.era == 0:  # 2009: change_pte is the only call; a sync shadow has run it
+                    notifier.wait_synced(seq + len(notes.records) - 1)
         lock.release()  # type: ignore[attr-defined]
 
 
@@ -146,18 +186,17 @@ def make_ksm_pages(table: PageTable, pages: list[int], pfns: list[int]) -> list[
     mc, fl, gn, pv = frames.mc, frames.fl, frames.gn, table.pv
     frame_locks: list[Any] = frames.frame_locks
     nlocks = len(frame_locks)
-    notifier = table.notifier
     gens = [-1] * len(pages)
     for i, j in ptl_runs(pages):
-        with _run_locked(table, pages[i]) as records:
+        with _run_locked(table, pages[i:j]) as notes:
             for k, page, pfn in zip(range(i, j), pages[i:j], pfns[i:j], strict=True):
                 pte = pv[page]
                 if pte & PRIVATE_MASK != PRESENT or pte & PFN_MASK != pfn or mc[pfn] != 1 or fl[pfn] & FRAME_KSM:
                     continue
                 if pte & WRITE:
                     pte &= _NOT_WRITE
-                    if records is not None:
-                        records.extend(notifier.change_records(page, pte))
+                    if notes is not None:
+                        notes.changed(page, pte)
                 klock = frame_locks[pfn % nlocks]
                 klock.acquire()
                 fl[pfn] |= FRAME_KSM
@@ -217,9 +256,7 @@ def replace_page(table: PageTable, page: int, pfn: int, kpfn: int, kgen: int) ->
     finally:
         lock.release()  # type: ignore[attr-defined]
     new = kpfn | PRESENT | KSM | (pte & (DIRTY | YOUNG))
-    table.pv[page] = new
-    if table.notifier is not None:
-        table.notifier.change_pte(table.gid, page, new)
+    table.set_pte_at_notify(page, new)
     frames.drop_private([pfn])
     return True
 
@@ -243,7 +280,6 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
     mm, mc, fl, gn, pv = frames.mm, frames.mc, frames.fl, frames.gn, table.pv
     frame_locks: list[Any] = frames.frame_locks
     nlocks = len(frame_locks)
-    notifier = table.notifier
     merged = [False] * len(pages)
     dropped: list[int] = []
     # The last KSM page read, kept for the next page that merges into it.  Only
@@ -252,7 +288,7 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
     kb_pfn, kb_gen, kb = -1, -1, b""
     try:
         for i, j in ptl_runs(pages):
-            with _run_locked(table, pages[i]) as records:
+            with _run_locked(table, pages[i:j]) as notes:
                 for k, page, pfn, kpfn, kgen in zip(range(i, j), pages[i:j], pfns[i:j], kpfns[i:j], kgens[i:j],
                                                     strict=True):
                     pte = pv[page]
@@ -261,8 +297,8 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
                     if pte & WRITE:
                         pte &= _NOT_WRITE
                         pv[page] = pte
-                        if records is not None:
-                            records.extend(notifier.change_records(page, pte))
+                        if notes is not None:
+                            notes.changed(page, pte)
                     if kpfn == ZERO_PFN:  # use_zero_pages: the zero page, which no one counts
                         if mm[pfn << 12:(pfn + 1) << 12] != ZERO_BYTES:
                             continue
@@ -282,8 +318,8 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
                             klock.release()
                         new = kpfn | _KSM_PRESENT | (pte & _DIRTY_YOUNG)
                     pv[page] = new
-                    if records is not None:
-                        records.extend(notifier.change_records(page, new))
+                    if notes is not None:
+                        notes.changed(page, new)
                     merged[k] = True
                     dropped.append(pfn)
     finally:
@@ -297,9 +333,7 @@ def replace_with_zero_page(table: PageTable, page: int, pfn: int) -> bool:
     pte = write_protect_page(table, page, pfn)
     if not pte or page_bytes(table.frames, pfn) != ZERO_BYTES:
         return False
-    table.pv[page] = KSM_ZERO_PTE
-    if table.notifier is not None:
-        table.notifier.change_pte(table.gid, page, KSM_ZERO_PTE)
+    table.set_pte_at_notify(page, KSM_ZERO_PTE)
     table.frames.put(pfn)
     return True
 

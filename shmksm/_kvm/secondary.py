@@ -68,10 +68,11 @@ class ShadowMMU:
     """
 
     def __init__(self, system: System, slot: int, change_pte: bool,
-                 on_gone: Callable[[ShadowMMU], None] = lambda shadow: None) -> None:
+                 on_gone: Callable[[ShadowMMU], None] = lambda shadow: None, sync: bool = False) -> None:
         self.system = system
         self.slot = slot
         self.change_pte = change_pte
+        self.sync_invalidations = sync
         self.worker: WorkerHandle | None = None
         self.registered: set[int] = set()
         self._row = system.notify_area.slots[slot]
@@ -79,8 +80,12 @@ class ShadowMMU:
 
     @classmethod
     def claim(cls, system: System, change_pte: bool,
-              on_gone: Callable[[ShadowMMU], None] = lambda shadow: None) -> ShadowMMU:
-        """Take a free notifier slot and make it live; UsageError if all are taken.  Host only."""
+              on_gone: Callable[[ShadowMMU], None] = lambda shadow: None, sync: bool = False) -> ShadowMMU:
+        """Take a free notifier slot and make it live; UsageError if all are taken.  Host only.
+
+        ``sync``: producers wait for this shadow's acknowledgement of every
+        invalidation's start before they change the PTE.
+        """
         area = system.notify_area
         free = [s for s in range(mn.MAX_SHADOWS) if area.slots[s, mn.S_STATE] == mn.SLOT_FREE]
         if not free:
@@ -94,8 +99,12 @@ class ShadowMMU:
         head = system.get("epoch")
         row[mn.S_ACKED] = row[mn.S_THROUGH] = head
         system.frames.acknowledge(part, head)
+        row[mn.S_SYNC] = int(sync)
         row[mn.S_STATE] = mn.SLOT_LIVE
-        return cls(system, slot, change_pte, on_gone)
+        if sync:
+            with system.locks.notify:
+                area.v[mn.H_SYNC] += 1
+        return cls(system, slot, change_pte, on_gone, sync)
 
     def started(self, worker: WorkerHandle) -> None:
         """The worker process of this slot runs: record it."""
@@ -103,7 +112,10 @@ class ShadowMMU:
         self._row[mn.S_PID] = worker.pid
 
     def release_slot(self) -> None:
-        """The slot's end (the worker stopped or died): it holds back reclamation no more."""
+        """The slot's end (the worker stopped or died): it holds back reclamation, and producers, no more."""
+        if self._row[mn.S_SYNC] and self._row[mn.S_STATE] == mn.SLOT_LIVE:
+            with self.system.locks.notify:
+                self.system.notify_area.v[mn.H_SYNC] -= 1
         self._row[mn.S_STATE] = mn.SLOT_DEAD
         self.system.frames.unregister_participant(int(self._row[mn.S_PART]))
         self.system.locks.broker_bell.release()
@@ -136,7 +148,10 @@ class ShadowMMU:
     def _unregister(self, gid: int, timeout: float) -> None:
         self.registered.discard(gid)
         if not self.system.guest_live(gid):
-            return  # the guest exited: its release ran, and nothing of it can run any more
+            # The guest exited: its release was sent; return once the shadow has run it.
+            if self.alive:
+                self.sync(timeout)
+            return
         seq = self.system.notifier.emit(mn.UNREGISTER, gid, 0, 0, shadow=self.slot)
         if self.alive:
             self.wait_acked(seq, timeout, "unregister")

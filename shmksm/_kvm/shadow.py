@@ -8,12 +8,18 @@ hardware walks EPT.  A missing entry is a *shadow fault* — the emulated
 vmexit — counted, then filled from the primary PTE under its lock, as KVM's
 page fault handler does:
 
-    read_begin        (interval era: note the interval's sequence)
+    read_begin        note the guest's sequence of callbacks (KVM's mmu_invalidate_seq)
+                      and the interval's (the interval notifier's; wait while an
+                      invalidation of the interval is in progress)
     fault             lock the primary PTL, read (or fault in) the PTE, note the
                       notifier head; unlock
     catch up          process every event produced before that point
-    read_retry        (interval era: an invalidation bumped the sequence → retry)
+    read_retry        a callback touched the guest (or the interval) since
+                      read_begin, or an invalidation is in progress → retry
     install           the entry, with the frame's generation
+
+The PTL is taken with a try, running callbacks between tries: a producer may
+hold it while it waits for a ``sync`` shadow to acknowledge an invalidation.
 
 Callbacks arrive in order from the broker.  ``change_pte`` does what KVM's
 handler (kvm_set_pte_rmapp) did from the seed on: it touches only a valid
@@ -22,7 +28,10 @@ write-protected) repoints the entry in place, writable bit cleared — no fault,
 the seed's point; a *writable* new PTE (copy-on-write) drops the entry, so the
 next access faults whatever the era.  An invalidation drops entries;
 ``clear_flush_young`` reports and clears the accessed bits; ``release`` drops
-the guest for good.  A read through an entry whose frame generation changed
+the guest for good.  The interval notifier's ``invalidate`` drops entries and
+sets the sequence of each interval it covers (``mn.INTERVAL_PAGES`` pages) to
+its own sequence number, marking the interval's invalidation in progress until
+``INVALIDATE_END``.  A read through an entry whose frame generation changed
 would be a read of a reused frame: it is counted (``S_STALE_READS``) and must
 never happen.
 
@@ -158,10 +167,11 @@ def apply_points(spte: npt.NDArray[np.uint64], sgen: npt.NDArray[np.uint32], gen
             sgen[upages] = gen[ptes & PFN_MASK]
     if len(ipos):
         spte[pages[ipos]] = 0
-    return updated, in_progress, len(cpos) + len(ipos)
+    return updated, in_progress, len(cpos) + len(ipos) - int(np.count_nonzero(kind == mn.INVALIDATE))
 
 
-_TOUCHING = frozenset((mn.CHANGE_PTE, mn.INVALIDATE_PAGE, mn.RANGE_START, mn.INVALIDATE))
+_TOUCHING = frozenset((mn.CHANGE_PTE, mn.INVALIDATE_PAGE, mn.RANGE_START))  # the interval's go per interval
+_INTERVAL_SHIFT = mn.INTERVAL_PAGES.bit_length() - 1
 
 
 class Shadow:
@@ -195,6 +205,10 @@ class Shadow:
         # and invalidate_range_start calls not yet ended (mmu_invalidate_in_progress).
         self.mmu_seq: dict[int, int] = {}
         self.in_progress: dict[int, int] = {}
+        # Per guest and interval: the interval's sequence (set by invalidate to its
+        # cur_seq) and the invalidations of it in progress (until INVALIDATE_END).
+        self.iseq: dict[int, npt.NDArray[np.int64]] = {}
+        self.iactive: dict[int, npt.NDArray[np.int32]] = {}
         self.lag_hist = np.zeros(_LAG_BINS, np.int64)
         self.part = int(self.row[mn.S_PART])
 
@@ -212,6 +226,9 @@ class Shadow:
             self.accessed_v[gid] = self.accessed[gid].data
             self.mmu_seq.setdefault(gid, 0)
             self.in_progress.setdefault(gid, 0)
+            intervals = (pages + mn.INTERVAL_PAGES - 1) >> _INTERVAL_SHIFT
+            self.iseq.setdefault(gid, np.zeros(intervals, np.int64))
+            self.iactive.setdefault(gid, np.zeros(intervals, np.int32))
         return spte
 
     def process(self) -> int:
@@ -276,6 +293,13 @@ class Shadow:
         spte = self._table(gid)
         if kind in _TOUCHING:
             self.mmu_seq[gid] += 1
+        elif kind in (mn.INVALIDATE, mn.INVALIDATE_END):
+            i, j = a >> _INTERVAL_SHIFT, ((b - 1) >> _INTERVAL_SHIFT) + 1
+            if kind == mn.INVALIDATE:
+                self.iseq[gid][i:j] = word >> 24  # mmu_interval_set_seq(cur_seq)
+                self.iactive[gid][i:j] += 1
+            else:
+                self.iactive[gid][i:j] -= 1
         if kind == mn.CHANGE_PTE:
             if not spte[a]:
                 return  # kvm_set_pte_rmapp walks existing sptes only
@@ -304,13 +328,17 @@ class Shadow:
             self.released.add(gid)
             del self.sptes[gid], self.sgen[gid], self.accessed[gid]
             del self.spte_v[gid], self.sgen_v[gid], self.accessed_v[gid]
+            # Invalidations in progress end with the registration: a new one starts afresh.
+            del self.iseq[gid], self.iactive[gid]
+            self.in_progress[gid] = 0
             v[base + mn.S_RELEASES] += 1
 
     def run_batch(self, recs: npt.NDArray[np.int64]) -> None:
         """Run the callbacks of ``recs`` in order: runs of one-page records with numpy, the rest one by one."""
         kind = recs[:, 0] & 0xFF
-        ranged = (kind == mn.RANGE_START) | (kind == mn.INVALIDATE)
-        special = np.flatnonzero((kind >= mn.CLEAR_YOUNG) | (ranged & (recs[:, 2] - recs[:, 1] != 1)))
+        ranged = (kind == mn.RANGE_START) | (kind == mn.INVALIDATE) | (kind == mn.INVALIDATE_END)
+        young = (kind == mn.CLEAR_YOUNG) | (kind == mn.TEST_YOUNG)
+        special = np.flatnonzero(young | (kind >= mn.RELEASE) | (ranged & (recs[:, 2] - recs[:, 1] != 1)))
         if not len(special):
             self._run_points(recs, kind)
             return
@@ -330,14 +358,14 @@ class Shadow:
         gids = (recs[:, 0] >> 8) & 0xFF
         g0 = int(gids[0])
         if (gids == g0).all():
-            self._run_guest_points(g0, kind, recs[:, 1], recs[:, 2])
+            self._run_guest_points(g0, kind, recs[:, 1], recs[:, 2], recs[:, 0] >> 24)
             return
         for g in np.flatnonzero(np.bincount(gids)).tolist():
             sel = gids == g
-            self._run_guest_points(g, kind[sel], recs[sel, 1], recs[sel, 2])
+            self._run_guest_points(g, kind[sel], recs[sel, 1], recs[sel, 2], recs[sel, 0] >> 24)
 
     def _run_guest_points(self, gid: int, kind: npt.NDArray[np.int64], pages: npt.NDArray[np.int64],
-                          vals: npt.NDArray[np.int64]) -> None:
+                          vals: npt.NDArray[np.int64], seqs: npt.NDArray[np.int64]) -> None:
         v, base = self.v, self.base
         if gid in self.released:
             v[base + mn.S_AFTER_RELEASE] += len(kind)
@@ -348,6 +376,12 @@ class Shadow:
         self.mmu_seq[gid] += touched
         if updated:
             v[base + mn.S_UPDATED] += updated
+        inval, end = kind == mn.INVALIDATE, kind == mn.INVALIDATE_END
+        if inval.any() or end.any():
+            at = pages[inval] >> _INTERVAL_SHIFT
+            np.maximum.at(self.iseq[gid], at, seqs[inval])  # the last invalidate's cur_seq
+            np.add.at(self.iactive[gid], at, 1)
+            np.subtract.at(self.iactive[gid], pages[end] >> _INTERVAL_SHIFT, 1)
 
     def warm_up(self) -> None:
         """Run the batch path once on scratch tables: numpy's first calls import modules (tens of ms)."""
@@ -389,11 +423,15 @@ class Shadow:
         v, base = self.v, self.base
         v[base + mn.S_FAULTS] += 1
         table = self.system.table(gid)
+        interval = page >> _INTERVAL_SHIFT
         while True:
             self.process()
-            seq0 = self.mmu_seq[gid]  # read_begin
+            # read_begin: mmu_interval_read_begin waits while an invalidation of the interval is in progress.
+            self._await(lambda: not self.iactive[gid][interval], gid)
+            seq0, iseq0 = self.mmu_seq[gid], self.iseq[gid][interval]
             lock = table.ptl(page)
-            lock.acquire()  # type: ignore[attr-defined]
+            while not lock.acquire(False):  # type: ignore[attr-defined]
+                self.process()  # its holder may wait for this shadow to run an invalidation
             try:
                 pte = table.pv[page]
                 if pte & UNMAPPED:
@@ -407,16 +445,36 @@ class Shadow:
             self.catch_up(seen)
             if gid in self.released:
                 raise Released(f"guest {gid} was released")
-            if self.mmu_seq[gid] != seq0 or self.in_progress[gid]:
-                # read_retry: a callback touched this guest's entries since
-                # read_begin, so the PTE read may be stale already — and its
-                # invalidation acknowledged (KVM's mmu_invalidate_retry).
+            if (self.mmu_seq[gid] != seq0 or self.in_progress[gid] or self.iseq[gid][interval] != iseq0
+                    or self.iactive[gid][interval]):
+                # read_retry: a callback touched this guest's entries (or the
+                # interval) since read_begin, so the PTE read may be stale
+                # already — and its invalidation acknowledged (KVM's
+                # mmu_invalidate_retry, mmu_interval_read_retry).  An
+                # invalidation still in progress is waited out first.
                 v[base + mn.S_RETRIES] += 1
+                self._await(lambda: not self.in_progress[gid], gid)
                 continue
             entry = pte | VALID
             self.sptes[gid][page] = entry
             self.sgen[gid][page] = gen
             return int(entry)
+
+    def _await(self, cond: Any, gid: int, timeout: float = 10.0) -> None:
+        """Run callbacks until ``cond()``: the end of an invalidation comes after the producer's PTE change."""
+        if cond():
+            return
+        deadline = time.monotonic() + timeout
+        while not cond():
+            self.process()
+            if gid in self.released:
+                raise Released(f"guest {gid} was released")
+            if self.v[mn.H_SLEEPING]:
+                self.v[mn.H_SLEEPING] = 0
+                self.system.locks.broker_bell.release()
+            if time.monotonic() > deadline:
+                raise TimeoutError("an invalidation did not end in time")
+            time.sleep(0.00005)
 
     def catch_up(self, seq: int, timeout: float = 10.0) -> None:
         """Process callbacks until every event before ``seq`` has been seen.

@@ -22,7 +22,11 @@ measured:
   ``change_pte`` finds nothing to update and the next access faults;
 * ``2024`` — no ``change_pte`` at all (Linux 6.10): invalidate only;
 * ``interval`` — the interval notifier: ``invalidate(range, cur_seq)`` and a
-  seqcount-like read side in the shadow (read_begin → fault → lock → read_retry).
+  seqcount-like read side in the shadow (read_begin → fault → lock → read_retry),
+  with a sequence per interval of ``INTERVAL_PAGES`` pages; read_begin waits
+  while an invalidation of its interval is in progress (between the
+  ``invalidate`` and the ``INVALIDATE_END`` that marks the change done, as the
+  kernel's interval tree makes its sequence even again at range_end).
 
 A notifier registered without a ``change_pte`` callback receives
 ``invalidate_page`` instead in 2009 (``__mmu_notifier_change_pte``'s
@@ -34,8 +38,17 @@ How it is emulated
 ------------------
 Producers (the scanner's merges, guests' copy-on-write, unmerge, munmap and
 exit) append fixed-size records to one ring in shared memory, under the
-*notify lock* and while holding the page-table lock of the PTE they change:
-so the order of the ring is the order of the PTE changes.  The ring's head —
+*notify lock*: so the order of the ring is the order of the PTE changes.  As
+the kernel does from 2012, the start of an invalidation comes *before* the PTE
+changes (:meth:`Notifier.begin_change`, :meth:`Notifier.begin_range`, or the
+start records of a run sent before its page-table lock is taken) and its end
+after (:meth:`Notifier.end_change`, :meth:`Notifier.end_range`); change_pte
+comes after the PTE change, under its page-table lock.  Delivery is
+asynchronous: when a producer has changed a PTE, a shadow may still read
+through its old entry until it has run the invalidation.  A shadow added with
+``sync`` closes that window as the kernel's synchronous callbacks do: every
+start of an invalidation waits until each such shadow has acknowledged it
+(:meth:`Notifier.wait_synced`) before the PTE changes.  The ring's head —
 the number of events ever produced — is also the reclamation epoch (control
 field ``epoch``): a frame dropped after event ``s`` waits until every
 registered shadow has processed every event up to ``s``
@@ -57,8 +70,10 @@ The segment is organized as follows (int64 words)::
     [.., +MAX_SHADOWS*YOUNG_PAGES/8)  per-shadow young-bit answers (uint8)
     [.., +MAX_GUESTS)              registrations per guest (producers skip guests with none)
 
-Left out: the notifier SRCU, sleeping and non-sleeping variants, and the
-secondary TLB flush of arch hooks: a shadow is a process reading frames.
+Left out: the RCU (SRCU from 2012) that protects the notifier list, sleeping
+and non-sleeping variants, and the secondary TLB flush of arch hooks: a
+shadow is a process reading frames.  ``test_young`` (2011, for transparent
+huge pages) is offered in every era.
 """
 
 from __future__ import annotations
@@ -83,13 +98,16 @@ RANGE_END: Final = 4
 INVALIDATE: Final = 5  # interval notifier: invalidate(range, cur_seq)
 CLEAR_YOUNG: Final = 6
 TEST_YOUNG: Final = 7
-RELEASE: Final = 8
-REGISTER: Final = 9  # control, for the broker
-UNREGISTER: Final = 10  # control, for the broker
+INVALIDATE_END: Final = 8  # interval notifier: the invalidation is over (the interval tree's seq even again)
+RELEASE: Final = 9  # kinds from here on are handled by the broker at their place in the order
+REGISTER: Final = 10  # control, for the broker
+UNREGISTER: Final = 11  # control, for the broker
 KIND_NAMES: Final = {CHANGE_PTE: "change_pte", INVALIDATE_PAGE: "invalidate_page",
                      RANGE_START: "invalidate_range_start", RANGE_END: "invalidate_range_end",
                      INVALIDATE: "invalidate", CLEAR_YOUNG: "clear_flush_young", TEST_YOUNG: "test_young",
-                     RELEASE: "release", REGISTER: "register", UNREGISTER: "unregister"}
+                     INVALIDATE_END: "invalidate_end", RELEASE: "release", REGISTER: "register",
+                     UNREGISTER: "unregister"}
+INTERVAL_PAGES: Final = 512  # pages per interval of the interval notifier
 
 MAX_SHADOWS: Final = 16
 MAIN_N: Final = 1 << 16
@@ -110,6 +128,7 @@ H_STOP: Final = 3
 H_DELIVERED: Final = 4  # records written to shadow rings
 H_BUSY_NS: Final = 5  # broker time spent delivering
 H_BATCHES: Final = 6
+H_SYNC: Final = 7  # live shadows added with sync: producers wait for their acknowledgement
 
 # Shadow slot words.
 SLOT_WORDS: Final = 32
@@ -136,6 +155,7 @@ S_STOP: Final = 19
 S_AFTER_RELEASE: Final = 20  # callbacks for a guest after its release: must stay 0
 S_REGISTERED: Final = 21  # bitmask of registrations the host made (never released twice)
 S_STALE_READS: Final = 22  # reads through an entry whose frame generation changed: must stay 0
+S_SYNC: Final = 23  # producers wait for this shadow's acknowledgement of an invalidation's start
 
 SLOT_FREE: Final = 0
 SLOT_LIVE: Final = 1
@@ -193,8 +213,9 @@ class NotifyArea:
 class Notifier:
     """The producer side, in any process that changes PTEs (mmu_notifier_* calls).
 
-    Every method is called with the page-table lock of the pages it names
-    held, and takes the notify lock to append.
+    The records of a PTE change are appended while its page-table lock is
+    held (the starts may come before it is taken); every append takes the
+    notify lock.
     """
 
     def __init__(self, area: NotifyArea, ctl_view: memoryview, lock: Any, bell: Any) -> None:
@@ -212,41 +233,106 @@ class Notifier:
         """Does any notifier watch guest ``gid``?  (mm_has_notifiers)"""
         return bool(self.nreg[gid])
 
-    # -- the calls of mm/ --------------------------------------------------------------
+    # -- the calls of mm/, in the kernel's order ---------------------------------------
+
+    def begin_change(self, gid: int, page: int) -> int:
+        """Before a PTE change of ``page`` (set_pte_at_notify's call sites): invalidate_range_start.
+
+        Returns the era the change is notified in (pass it to
+        :meth:`end_change`), or -1 when no notifier watches the guest.  2009
+        sends nothing here; 2012 and 2024 invalidate_range_start; the
+        interval notifier its ``invalidate``.  With a ``sync`` shadow, waits
+        until it has run the start.  May hold the PTL of ``page``.
+        """
+        if not self.nreg[gid]:
+            return -1
+        era = int(self.cv[self.era_index])
+        if era:
+            self.wait_synced(self.emit_many(self.start_records(page, page + 1, era), gid))
+        return era
+
+    def end_change(self, gid: int, page: int, pte: int, era: int) -> None:
+        """After the PTE change (its PTL held): change_pte and invalidate_range_end as era ``era`` had them.
+
+        In 2009, with a ``sync`` shadow, waits until it has run the change_pte
+        (the only call there is).
+        """
+        if era >= 0:
+            records = self.end_records(page, page + 1, era, pte)
+            seq = self.emit_many(records, gid)
+            if era == 0:
+                self.wait_synced(seq + len(records) - 1)
+
+    def begin_range(self, gid: int, start: int, end: int) -> int:
+        """invalidate_range_start before zapping [start, end) (munmap), in every era; the era, or -1."""
+        if not self.nreg[gid]:
+            return -1
+        era = int(self.cv[self.era_index])
+        self.wait_synced(self.emit_many(self.start_records(start, end, max(era, 2)), gid))
+        return era
+
+    def end_range(self, gid: int, start: int, end: int, era: int) -> None:
+        """invalidate_range_end after zapping [start, end)."""
+        if era >= 0:
+            self.emit_many(self.end_records(start, end, max(era, 2)), gid)
+
+    @staticmethod
+    def start_records(start: int, end: int, era: int) -> tuple[tuple[int, int, int], ...]:
+        """The records before a change of [start, end) in era ``era`` (none for a change in 2009)."""
+        if era == 0:
+            return ()
+        return ((INVALIDATE if era == 3 else RANGE_START, start, end),)
+
+    @staticmethod
+    def end_records(start: int, end: int, era: int, pte: int = -1) -> tuple[tuple[int, int, int], ...]:
+        """The records after a change of [start, end) in era ``era``: change_pte (``pte`` >= 0) and the end."""
+        if era == 0:
+            return ((CHANGE_PTE, start, pte),) if pte >= 0 else ()
+        if era == 1:
+            if pte >= 0:
+                return ((CHANGE_PTE | BRACKETED, start, pte), (RANGE_END, start, end))
+            return ((RANGE_END, start, end),)
+        return ((INVALIDATE_END if era == 3 else RANGE_END, start, end),)
+
+    def era(self, gid: int) -> int:
+        """The era changes of guest ``gid`` are notified in now, or -1 when no notifier watches it."""
+        return int(self.cv[self.era_index]) if self.nreg[gid] else -1
+
+    def wait_synced(self, seq: int, timeout: float = 10.0) -> None:
+        """Return once every live ``sync`` shadow has run event ``seq`` (the kernel's callbacks return
+        when done).  Takes no lock; the broker and the shadows never wait for a page-table lock."""
+        if not self.v[H_SYNC]:
+            return
+        area = self.area
+        bases = [area.slot_base(slot) for slot in range(MAX_SHADOWS)]
+        v = self.v
+
+        def acked() -> bool:
+            return all(v[b + S_STATE] != SLOT_LIVE or not v[b + S_SYNC] or v[b + S_ACKED] > seq for b in bases)
+
+        if v[H_SLEEPING]:
+            v[H_SLEEPING] = 0
+            self.doorbell()
+        poll_until(acked, timeout, lambda: InternalError("a sync shadow did not acknowledge an invalidation"),
+                   first=0.00002, most=0.001)
+
+    # -- the same, all at once after the change (callers that send their records in bulk) --
 
     def change_pte(self, gid: int, page: int, pte: int) -> None:
-        """set_pte_at_notify as the selected era had it around the call sites."""
-        if not self.nreg[gid]:
-            return
-        era = self.cv[self.era_index]
-        if era == 0:
-            self.emit(CHANGE_PTE, gid, page, pte)
-        elif era == 1:
-            self.emit3(gid, page, pte)
-        elif era == 2:
-            self.emit2(gid, page, page + 1)
-        else:
-            self.emit(INVALIDATE, gid, page, page + 1)
+        """set_pte_at_notify's records, all after the PTE change (PTL held)."""
+        if self.nreg[gid]:
+            self.emit_many(self.change_records(page, pte), gid)
 
     def change_records(self, page: int, pte: int) -> tuple[tuple[int, int, int], ...]:
-        """The records change_pte(page, pte) appends in the selected era, for emit_many."""
-        era = self.cv[self.era_index]
-        if era == 0:
-            return ((CHANGE_PTE, page, pte),)
-        if era == 1:
-            return ((RANGE_START, page, page + 1), (CHANGE_PTE | BRACKETED, page, pte), (RANGE_END, page, page + 1))
-        if era == 2:
-            return ((RANGE_START, page, page + 1), (RANGE_END, page, page + 1))
-        return ((INVALIDATE, page, page + 1),)
+        """Every record of change_pte(page, pte) in the selected era, for emit_many after the change."""
+        era = int(self.cv[self.era_index])
+        return self.start_records(page, page + 1, era) + self.end_records(page, page + 1, era, pte)
 
     def invalidate_range(self, gid: int, start: int, end: int) -> None:
-        """invalidate_range_start + end around a zap, an unmerge, a munmap."""
-        if not self.nreg[gid]:
-            return
-        if self.cv[self.era_index] == 3:
-            self.emit(INVALIDATE, gid, start, end)
-        else:
-            self.emit2(gid, start, end)
+        """invalidate_range_start + end, together, after a zap."""
+        if self.nreg[gid]:
+            era = max(int(self.cv[self.era_index]), 2)
+            self.emit_many(self.start_records(start, end, era) + self.end_records(start, end, era), gid)
 
     # -- the ring ------------------------------------------------------------------------
 
@@ -258,15 +344,6 @@ class Notifier:
             return self.emit_locked(kind, gid, a, b, shadow)
         finally:
             lock.release()
-
-    def emit2(self, gid: int, start: int, end: int) -> None:
-        """invalidate_range_start and _end, appended together."""
-        self.emit_many(((RANGE_START, start, end), (RANGE_END, start, end)), gid)
-
-    def emit3(self, gid: int, page: int, pte: int) -> None:
-        """change_pte bracketed by invalidate_range_start/end (the 2012 call sites)."""
-        self.emit_many(((RANGE_START, page, page + 1), (CHANGE_PTE | BRACKETED, page, pte),
-                        (RANGE_END, page, page + 1)), gid)
 
     def emit_many(self, records: tuple[tuple[int, int, int], ...] | list[tuple[int, int, int]], gid: int) -> int:
         """Append (kind, a, b) records of guest ``gid`` in one critical section; return the first's sequence.

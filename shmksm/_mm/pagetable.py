@@ -225,9 +225,10 @@ class PageTable:
                 frames.zero_frame(pfn)
             frames.mc[pfn] = 1
             new = pfn | PRESENT | WRITE | DIRTY | YOUNG
-            pv[page] = new
-            if pte & PRESENT and self.notifier is not None:
-                self.notifier.change_pte(self.gid, page, new)
+            if pte & PRESENT:
+                self.set_pte_at_notify(page, new)
+            else:
+                pv[page] = new
             return new
         old = pte & PFN_MASK
         if frames.cv[_MITIGATION] != MITIGATION_VUSION and not frames.fl[old] & FRAME_KSM and frames.mc[old] == 1:
@@ -338,28 +339,42 @@ class PageTable:
             if not frames.take_last_mapping(old):
                 raise
             new = old | PRESENT | WRITE | YOUNG | (DIRTY if dirty else pte & DIRTY)
-            self.pv[page] = new
-            if self.notifier is not None:
-                self.notifier.change_pte(self.gid, page, new)
+            self.set_pte_at_notify(page, new)
             return new
         frames.copy_frame(pfn, old)
         frames.mc[pfn] = 1
         new = pfn | PRESENT | WRITE | YOUNG | (DIRTY if dirty else pte & DIRTY)
-        self.pv[page] = new
-        if self.notifier is not None:
-            self.notifier.change_pte(self.gid, page, new)
+        self.set_pte_at_notify(page, new)
         if frames.cv[_MITIGATION] == MITIGATION_VUSION:
             frames.put_alike(old)  # whether it was shared must not show in the time taken
         else:
             frames.put(old)
         return new
 
-    def zap(self, page: int, unmap: bool) -> None:
-        """Drop the mapping of ``page`` (munmap or exit).  PTL held."""
+    def set_pte_at_notify(self, page: int, pte: int) -> None:
+        """Write ``pte`` with the notifier calls of the era around it.  PTL held.
+
+        invalidate_range_start before the write (from 2012; with a ``sync``
+        shadow it has run the start when the write happens), change_pte and
+        invalidate_range_end after it.
+        """
+        notifier = self.notifier
+        era = notifier.begin_change(self.gid, page) if notifier is not None else -1
+        self.pv[page] = pte
+        if era >= 0:
+            notifier.end_change(self.gid, page, pte, era)
+
+    def zap(self, page: int, unmap: bool, notify: bool = True) -> None:
+        """Drop the mapping of ``page`` (munmap or exit).  PTL held.
+
+        ``notify=False``: the caller brackets a whole range of zaps with
+        invalidate_range_start/end (as munmap does).
+        """
         pte = self.pv[page]
         self.pv[page] = UNMAPPED if unmap else 0
         if pte & PRESENT:
-            self._notify_invalidate(page)
+            if notify:
+                self._notify_invalidate(page)
             if not pte & ZERO:
                 self.frames.put(pte & PFN_MASK)
 

@@ -44,28 +44,48 @@ def _fill_duplicates(view: GuestView, pages: int, seed: int) -> int:
     return pages
 
 
-def _break_cow(view: GuestView, pages: int) -> int:
-    """Write one byte into every odd (merged) page: each write copies."""
+def _break_cow(view: GuestView, pages: int) -> tuple[int, float]:
+    """Write one byte into every odd (merged) page: each write copies.  Returns (writes, seconds)."""
+    t0 = time.perf_counter()
     for i in range(1, pages, 2):
         view.write(i * PAGE_SIZE + 1, b"\x01")
-    return pages // 2
+    return pages // 2, time.perf_counter() - t0
 
 
-def notifier_era_run(era: str, guests: int = 2, pages: int = 1024, shadows: int = 2, seed: int = 3) -> dict[str, Any]:
-    """Run the workload under one era; return its figures."""
+def _merging_scan(machine: Machine) -> tuple[int, float]:
+    """Run ksmd until its second full scan (the one that merges) ends; (pages merged in it, its seconds)."""
+    system = machine.system
+
+    def scan_ends(after: int) -> float:
+        while system.get("full_scans") <= after:
+            time.sleep(0.0002)
+        return time.perf_counter()
+
+    base = system.get("full_scans")
+    machine.ksm.run = 1
+    t1 = scan_ends(base)
+    merged0 = machine.ksm.counters()
+    t2 = scan_ends(base + 1)
+    merged = machine.ksm.counters()
+    count = (merged["pages_shared"] + merged["pages_sharing"] - merged0["pages_shared"] - merged0["pages_sharing"])
+    return count, t2 - t1
+
+
+def notifier_era_run(era: str, guests: int = 2, pages: int = 1024, shadows: int = 2, seed: int = 3,
+                     sync: bool = False) -> dict[str, Any]:
+    """Run the workload under one era (the shadows added with ``sync``); return its figures."""
     with Machine(frames=guests * pages * 2 + 64, pages_to_scan=4 * pages, sleep_millisecs=0,
                  notifier_era=era) as machine:
         handles = [machine.add_guest(pages=pages) for _ in range(guests)]
         for g in handles:
             machine.spawn(_fill_duplicates, g, pages, seed).join()
-        mmus = [machine.add_shadow(handles) for _ in range(shadows)]
+        mmus = [machine.add_shadow(handles, sync=sync) for _ in range(shadows)]
         warm = [s.round()["faults"] for s in mmus]
-        machine.ksm.run = 1
+        merges, merge_seconds = _merging_scan(machine)
         machine.wait_converged()
         machine.ksm.run = 0
         merge = [s.round() for s in mmus]
-        for g in handles:
-            machine.spawn(_break_cow, g, pages).join()
+        breaks = [machine.spawn(_break_cow, g, pages).join() for g in handles]
         cow = [s.round() for s in mmus]
         for s in mmus:
             s.sync()
@@ -90,16 +110,27 @@ def notifier_era_run(era: str, guests: int = 2, pages: int = 1024, shadows: int 
         "stale_reads": sum(s["stale_reads"] for s in summaries),
         "pages_sharing": counters["pages_sharing"],
         "cow_ksm": cow_ksm,
+        "cow_break_us": round(sum(t for _, t in breaks) / max(1, sum(n for n, _ in breaks)) * 1e6, 1),
+        "merges_per_s": round(merges / merge_seconds) if merge_seconds else None,
     }
 
 
 def notifier_experiment(guests: int = 2, pages: int = 1024, shadows: int = 2, eras: tuple[str, ...] = mn.ERAS,
-                        progress: Any = None) -> dict[str, Any]:
-    """The workload under each era; ``faults_avoided`` is relative to the 2024 era."""
+                        progress: Any = None, sync: bool = True) -> dict[str, Any]:
+    """The workload under each era; ``faults_avoided`` is relative to the 2024 era.
+
+    With ``sync``, each era runs again with synchronous shadows (``sync``
+    key): what waiting for the shadows' acknowledgement costs a
+    copy-on-write break and ksmd's merging, beside the asynchronous run.
+    """
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
     for era in eras:
         results[era] = notifier_era_run(era, guests, pages, shadows)
+        if sync:
+            synced = notifier_era_run(era, guests, pages, shadows, sync=True)
+            results[era]["sync"] = {k: synced[k] for k in ("cow_break_us", "merges_per_s", "shadow_faults",
+                                                          "merge_faults", "cow_faults", "stale_reads")}
         if progress is not None:
             progress(era, results[era])
     base = results.get("2024")
