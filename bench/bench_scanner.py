@@ -15,14 +15,29 @@ ratios are printed.  Sections:
               page at 1M pages (8 guests of 512 MiB), which must converge;
               an idle scanner's RssAnon (the interpreter and its modules)
               is printed beside it.
+* parallel  — 1 and 2 scanners (shmksm's own knob ``scanners``) on the same
+              1M-page workload, pages_to_scan 20000, sleep 0: wall seconds to
+              converge, pages scanned per wall-second, scanner CPU per page
+              (all scanners' CPU ÷ pages scanned); targets 2 scanners >= 1.7x
+              the pages per wall-second of one and <= 1.15x its CPU per page.
+              The serial part — what every scanner repeats for pages it does
+              not own (walking the PTEs, reading the fingerprint), measured as
+              the growth of CPU per page from 1 to 2 scanners — gives the
+              extension to more cores (Amdahl, each scanner on its own core).
+              The load average is printed beside: on a busy machine wall-clock
+              scaling is depressed; rerun on a quiet one.
+* batch     — ksmd's CPU per batch at the default knobs (100 pages, 20 ms
+              sleep) against back-to-back batches, by section, in-process.
 
-    python bench/bench_scanner.py [--sections converge,unique,merged,memory] [--repeat 3] [--json FILE]
+    python bench/bench_scanner.py [--sections converge,unique,merged,memory,parallel,batch] [--repeat 3]
+                                  [[--parallel-pages 1048576] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -33,6 +48,7 @@ import kernel_ksm
 from shmksm.workers.guest_image import load_image
 
 from shmksm import Machine
+from shmksm._ksm.scanner import Scanner
 from shmksm.tool.images import MIXES, Mix, ideal, write_mix
 from shmksm.tool.runner import run_images
 
@@ -112,6 +128,70 @@ def memory(guests: int = 8, pages_per_guest: int = 131072) -> dict[str, Any]:
             "ksmd_cpu_seconds": r["converged"]["ksmd_cpu_seconds"], "wall_seconds_with_loading": round(wall, 1)}
 
 
+def _load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (5 min {five:.2f}) on {os.cpu_count()} CPUs"
+
+
+def parallel(total_pages: int, guests: int = 8, scanner_counts: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
+    """1 and 2 scanners on one workload of ``total_pages``: wall, rate, CPU per page, and the serial part."""
+    per_guest = total_pages // guests
+    mix = Mix(common=per_guest // 2, zero=per_guest // 8, unique=per_guest // 4,
+              intra=per_guest - per_guest // 2 - per_guest // 8 - per_guest // 4, intra_distinct=512)
+    out: dict[str, Any] = {"pages": per_guest * guests, "guests": guests, "load_before": _load()}
+    with tempfile.TemporaryDirectory(prefix="shmksm-bench-") as tmp:
+        paths = write_mix(tmp, guests, mix)
+        best = ideal(paths)
+        for n in scanner_counts:
+            r = run_images(paths, knobs={**KNOBS, "pages_to_scan": 20000, "scanners": n}, timeout=3600)
+            scanned = r["ksm"]["pages_scanned"]
+            out[f"scanners_{n}"] = {
+                "wall_seconds_to_converge": r["converged"]["seconds"], "wall_seconds": r["wall_seconds"],
+                "converged_full_scans": r["converged"]["full_scans"], "pages_scanned": scanned,
+                "pages_per_wall_second": round(scanned / r["wall_seconds"]),
+                "cpu_seconds": r["ksmd_cpu_seconds"],
+                "cpu_us_per_page": round(r["ksmd_cpu_seconds"] / scanned * 1e6, 4),
+                "counters_equal_ideal": (r["ksm"]["pages_shared"], r["ksm"]["pages_sharing"])
+                == (best.pages_shared, best.pages_sharing),
+                "load_after": _load()}
+    one, two = out["scanners_1"], out[f"scanners_{scanner_counts[-1]}"]
+    k = scanner_counts[-1]
+    out["rate_ratio"] = round(two["pages_per_wall_second"] / one["pages_per_wall_second"], 3)
+    out["cpu_per_page_ratio"] = round(two["cpu_us_per_page"] / one["cpu_us_per_page"], 3)
+    # Every scanner pays the serial part on every page; the rest divides among them.
+    serial = max(0.0, (two["cpu_us_per_page"] - one["cpu_us_per_page"]) / (k - 1))
+    own = one["cpu_us_per_page"]
+    out["serial_us_per_page"] = round(serial, 4)
+    out["per_scanner_pages_per_cpu_second"] = round(1e6 / (own / k + serial))
+    out["projected_speedup"] = {n: round(n * own / (own + (n - 1) * serial), 2) for n in (2, 4, 8, 12, 16)}
+    return out
+
+
+def batch_cost(batches: int = 1500) -> dict[str, Any]:
+    """CPU per do_scan(100) batch on the 4-guest default mix, after a 20 ms sleep and back to back."""
+    out: dict[str, Any] = {"load": _load()}
+    with tempfile.TemporaryDirectory(prefix="shmksm-bench-") as tmp:
+        paths = write_mix(tmp, 4, MIXES["default"])
+        for sleep in (0.0, 0.02):
+            with Machine(frames=4 * MIXES["default"].pages + 1024, ksmd=False) as m:
+                guests = [m.add_guest(pages=MIXES["default"].pages) for _ in paths]
+                for w in [m.spawn(load_image, g, p) for g, p in zip(guests, paths, strict=True)]:
+                    w.join()
+                m.ksm.run = 1
+                scanner = Scanner(m.system)
+                cpu = []
+                for _ in range(batches):
+                    t = time.process_time()
+                    scanner.do_scan(100)
+                    cpu.append(time.process_time() - t)
+                    if sleep:
+                        time.sleep(sleep)
+                out[f"sleep_{int(sleep * 1000)}ms"] = {
+                    "median_us": round(statistics.median(cpu) * 1e6), "mean_us": round(statistics.mean(cpu) * 1e6),
+                    "full_scans": scanner.full_scans}
+    return out
+
+
 def _idle_scanner_rss_kb() -> int:
     """RssAnon of a scanner that has scanned nothing: the interpreter, numpy and xxhash."""
     with Machine(frames=1024) as machine:
@@ -125,7 +205,8 @@ def _idle_scanner_rss_kb() -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="converge,unique,merged,memory")
+    ap.add_argument("--sections", default="converge,unique,merged,memory,parallel,batch")
+    ap.add_argument("--parallel-pages", type=int, default=1 << 20)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-kernel", action="store_true")
     ap.add_argument("--json", metavar="FILE")
@@ -151,6 +232,23 @@ def main() -> int:
         print(f"memory: {r['bytes_per_page']} bytes of scanner RssAnon per page at {r['pages']:,} pages "
               f"(an idle scanner's: {r['idle_rss_anon_kb']:,} kB); converged at full scan {r['converged_full_scans']}, "
               f"counters equal the ideal: {r['counters_equal_ideal']}")
+    if "parallel" in sections:
+        r = results["parallel"] = parallel(a.parallel_pages)
+        print(f"parallel: {r['pages']:,} pages; {r['load_before']}")
+        for key in ("scanners_1", "scanners_2"):
+            s = r[key]
+            print(f"  {key.replace('_', ' ')}: converged in {s['wall_seconds_to_converge']} wall-s "
+                  f"(full scan {s['converged_full_scans']}), {s['pages_per_wall_second']:,} pages/wall-s, "
+                  f"{s['cpu_us_per_page']} CPU-us/page, ideal reached: {s['counters_equal_ideal']}; {s['load_after']}")
+        print(f"  2 vs 1: {r['rate_ratio']}x pages/wall-s (target >= 1.7), {r['cpu_per_page_ratio']}x CPU/page "
+              f"(target <= 1.15)")
+        print(f"  serial part {r['serial_us_per_page']} CPU-us/page (repeated by every scanner); per-scanner "
+              f"{r['per_scanner_pages_per_cpu_second']:,} pages/CPU-s at 2; projected speedup on N free cores: "
+              + ", ".join(f"{n}: {x}x" for n, x in r["projected_speedup"].items()) + " (PageONE: 13.7x on 12)")
+    if "batch" in sections:
+        r = results["batch"] = batch_cost()
+        print(f"batch: do_scan(100) CPU median {r['sleep_0ms']['median_us']} us back to back, "
+              f"{r['sleep_20ms']['median_us']} us after a 20 ms sleep; {r['load']}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

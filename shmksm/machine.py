@@ -255,7 +255,9 @@ class Machine:
             raise HostMemoryError(_mistakes.host_memory_message(frames)) from None
         self._next_node = 0  # add_guest's round robin
         self.system.set("notifier_era", era)
-        self.ksm = Ksm(self.system)
+        self.ksm = Ksm(self.system, on_write=self._knob_written)
+        self._scanners: dict[int, Worker] = {}  # ksmd processes by scanner index
+        self._ksmd_on = False  # start_ksmd was called, stop_ksmd not since
         self._shadows: dict[int, ShadowMMU] = {}
         self.broker: Worker | None = None
         try:
@@ -269,29 +271,67 @@ class Machine:
         self._wake_r, self._wake_w = os.pipe()
         self._watcher = threading.Thread(target=self._watch, name="shmksm-reaper", daemon=True)
         self._watcher.start()
-        self.ksmd: Worker | None = None
         if ksmd:
             self.start_ksmd()
 
     # -- ksmd ---------------------------------------------------------------------------------------
 
+    @property
+    def ksmd(self) -> Worker | None:
+        """The scanner process (with several scanners, scanner 0's), None once stopped."""
+        return self._scanners.get(0) if self._ksmd_on else None
+
+    def scanner_workers(self) -> list[Worker]:
+        """The scanner processes started and not stopped, by index (dead ones too)."""
+        return [self._scanners[i] for i in sorted(self._scanners)] if self._ksmd_on else []
+
     def start_ksmd(self) -> Worker:
-        """Start the scanner process (again, after one died); it scans while ``run`` is 1."""
-        if self.ksmd is not None and self.ksmd.is_alive():
-            raise UsageError(f"ksmd already runs (pid {self.ksmd.pid})")
+        """Start the scanner processes, one per ``scanners`` (again, those that died); they
+        scan while ``run`` is 1.  Returns scanner 0's."""
+        with self._lock:
+            wanted = self.system.get("scanners")
+            missing = [i for i in range(wanted) if i not in self._scanners or not self._scanners[i].is_alive()]
+            if not missing:
+                pids = ", ".join(str(self._scanners[i].pid) for i in range(wanted))
+                raise UsageError(f"ksmd already runs (pid {pids})")
+            self._ksmd_on = True
+            self.system.set("scanner_stop", 0)
+            self._start_scanners(missing)
+            return self._scanners[0]
+
+    def _start_scanners(self, indices: list[int]) -> None:
         from shmksm.workers.ksmd import ksmd as ksmd_main
 
-        self.system.set("scanner_stop", 0)
-        self.ksmd = self.spawn(ksmd_main, None, time.monotonic_ns(), name="ksmd")
-        return self.ksmd
+        for i in indices:
+            self._scanners[i] = self.spawn(ksmd_main, None, time.monotonic_ns(), i,
+                                           name="ksmd" if i == 0 else f"ksmd{i}")
+
+    def _knob_written(self, name: str) -> None:
+        """After a knob write through ``machine.ksm``: more scanners wanted → start them
+        (fewer: the extra ones see it and exit).  The reaper does the same for writes
+        from another process (``shmksm knobs``)."""
+        if name == "scanners":
+            self._sync_scanners()
+
+    def _sync_scanners(self) -> None:
+        with self._lock:
+            if not self._ksmd_on or self._closed:
+                return
+            # A scanner that was killed is restarted by start_ksmd only, as a dead ksmd is.
+            start = [i for i in range(self.system.get("scanners"))
+                     if i not in self._scanners or (not self._scanners[i].is_alive() and not self._scanners[i].died)]
+            self._start_scanners(start)
 
     def stop_ksmd(self, timeout: float = 10.0) -> Any:
-        """Ask the scanner to finish its batch and exit; return its summary."""
-        worker, self.ksmd = self.ksmd, None
-        if worker is None:
+        """Ask the scanners to finish their batches and exit; return scanner 0's summary."""
+        with self._lock:
+            workers, on = self.scanner_workers(), self._ksmd_on
+            self._ksmd_on = False
+        if not on or not workers:
             return None
         self.system.set("scanner_stop", 1)
-        return worker.join(timeout) if worker.process.exitcode is None or worker.process.exitcode >= 0 else None
+        out = [w.join(timeout) if w.process.exitcode is None or w.process.exitcode >= 0 else None for w in workers]
+        return out[0]
 
     def wait_converged(self, stable_scans: int = 3, timeout: float = 120.0) -> dict[str, int]:
         """Wait until pages_shared, pages_sharing and ksm_zero_pages stay the same for ``stable_scans``
@@ -312,7 +352,7 @@ class Machine:
         start = self.system.get("full_scans")
 
         def ksmd_runs() -> None:
-            if self.ksmd is None or not self.ksmd.is_alive():
+            if not any(w.is_alive() for w in self.scanner_workers()):
                 raise ProcessDied("ksmd is not running")
 
         poll_until(lambda: self.system.get("full_scans") >= start + n, timeout,
@@ -532,6 +572,7 @@ class Machine:
             ready = wait([wake, *live], timeout=1.0)
             if wake in ready:
                 os.read(wake, 4096)
+            self._sync_scanners()
             with self._lock:
                 if self._closed:
                     return
@@ -612,9 +653,11 @@ class Machine:
         atexit.unregister(self._close_at_exit)
         os.write(self._wake_w, b"x")
         self._watcher.join(5)
-        if self.ksmd is not None and self.ksmd.process.exitcode is None:
+        scanners = [w for w in self._scanners.values() if w.process.exitcode is None]
+        if scanners:
             self.system.set("scanner_stop", 1)
-            self.ksmd.process.join(5)
+            for w in scanners:
+                w.process.join(5)
         area = self.system.notify_area
         for shadow in list(self._shadows.values()):
             area.slots[shadow.slot, mmu_notifier.S_STOP] = 1

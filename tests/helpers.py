@@ -195,6 +195,27 @@ def distinct_frames(machine: shmksm.Machine, guests: Sequence[shmksm.Guest]) -> 
     assert (counts == 1).all(), f"frames mapped more than once: {values[counts > 1][:10].tolist()}"
 
 
+def ksm_mappings(machine: shmksm.Machine) -> tuple[int, int]:
+    """(distinct KSM pages mapped, PTEs that map a KSM page), zero page excluded, over every guest."""
+    kpfns = []
+    for gid in machine.system.live_guests():
+        ptes = machine.system.table(gid).ptes.copy()
+        ksm = (ptes & np.uint64(PRESENT | KSM | ZERO)) == np.uint64(PRESENT | KSM)
+        kpfns.append(ptes[ksm] & np.uint64(PFN_MASK))
+    every = np.concatenate(kpfns) if kpfns else np.zeros(0, np.uint64)
+    return len(np.unique(every)), len(every)
+
+
+def ideal(keys: Sequence[int], max_page_sharing: int) -> tuple[int, int]:
+    """(pages_shared, pages_sharing) that merging pages of these contents reaches (ksm_tests.c's count)."""
+    shared = sharing = 0
+    for count in Counter(keys).values():
+        s, g = selftest_expectation(count, max_page_sharing)
+        shared += s
+        sharing += g
+    return shared, sharing
+
+
 def assert_data(guest: shmksm.Guest, keys: Sequence[int]) -> None:
     """Assert that page i of ``guest`` holds ``content(keys[i])``."""
     view = guest.view()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import signal
 from collections import Counter
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -20,10 +19,11 @@ from helpers import (
     content,
     fill,
     full_scans,
+    ideal,
+    ksm_mappings,
     merged_machine,
     pause,
     resume,
-    selftest_expectation,
     start_ksmd,
     wait_until,
 )
@@ -34,33 +34,12 @@ from shmksm.workers import guest_random
 import shmksm
 from shmksm import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE
 from shmksm._ksm.scanner import RMAP_ITEM_BYTES, Scanner
-from shmksm._mm.pagetable import KSM, PFN_MASK, PRESENT, WRITE, ZERO
+from shmksm._mm.pagetable import KSM, PFN_MASK, WRITE, ZERO
 
 
 def write_at(view: shmksm.GuestView, addr: int, data: bytes) -> None:
     """Guest workload: one write."""
     view.write(addr, data)
-
-
-def ksm_mappings(machine: shmksm.Machine) -> tuple[int, int]:
-    """(distinct KSM pages mapped, PTEs that map a KSM page), zero page excluded, over every guest."""
-    kpfns = []
-    for gid in machine.system.live_guests():
-        ptes = machine.system.table(gid).ptes.copy()
-        ksm = (ptes & np.uint64(PRESENT | KSM | ZERO)) == np.uint64(PRESENT | KSM)
-        kpfns.append(ptes[ksm] & np.uint64(PFN_MASK))
-    every = np.concatenate(kpfns) if kpfns else np.zeros(0, np.uint64)
-    return len(np.unique(every)), len(every)
-
-
-def ideal(keys: Sequence[int], max_page_sharing: int) -> tuple[int, int]:
-    """(pages_shared, pages_sharing) that merging pages of these contents reaches (ksm_tests.c's count)."""
-    shared = sharing = 0
-    for count in Counter(keys).values():
-        s, g = selftest_expectation(count, max_page_sharing)
-        shared += s
-        sharing += g
-    return shared, sharing
 
 
 # -- when merging happens ---------------------------------------------------------------------------

@@ -53,6 +53,14 @@ What is emulated, and how
   (:func:`ksm.write_protect_pages`), merged or not, and KSM pages are read at
   each visit like the others.
 
+* Parallel scanners (shmksm's own knob ``scanners``, not the kernel's): each
+  scanner process runs a whole :class:`Scanner` on the pages it owns
+  (:meth:`Scanner._owns`): those of its nodes with merge_across_nodes=0 and
+  enough nodes, else those whose content fingerprint routes to it.  Pages
+  that can merge have one owner, so no tree is shared; the counters of the
+  scanners are folded into the named words (:class:`ScannerWords`).  See
+  docs/architecture.md for the convergence argument and the lock order.
+
 Left out: migration, swap, huge pages, and the pruning timer of stable node
 chains (a chain with a single dup collapses at once).
 
@@ -70,14 +78,14 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from .._mm import control
 from .._mm.control import MITIGATION_DOMAINS, MITIGATION_VUSION
 from .._mm.frames import KSM as FRAME_KSM
 from .._mm.frames import PAGE_SIZE, ZERO_PFN, with_frames
 from .._mm.pagetable import (
     FRAME_MASK,
     H_DOMAIN,
-    H_MERGING,
-    H_RMAP_ITEMS,
+    H_KSM_STAT,
     KSM,
     PFN_MASK,
     PRESENT,
@@ -112,6 +120,12 @@ _PFN: Final = np.uint64(PFN_MASK)
 _CHUNK: Final = 1 << 16
 OVER_MAX_SHARING: Final = 8  # item_states: a flag beside the state
 _MERGE_CHUNK: Final = 2048  # pages merged into stable dups per replace_pages call, at most
+# Parallel scanners route a page by a fingerprint of four of its words: the
+# first and last, and two between, on four cache lines.
+_FP_WORDS: Final = np.array([0, 170, 341, 511], np.intp)
+_FP_MULT: Final = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5],
+                           np.uint64)
+_FP_SHIFT: Final = np.uint64(40)
 
 
 def _skip_age_scalar(age: int) -> int:
@@ -155,8 +169,7 @@ def partition_of(system: System, gid: int) -> Partition:
        domains: under that mitigation they go to the zero page, as with
        ``use_zero_pages`` (:meth:`Scanner._use_zero_pages`), outside any tree.
 
-    A further reason to keep guests apart (a security domain, say) appends its
-    component to the tuple; the trees, the scanners' ownership and the
+    A further reason to keep guests apart appends its component to the tuple; the trees, the scanners' ownership and the
     counters take the tuple whole, so nothing else needs to change.  A guest
     whose partition changed (a knob was written) is moved by the scanner at
     the start of its next full scan: its rmap items leave the old trees, and
@@ -190,10 +203,10 @@ class MmSlot:
         self.items = 0
         self.merging = 0
 
-    def publish(self) -> None:
-        """Write this guest's ksm_stat counters."""
-        self.table.header[H_RMAP_ITEMS] = self.items
-        self.table.header[H_MERGING] = self.merging
+    def publish(self, index: int) -> None:
+        """Write this guest's ksm_stat counters, those of scanner ``index``."""
+        self.table.header[H_KSM_STAT + 2 * index] = self.items
+        self.table.header[H_KSM_STAT + 2 * index + 1] = self.merging
 
 
 class StableTree:
@@ -328,11 +341,77 @@ class Trees:
         self.unstable = KeyTable()  # key → gid << REF_SHIFT | page
 
 
-class Scanner:
-    """ksmd's state and algorithm, in the scanner process (or a test's)."""
+def _fold_columns(how: str) -> npt.NDArray[np.intp]:
+    return np.array([i for i, name in enumerate(control.SCANNER_FIELDS) if control.SCANNER_FOLD.get(name) == how],
+                    np.intp)
 
-    def __init__(self, system: System) -> None:
+
+# How ScannerWords.fold folds each column of the scanners' entries (control.SCANNER_FOLD).
+_NAMED_WORDS: Final = np.array([control.INDEX[name] for name in control.SCANNER_FIELDS], np.intp)
+_MIN_COLS: Final = _fold_columns("min")
+_MAX_COLS: Final = _fold_columns("max")
+_FIRST_COLS: Final = _fold_columns("first")
+_UNMERGES_COL: Final = control.SCANNER_INDEX["scanner_unmerges"]
+_UNMERGES_WORD: Final = control.INDEX["scanner_unmerges"]
+_SCANNERS_WORD: Final = control.INDEX["scanners"]
+
+
+class ScannerWords:
+    """One scanner's entry in the control segment (control.SCANNER_FIELDS), and the fold
+    of every entry into the named words that /sys/kernel/mm/ksm shows."""
+
+    def __init__(self, system: System, index: int) -> None:
         self.system = system
+        self.index = index
+        base = control.SCANNER_BASE + control.SCANNER_WORDS * index
+        self.words = system.ctl[base:base + control.SCANNER_WORDS]
+        self.v = self.words.data.cast("B").cast("q")  # scalar stores, as Frames.cv
+
+    def get(self, name: str) -> int:
+        return int(self.v[control.SCANNER_INDEX[name]])
+
+    def set(self, name: str, value: int) -> None:
+        self.v[control.SCANNER_INDEX[name]] = value
+
+    def fold(self) -> None:
+        """Write every named scanner word from the entries of scanners 0..scanners-1.
+
+        Takes the stat lock when several scanners fold (a knob write holds it
+        too).  ``scanner_unmerges`` never goes down (with no ksmd, the host
+        counts its own unmerge there).
+        """
+        ctl = self.system.ctl
+        n = max(1, min(int(ctl[_SCANNERS_WORD]), control.MAX_SCANNERS))
+        area = ctl[control.SCANNER_BASE:control.SCANNER_BASE + control.SCANNER_WORDS * n]
+        if n == 1:
+            out = area.copy()
+            out[_UNMERGES_COL] = max(out[_UNMERGES_COL], ctl[_UNMERGES_WORD])
+            ctl[_NAMED_WORDS] = out
+            return
+        with self.system.locks.stat:
+            area = area.reshape(n, control.SCANNER_WORDS)
+            out = area.sum(axis=0)
+            out[_MIN_COLS] = area[:, _MIN_COLS].min(axis=0)
+            out[_MAX_COLS] = area[:, _MAX_COLS].max(axis=0)
+            out[_FIRST_COLS] = area[0, _FIRST_COLS]
+            out[_UNMERGES_COL] = max(out[_UNMERGES_COL], ctl[_UNMERGES_WORD])
+            ctl[_NAMED_WORDS] = out
+
+
+class Scanner:
+    """ksmd's state and algorithm, in the scanner process (or a test's).
+
+    ``index`` is this scanner's among the ``scanners`` that run in parallel:
+    it merges the pages it owns (:meth:`_owns`).
+    """
+
+    def __init__(self, system: System, index: int = 0) -> None:
+        self.system = system
+        self.index = index
+        self.count = 1  # scanners running, as of the last batch
+        self.by_node = False  # ownership by node rather than by fingerprint (see _owns)
+        self.pool64: npt.NDArray[np.uint64] = system.frames.pool.view(np.uint64)  # [nframes, 512]
+        self.words = ScannerWords(system, index)
         self.frames = system.frames
         self.by_gid: dict[int, MmSlot] = {}
         self.trees: dict[Partition, Trees] = {}  # by partition_of
@@ -344,6 +423,14 @@ class Scanner:
         self.pages_skipped = 0
         self.zero_merges = 0  # pages mapped to the zero page (use_zero_pages)
         self.full_scans = system.get("full_scans")
+        # A new scanner (or one restarted after a kill) starts from empty trees:
+        # its entry starts there too, in the pass the others are in.
+        words = self.words
+        for name in control.SCANNER_FIELDS:
+            if name not in ("scanner_unmerges", "scanner_startup_ns"):
+                words.set(name, 0)
+        words.set("full_scans", self.full_scans)
+        words.set("scanner_unmerges", max(words.get("scanner_unmerges"), system.get("scanner_unmerges")))
         self.rmap_items = 0
         self.scan_started = time.monotonic()
         self.scan_cpu_started = time.process_time()
@@ -468,12 +555,17 @@ class Scanner:
 
     # -- the scan ---------------------------------------------------------------------------------
 
-    def do_scan(self, scan_npages: int) -> int:
+    def do_scan(self, scan_npages: int, publish: bool = True) -> int:
         """ksm_do_scan: process up to ``scan_npages`` pages; return how many.
 
-        A batch ends early at the end of a full scan, as in the kernel.
+        A batch ends early at the end of a full scan, as in the kernel.  The
+        counters are published at its end unless ``publish`` is False (the
+        caller publishes them with its own words).
         """
         done = 0
+        get = self.system.get
+        self.count = max(1, min(get("scanners"), control.MAX_SCANNERS))
+        self.by_node = not get("merge_across_nodes") and get("nodes") >= self.count
         if self.pass_pending:
             self._new_full_scan()
             if not self.slots:
@@ -493,14 +585,15 @@ class Scanner:
             if slot.cursor >= slot.table.pages:
                 self.slot_index += 1
         self.pages_scanned += done
-        self.publish()
+        if publish:
+            self.publish()
         return done
 
     def _end_full_scan(self) -> None:
         self.full_scans += 1
         self.seqnr += 1
         for slot in self.slots:
-            slot.publish()
+            slot.publish(self.index)
         if self.system.get("advisor_mode"):
             self._scan_time_advisor()
         self.pass_pending = True
@@ -529,6 +622,8 @@ class Scanner:
             ptes = table.ptes[pos:end]
             eligible &= (ptes & _ANON_MASK) == _ANON
             idx = np.flatnonzero(eligible) + pos
+            if self.count > 1 and len(idx):
+                idx = idx[self._owns(slot, ptes[idx - pos])]
             skip: npt.NDArray[np.bool_] | None = None
             counted: npt.NDArray[np.intp]
             if smart and len(idx):
@@ -561,6 +656,24 @@ class Scanner:
             pos = end
         slot.cursor = pos
         return np.concatenate(out) if out else np.zeros(0, np.intp)
+
+    def _owns(self, slot: MmSlot, ptes: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+        """Which of these present pages of ``slot`` (by their PTEs) this scanner merges.
+
+        Two pages that can merge always have one owner: the owner of the
+        node of their partition with merge_across_nodes=0 and at least as many
+        nodes as scanners, else the owner of their content's fingerprint
+        (four words of the frame, read without a lock like the checksum: a
+        page whose content changes may change owner, and its old owner drops
+        its item when it next passes).
+        """
+        if self.by_node:
+            return np.full(len(ptes), slot.partition[0] % self.count == self.index)
+        pfns = (ptes & _PFN).astype(np.intp)
+        words = self.pool64[pfns[:, None], _FP_WORDS]
+        fingerprint = (words * _FP_MULT).sum(axis=1, dtype=np.uint64)
+        owner: npt.NDArray[np.bool_] = (fingerprint >> _FP_SHIFT) % np.uint64(self.count) == self.index
+        return owner
 
     def _would_skip(self, slot: MmSlot, idx: npt.NDArray[np.intp],
                     ptes: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
@@ -944,7 +1057,7 @@ class Scanner:
                 broken += unmerge_range(table, 0, table.pages)
         for slot in list(self.by_gid.values()):
             self._remove_items(slot, np.flatnonzero(slot.state))
-            slot.publish()
+            slot.publish(self.index)
         self.trees = {}
         for slot in self.by_gid.values():
             slot.trees = self._trees(slot.partition)
@@ -975,21 +1088,23 @@ class Scanner:
     # -- counters -------------------------------------------------------------------------------------
 
     def publish(self) -> None:
-        """Write the counters to the control segment (the scanner is their only writer)."""
-        s = self.system
+        """Write the counters to this scanner's entry and fold the entries into the
+        named words (the scanners are their only writers).  Takes the stat lock."""
+        w = self.words
         # full_scans first: a reader never sees a pass's last merges under the
         # previous pass number (the kernel counts the pass after its last page).
-        s.set("full_scans", self.full_scans)
-        s.set("pages_shared", self.pages_shared)
-        s.set("pages_sharing", self.pages_sharing)
-        s.set("pages_unshared", self.pages_unshared)
-        s.set("pages_scanned", self.pages_scanned)
-        s.set("pages_skipped", self.pages_skipped)
-        s.set("stable_node_chains", sum(t.stable.chains for t in self.trees.values()))
-        s.set("stable_node_dups", sum(t.stable.dups for t in self.trees.values()))
-        s.set("rmap_items", self.rmap_items)
+        w.set("full_scans", self.full_scans)
+        w.set("pages_shared", self.pages_shared)
+        w.set("pages_sharing", self.pages_sharing)
+        w.set("pages_unshared", self.pages_unshared)
+        w.set("pages_scanned", self.pages_scanned)
+        w.set("pages_skipped", self.pages_skipped)
+        w.set("stable_node_chains", sum(t.stable.chains for t in self.trees.values()))
+        w.set("stable_node_dups", sum(t.stable.dups for t in self.trees.values()))
+        w.set("rmap_items", self.rmap_items)
+        w.fold()
         for slot in self.slots:
-            slot.publish()
+            slot.publish(self.index)
 
 
 __all__ = ["RMAP_ITEM_BYTES", "ZERO_CHECKSUM", "Scanner"]

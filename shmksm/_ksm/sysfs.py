@@ -15,7 +15,7 @@ from typing import Any, Final
 import numpy as np
 
 from .._mm import control, pagetable, segments
-from .._mm.pagetable import H_MERGE_ANY, H_MERGING, H_RMAP_ITEMS, KSM, PRESENT, ZERO
+from .._mm.pagetable import H_KSM_STAT, H_MERGE_ANY, KSM, PRESENT, ZERO
 from .._mm.system import System
 from .._mm.waiting import poll_until
 from ..errors import KnobBusyError, KnobError
@@ -27,6 +27,9 @@ _BOOL_KNOBS: Final = ("use_zero_pages", "merge_across_nodes", "smart_scan")
 # pages merged across domains, or without VUsion's write protection of the
 # pages beside them, would go on leaking; write 2 to run first.
 _BUSY_KNOBS: Final = ("max_page_sharing", "merge_across_nodes", "mitigation")
+# /proc/vmstat's machine-wide totals of the numastat counters.
+_VMSTAT_NUMA: Final = {"numa_hit": "numa_hit", "numa_miss": "numa_miss", "numa_foreign": "numa_foreign",
+                       "numa_local": "local_node", "numa_other": "other_node"}
 
 
 def ksm_zero_pages_of(system: System, gid: int) -> int:
@@ -92,8 +95,8 @@ def wait_unmerged(get: Callable[[str], int], before: int, fallback: Callable[[],
 def guest_ksm_stat(system: System, gid: int) -> dict[str, int]:
     """/proc/PID/ksm_stat of guest ``gid``."""
     table = system.table(gid)
-    items = int(table.header[H_RMAP_ITEMS])
-    merging = int(table.header[H_MERGING])
+    pairs = table.header[H_KSM_STAT:H_KSM_STAT + 2 * system.get("scanners")]
+    items, merging = int(pairs[0::2].sum()), int(pairs[1::2].sum())
     zero = ksm_zero_pages_of(system, gid)
     return {
         "ksm_rmap_items": items,
@@ -114,7 +117,7 @@ def unmerge_everything(system: System) -> None:
         table = system.table(gid)
         with table.mm_lock:
             unmerge_range(table, 0, table.pages)
-        table.header[H_RMAP_ITEMS] = table.header[H_MERGING] = 0
+        table.header[H_KSM_STAT:] = 0
     for name in ("pages_shared", "pages_sharing", "pages_unshared", "stable_node_chains", "stable_node_dups",
                  "rmap_items"):
         system.set(name, 0)
@@ -209,37 +212,76 @@ class KsmFiles:
         """Every knob, by name."""
         return {name: self.knob(name) for name in control.KNOB_DEFAULTS}
 
+    def _word(self, index: int) -> int:
+        """Control word ``index``."""
+        raise NotImplementedError
+
     def counters(self) -> dict[str, int]:
-        """Every counter, by name."""
-        return _counters(self.get, self._zero_pages())
+        """Every counter, by name; on a machine of several NUMA nodes also the allocator's
+        (the totals by their /proc/vmstat names, each node's by its numastat names as
+        ``node<N>_<name>``)."""
+        out = _counters(self.get, self._zero_pages())
+        nodes = self.numastat()
+        if len(nodes) > 1:
+            for total, name in _VMSTAT_NUMA.items():
+                out[total] = sum(node[name] for node in nodes)
+            for k, node in enumerate(nodes):
+                out.update({f"node{k}_{name}": value for name, value in node.items()})
+        return out
+
+    def numastat(self) -> list[dict[str, int]]:
+        """Per NUMA node, /sys/devices/system/node/node<N>/numastat (and the node's nr_free_pages)."""
+        out = []
+        for k in range(self.get("nodes")):
+            base = control.NODE_BASE + control.NODE_WORDS * k
+            node = {name: self._word(base + word) for name, word in control.NUMASTAT.items()}
+            node["nr_free_pages"] = self._word(base + control.N_FREE_COUNT)
+            out.append(node)
+        return out
 
     def sysfs_lines(self) -> list[str]:
-        """``grep . /sys/kernel/mm/ksm/*``, line by line."""
-        values = {**self.knobs(), **self.counters()}
+        """``grep . /sys/kernel/mm/ksm/*``, line by line; with several NUMA nodes, then
+        ``grep . /sys/devices/system/node/node*/numastat``."""
+        values = {**self.knobs(), **_counters(self.get, self._zero_pages())}
         for name, words in control.WORD_KNOBS.items():
             values[name] = " ".join(f"[{w}]" if w == values[name] else w for w in words)
-        return [f"/sys/kernel/mm/ksm/{name}:{values[name]}" for name in sorted(values)
-                if name not in control.OWN_KNOBS]
+        lines = [f"/sys/kernel/mm/ksm/{name}:{values[name]}" for name in sorted(values)
+                 if name not in control.OWN_KNOBS]
+        nodes = self.numastat()
+        if len(nodes) > 1:
+            lines += [f"/sys/devices/system/node/node{k}/numastat:{name} {node[name]}"
+                      for k, node in enumerate(nodes) for name in control.NUMASTAT]
+        return lines
 
 
 class Ksm(KsmFiles):
     """The knobs and counters of one machine: ``machine.ksm``, read and written by attribute too."""
 
-    def __init__(self, system: System) -> None:
+    def __init__(self, system: System, on_write: Callable[[str], None] | None = None) -> None:
         object.__setattr__(self, "_system", system)
+        object.__setattr__(self, "_on_write", on_write)
 
     def __getattr__(self, name: str) -> Any:
         if name in control.KNOB_DEFAULTS:
             return self.knob(name)
-        if name in control.COUNTERS:
-            return self.counters()[name]
+        counters = self.counters()
+        if name in counters:
+            return counters[name]
         raise AttributeError(f"no knob or counter named {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         self.set(name, value)
 
+    def set(self, name: str, value: Any) -> None:
+        super().set(name, value)
+        if self._on_write is not None:
+            self._on_write(name)
+
     def get(self, name: str) -> int:
         return self._system.get(name)
+
+    def _word(self, index: int) -> int:
+        return int(self._system.ctl[index])
 
     def _put(self, name: str, value: int) -> None:
         self._system.set(name, value)
@@ -254,6 +296,7 @@ class Ksm(KsmFiles):
         return lambda: unmerge_everything(self._system)
 
     _system: System
+    _on_write: Callable[[str], None] | None
 
 
 # -- a running machine, from another process ---------------------------------------------------
@@ -296,6 +339,9 @@ class AttachedKsm(KsmFiles):
 
     def get(self, name: str) -> int:
         return int(self.ctl[control.INDEX[name]])
+
+    def _word(self, index: int) -> int:
+        return int(self.ctl[index])
 
     def _zero_pages(self) -> int:
         total = 0

@@ -22,7 +22,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import CheckError
-from .frames import INUSE, WAITING, ZERO_PFN
+from . import control
+from .frames import INUSE, WAITING, ZERO_PFN, link_free_lists, node_of
 from .frames import KSM as FRAME_KSM
 from .locks import stop_the_world
 from .mmu_notifier import RELEASE
@@ -104,10 +105,20 @@ def check_locked(system: System) -> None:
         f = int(notinuse_mapped[0])
         state = "waiting" if flags[f] & WAITING else "free"
         raise CheckError(f"frame {f} is {state} but {int(counts[f])} PTEs map it")
-    free = _walk(frames.next, system.get("free_head"), n, "free")
+    free: list[int] = []
+    for node in range(frames.nodes):
+        base = control.NODE_BASE + control.NODE_WORDS * node
+        mine = _walk(frames.next, int(system.ctl[base + control.N_FREE_HEAD]), n, f"node {node} free")
+        if len(mine) != system.ctl[base + control.N_FREE_COUNT]:
+            raise CheckError(f"node {node}'s free list holds {len(mine)} frames, "
+                             f"its count says {int(system.ctl[base + control.N_FREE_COUNT])}")
+        stray = np.flatnonzero(node_of(np.array(mine, np.intp), n, frames.nodes) != node)
+        if len(stray):
+            raise CheckError(f"frame {mine[int(stray[0])]} is on node {node}'s free list but not of that node")
+        free += mine
     waiting = _walk(frames.next, system.get("wait_head"), n, "waiting")
     if len(free) != system.get("free_count"):
-        raise CheckError(f"the free list holds {len(free)} frames, free_count says {system.get('free_count')}")
+        raise CheckError(f"the free lists hold {len(free)} frames, free_count says {system.get('free_count')}")
     if len(waiting) != system.get("wait_count"):
         raise CheckError(f"the waiting list holds {len(waiting)} frames, wait_count says {system.get('wait_count')}")
     if free and (flags[free] != 0).any():
@@ -184,13 +195,11 @@ def rebuild_locked(system: System) -> int:
     flags[wait_all] = WAITING
     flags[free] = 0
     mapcount[free] = 0
-    for lst, head_field, count_field in ((free, "free_head", "free_count"), (wait_all, "wait_head", "wait_count")):
-        if len(lst):
-            nxt[lst[:-1]] = lst[1:]
-            nxt[lst[-1]] = -1
-            system.set(head_field, int(lst[0]))
-        else:
-            system.set(head_field, -1)
-        system.set(count_field, len(lst))
+    link_free_lists(nxt, system.ctl, free)
+    if len(wait_all):
+        nxt[wait_all[:-1]] = wait_all[1:]
+        nxt[wait_all[-1]] = -1
+    system.set("wait_head", int(wait_all[0]) if len(wait_all) else -1)
+    system.set("wait_count", len(wait_all))
     system.set("wait_tail", int(wait_all[-1]) if len(wait_all) else -1)
     return len(dropped)

@@ -6,6 +6,8 @@ It is organized as follows (word offsets)::
     [0, NFIELDS)                      named fields, see FIELDS below
     [PART_BASE, +2*MAX_PARTICIPANTS)  reclamation participants: (pid, acked epoch)
     [GUEST_BASE, +4*MAX_GUESTS)       guest table: (state, pages, pid, merge_any)
+    [NODE_BASE, +8*MAX_NODES)         NUMA nodes: free list head and count, numastat counters
+    [SCANNER_BASE, +16*MAX_SCANNERS)  each scanner's own words (SCANNER_FIELDS), summed into the named ones
 
 A knob has exactly one writer at a time (the host, under the stat lock) and
 is read without a lock: a word-sized store is atomic on every platform numpy
@@ -73,8 +75,7 @@ _INTERNAL: Final = (
     "rmap_items",  # the scanner's rmap items, for pages_volatile and general_profit
     "cow_ksm",  # copies made by writes into KSM pages (the kernel's vmstat cow_ksm)
     "cow_faults",  # copies made by writes into private write-protected pages (mitigation vusion)
-    "free_head",  # allocator: first free frame, -1 if none
-    "free_count",
+    "free_count",  # allocator: free frames of every node (each node's list is in the node area)
     "wait_head",  # frames dropped but maybe still reachable by a participant
     "wait_tail",
     "wait_count",
@@ -110,7 +111,38 @@ G_STATE: Final = 0
 G_PAGES: Final = 1
 G_PID: Final = 2
 G_MERGE_ANY: Final = 3
-WORDS: Final = GUEST_BASE + GUEST_WORDS * MAX_GUESTS
+NODE_BASE: Final = GUEST_BASE + GUEST_WORDS * MAX_GUESTS
+NODE_WORDS: Final = 8
+# The words of a node's entry: its free list, and its numastat counters
+# (/sys/devices/system/node/nodeN/numastat), kept by the allocator.
+N_FREE_HEAD: Final = 0  # first free frame of the node, -1 if none
+N_FREE_COUNT: Final = 1
+N_NUMA_HIT: Final = 2  # frames allocated here for a guest of this node
+N_NUMA_MISS: Final = 3  # frames allocated here for a guest of another node (its node had none)
+N_NUMA_FOREIGN: Final = 4  # frames a guest of this node got from another node
+N_LOCAL_NODE: Final = 5  # frames allocated here by a process running on this node
+N_OTHER_NODE: Final = 6  # frames allocated here by a process running on another node
+NUMASTAT: Final = {"numa_hit": N_NUMA_HIT, "numa_miss": N_NUMA_MISS, "numa_foreign": N_NUMA_FOREIGN,
+                   "local_node": N_LOCAL_NODE, "other_node": N_OTHER_NODE}
+SCANNER_BASE: Final = NODE_BASE + NODE_WORDS * MAX_NODES
+# Each scanner process writes these words of its own entry; after every batch
+# it folds every entry into the named word of the same name, under the stat
+# lock: a sum, except as SCANNER_FOLD says.
+SCANNER_FIELDS: Final = (
+    "scanner_pid", "scanner_batches", "scanner_cpu_ns", "scanner_startup_ns", "scanner_rss_kb",
+    "scanner_unmerges", "scanner_settled_scan", "full_scans", "pages_shared", "pages_sharing",
+    "pages_unshared", "pages_scanned", "pages_skipped", "stable_node_chains", "stable_node_dups", "rmap_items",
+)
+SCANNER_WORDS: Final = len(SCANNER_FIELDS)
+SCANNER_INDEX: Final = {name: i for i, name in enumerate(SCANNER_FIELDS)}
+SCANNER_FOLD: Final = {
+    "scanner_pid": "first",  # scanner 0's
+    "scanner_startup_ns": "max",
+    "scanner_unmerges": "min",  # a run=2 is done once every scanner has unmerged
+    "scanner_settled_scan": "max",  # the counters settle when the last scanner's do
+    "full_scans": "min",  # a full scan is done once every scanner has done it
+}
+WORDS: Final = SCANNER_BASE + SCANNER_WORDS * MAX_SCANNERS
 
 # Guest table states.
 GUEST_FREE: Final = 0

@@ -21,6 +21,16 @@ moves every waiting frame whose tag is at most the oldest acknowledgment to
 the free list.  With no participant, waiting frames are reusable at the next
 pass: the scheme of RCU and the kernel's mmu_gather.  Tags are the low 32
 bits of the epoch, compared modulo 2**32.
+
+**NUMA nodes.**  The pool is split into ``nodes`` ranges of frames, node
+``k`` holding frames ``[k * n // nodes, (k + 1) * n // nodes)``; each node
+has its own free list (control's node area).  An allocation names the node
+of the guest it is for: it takes a frame of that node, and only when that
+node has none left after a reclaim pass, one of the next nodes in turn.  Each
+is counted as the kernel's zone_statistics counts it (numa_hit, numa_miss,
+numa_foreign, local_node, other_node: the allocating process runs on its
+guest's node).  The waiting list is one for every node; a reclaim pass puts
+each frame back on its own node's list.
 """
 
 from __future__ import annotations
@@ -50,8 +60,11 @@ NO_EPOCH_ACK: Final = 1 << 62
 ZERO_PAGE_BYTES: Final = bytes(PAGE_SIZE)
 
 # Control words of the allocator, resolved once: alloc and put are on the copy-on-write path.
-_FREE_HEAD: Final = control.INDEX["free_head"]
 _FREE_COUNT: Final = control.INDEX["free_count"]
+_NODE_BASE: Final = control.NODE_BASE
+_NODE_WORDS: Final = control.NODE_WORDS
+_N_FREE_HEAD: Final = control.N_FREE_HEAD
+_N_FREE_COUNT: Final = control.N_FREE_COUNT
 _WAIT_HEAD: Final = control.INDEX["wait_head"]
 _WAIT_TAIL: Final = control.INDEX["wait_tail"]
 _WAIT_COUNT: Final = control.INDEX["wait_count"]
@@ -61,6 +74,29 @@ _FRAME_WAIT_SECONDS: Final = 5.0  # how long with_frames waits for shadows to ac
 
 def meta_size(nframes: int) -> int:
     return META_BYTES_PER_FRAME * nframes
+
+
+def node_of(pfn: Any, nframes: int, nodes: int) -> Any:
+    """The NUMA node of frame ``pfn`` (an int or an array of them)."""
+    return ((pfn + 1) * nodes - 1) // nframes
+
+
+def link_free_lists(nxt: npt.NDArray[np.int32], ctl: npt.NDArray[np.int64], free: npt.NDArray[np.intp]) -> None:
+    """Make ``free`` (ascending pfns) the free lists, each frame on its node's; set the counts.
+
+    The caller holds the allocator lock, or the machine is not running yet.
+    """
+    nodes = int(ctl[control.INDEX["nodes"]])
+    of = node_of(free, len(nxt), nodes)
+    for node in range(nodes):
+        lst = free[of == node]
+        base = _NODE_BASE + _NODE_WORDS * node
+        if len(lst):
+            nxt[lst[:-1]] = lst[1:]
+            nxt[lst[-1]] = -1
+        ctl[base + _N_FREE_HEAD] = int(lst[0]) if len(lst) else -1
+        ctl[base + _N_FREE_COUNT] = len(lst)
+    ctl[_FREE_COUNT] = len(free)
 
 
 class FramesPending(Exception):
@@ -95,6 +131,7 @@ class Frames:
         self.gn = meta_buf[4 * n:8 * n].cast("I")
         self.ctl = ctl
         self.cv = ctl.data.cast("B").cast("q")
+        self.nodes = int(ctl[control.INDEX["nodes"]])
         self.locks = locks
         self.alloc_lock: Any = locks.alloc  # type: ignore[attr-defined]
         self.stat_lock: Any = locks.stat  # type: ignore[attr-defined]
@@ -109,16 +146,13 @@ class Frames:
 
     @staticmethod
     def format(pool: npt.NDArray[np.uint8], meta_buf: memoryview, ctl: npt.NDArray[np.int64]) -> None:
-        """Initialize a new machine: frame 0 is the zero page, the rest are free."""
+        """Initialize a new machine: frame 0 is the zero page, the rest are free on their nodes' lists."""
         n = len(pool)
         nxt = np.ndarray(n, np.int32, meta_buf, 8 * n)
         flags = np.ndarray(n, np.uint8, meta_buf, 12 * n)
-        nxt[:] = np.arange(1, n + 1, dtype=np.int32)
-        nxt[-1] = -1
         flags[0] = INUSE
+        link_free_lists(nxt, ctl, np.arange(1, n, dtype=np.intp))
         I = control.INDEX
-        ctl[I["free_head"]] = 1 if n > 1 else -1
-        ctl[I["free_count"]] = n - 1
         ctl[I["wait_head"]] = ctl[I["wait_tail"]] = -1
         ctl[I["wait_count"]] = 0
         for p in range(control.MAX_PARTICIPANTS):
@@ -126,12 +160,13 @@ class Frames:
 
     # -- the allocator -------------------------------------------------------
 
-    def alloc(self, count: int = -1) -> int:
-        """Take a free frame; return its pfn, flagged INUSE with mapcount 0.
+    def alloc(self, count: int = -1, node: int = 0) -> int:
+        """Take a free frame for a guest of NUMA ``node``; return its pfn, flagged INUSE with mapcount 0.
 
         Takes the allocator lock (callers may hold a page-table or frame lock).
         ``count``, a control word index, is incremented under the same lock
         (the copy-on-write path counts cow_ksm there: one lock, not two).
+        The frame is the node's, else another node's (see the module's text).
         Raises FramesPending when only waiting frames remain, OutOfFrames when
         none remain at all.
         """
@@ -139,16 +174,22 @@ class Frames:
         lock = self.alloc_lock
         lock.acquire()
         try:
-            pfn = cv[_FREE_HEAD]
+            home = _NODE_BASE + _NODE_WORDS * node
+            at = home
+            pfn = cv[home + _N_FREE_HEAD]
             if pfn < 0:
-                self._reclaim_locked()
-                pfn = cv[_FREE_HEAD]
-                if pfn < 0:
-                    if cv[_WAIT_COUNT]:
-                        raise FramesPending
-                    raise OutOfFrames(f"out of frames: all {self.nframes - 1} frames of the pool are mapped")
-            cv[_FREE_HEAD] = self.nx[pfn]
+                at = self._fallback_locked(node)
+                pfn = cv[at + _N_FREE_HEAD]
+            cv[at + _N_FREE_HEAD] = self.nx[pfn]
+            cv[at + _N_FREE_COUNT] -= 1
             cv[_FREE_COUNT] -= 1
+            if at == home:
+                cv[home + control.N_NUMA_HIT] += 1
+                cv[home + control.N_LOCAL_NODE] += 1
+            else:
+                cv[at + control.N_NUMA_MISS] += 1
+                cv[home + control.N_NUMA_FOREIGN] += 1
+                cv[at + control.N_OTHER_NODE] += 1
             self.fl[pfn] = INUSE
             self.mc[pfn] = 0
             if count >= 0:
@@ -157,32 +198,36 @@ class Frames:
         finally:
             lock.release()
 
-    def alloc_many(self, k: int, count: int = -1, counted: int = 0) -> list[int]:
-        """Take ``k`` free frames in one critical section; their pfns, each INUSE with mapcount 0.
+    def alloc_many(self, k: int, count: int = -1, counted: int = 0, node: int = 0) -> list[int]:
+        """Take ``k`` free frames of NUMA ``node`` in one critical section; their pfns, each INUSE with mapcount 0.
 
-        All or nothing: raises FramesPending, having taken none, when fewer
-        than ``k`` are free after a reclaim pass (the caller falls back to
-        :meth:`alloc` frame by frame, which tells waiting frames from none).
-        ``count``, a control word index, grows by ``counted`` under the same
-        lock.  Takes the allocator lock.
+        All or nothing: raises FramesPending, having taken none, when the node
+        has fewer than ``k`` free after a reclaim pass (the caller falls back
+        to :meth:`alloc` frame by frame, which tells waiting frames from none
+        and falls back to the other nodes).  ``count``, a control word index,
+        grows by ``counted`` under the same lock.  Takes the allocator lock.
         """
         cv, nx = self.cv, self.nx
+        home = _NODE_BASE + _NODE_WORDS * node
         lock = self.alloc_lock
         lock.acquire()
         try:
-            if cv[_FREE_COUNT] < k:
+            if cv[home + _N_FREE_COUNT] < k:
                 self._reclaim_locked()
-                if cv[_FREE_COUNT] < k:
+                if cv[home + _N_FREE_COUNT] < k:
                     raise FramesPending
             pfns = []
-            pfn = cv[_FREE_HEAD]
+            pfn = cv[home + _N_FREE_HEAD]
             for _ in range(k):
                 if pfn < 0:
-                    raise InternalError(f"free_count {cv[_FREE_COUNT]} but the free list ends early")
+                    raise InternalError(f"node {node}: free count {cv[home + _N_FREE_COUNT]} but its list ends early")
                 pfns.append(pfn)
                 pfn = nx[pfn]
-            cv[_FREE_HEAD] = pfn
+            cv[home + _N_FREE_HEAD] = pfn
+            cv[home + _N_FREE_COUNT] -= k
             cv[_FREE_COUNT] -= k
+            cv[home + control.N_NUMA_HIT] += k
+            cv[home + control.N_LOCAL_NODE] += k
             idx = np.array(pfns, np.intp)
             self.flags[idx] = INUSE
             self.mapcount[idx] = 0
@@ -191,6 +236,18 @@ class Frames:
             return pfns
         finally:
             lock.release()
+
+    def _fallback_locked(self, node: int) -> int:
+        """``node`` has no free frame: reclaim, then try it and the next nodes in turn; the node area
+        word base of one with a free frame.  Raises FramesPending or OutOfFrames as alloc does."""
+        self._reclaim_locked()
+        for k in range(self.nodes):
+            base = _NODE_BASE + _NODE_WORDS * ((node + k) % self.nodes)
+            if self.cv[base + _N_FREE_HEAD] >= 0:
+                return base
+        if self.cv[_WAIT_COUNT]:
+            raise FramesPending
+        raise OutOfFrames(f"out of frames: all {self.nframes - 1} frames of the pool are mapped")
 
     def free(self, pfn: int) -> None:
         """Drop a frame whose mapcount reached 0: it waits for reclamation.
@@ -234,24 +291,30 @@ class Frames:
     def _reclaim_locked(self) -> int:
         cv, mc, nx, fl = self.cv, self.mc, self.nx, self.fl
         safe = min(cv[control.PART_BASE + 2 * p + 1] for p in range(control.MAX_PARTICIPANTS))
-        moved = 0
+        nodes, n = self.nodes, self.nframes
+        moved = [0] * nodes
+        heads = [cv[_NODE_BASE + _NODE_WORDS * k + _N_FREE_HEAD] for k in range(nodes)]
         head = cv[_WAIT_HEAD]
-        free_head = cv[_FREE_HEAD]
         while head >= 0 and (safe == NO_EPOCH_ACK or (safe - mc[head]) & 0xFFFFFFFF < 0x80000000):
             pfn = head
             head = nx[pfn]
+            node = ((pfn + 1) * nodes - 1) // n  # node_of
             fl[pfn] = 0
             mc[pfn] = 0
-            nx[pfn] = free_head
-            free_head = pfn
-            moved += 1
-        cv[_FREE_HEAD] = free_head
+            nx[pfn] = heads[node]
+            heads[node] = pfn
+            moved[node] += 1
+        for k in range(nodes):
+            base = _NODE_BASE + _NODE_WORDS * k
+            cv[base + _N_FREE_HEAD] = heads[k]
+            cv[base + _N_FREE_COUNT] += moved[k]
         cv[_WAIT_HEAD] = head
         if head < 0:
             cv[_WAIT_TAIL] = -1
-        cv[_FREE_COUNT] += moved
-        cv[_WAIT_COUNT] -= moved
-        return moved
+        total = sum(moved)
+        cv[_FREE_COUNT] += total
+        cv[_WAIT_COUNT] -= total
+        return total
 
     # -- reclamation participants -------------------------------------------
 

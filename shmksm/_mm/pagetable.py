@@ -2,10 +2,10 @@
 
 A guest's segment is organized as follows::
 
-    int64[HEADER_WORDS]  header: pages, merge_any, nranges, ksm_rmap_items,
-                         ksm_merging_pages, mm lock holder, ranges generation, NUMA node,
-                         security domain, and from word 10 nranges (start, end)
-                         page-number pairs of MADV_MERGEABLE ranges
+    int64[HEADER_WORDS]  header: pages, merge_any, nranges, (two words unused), mm lock
+                         holder, ranges generation, NUMA node, security domain, from word 10
+                         nranges (start, end) page-number pairs of MADV_MERGEABLE ranges, and
+                         from H_KSM_STAT each scanner's (ksm_rmap_items, ksm_merging_pages)
     uint64[pages]        PTEs
 
 A PTE is one uint64::
@@ -51,14 +51,15 @@ HEADER_WORDS: Final = 256
 H_PAGES: Final = 0
 H_MERGE_ANY: Final = 1
 H_NRANGES: Final = 2
-H_RMAP_ITEMS: Final = 3  # ksm_stat, written by the scanner
-H_MERGING: Final = 4  # ksm_merging_pages, written by the scanner
 H_MM_OWNER: Final = 5  # pid of the holder of the guest's mm lock, 0 if none
 H_RANGES_GEN: Final = 6  # bumped by every change of the mergeable ranges or merge_any (mm lock held)
 H_NODE: Final = 7  # the NUMA node the guest's memory is allocated on first (set at creation)
 H_DOMAIN: Final = 8  # the guest's security domain (mitigation "domains"), set at creation
 H_RANGES: Final = 10
-MAX_RANGES: Final = (HEADER_WORDS - H_RANGES) // 2
+# ksm_stat's rmap items and merging pages of this guest, a pair of words per
+# scanner, each written by its scanner alone; /proc/PID/ksm_stat sums them.
+H_KSM_STAT: Final = HEADER_WORDS - 2 * control.MAX_SCANNERS
+MAX_RANGES: Final = (H_KSM_STAT - H_RANGES) // 2
 
 # A PTE maps a frame of its own when it is PRESENT, not the zero page and not
 # munmap'ed (FRAME_MASK); a private frame that ksmd may merge is, besides, not
@@ -220,7 +221,7 @@ class PageTable:
         frames = self.frames
         if not pte & PRESENT or pte & ZERO:
             # do_anonymous_page, or wp_page_copy from the zero page.
-            pfn = frames.alloc()
+            pfn = frames.alloc(-1, self.node)
             if not whole:
                 frames.zero_frame(pfn)
             frames.mc[pfn] = 1
@@ -275,7 +276,8 @@ class PageTable:
         fresh = new_frame | cow
         nfresh = int(np.count_nonzero(fresh))
         try:
-            pfns = frames.alloc_many(nfresh, _COW_KSM, int(np.count_nonzero(cow & ksm_frame))) if nfresh else []
+            pfns = (frames.alloc_many(nfresh, _COW_KSM, int(np.count_nonzero(cow & ksm_frame)), self.node)
+                    if nfresh else [])
         except FramesPending:
             return self._write_faults_in_order(pages, whole)
         # Everything below changes state and cannot fail.
@@ -332,7 +334,7 @@ class PageTable:
         frames = self.frames
         old = pte & PFN_MASK
         try:
-            pfn = frames.alloc(_COW_KSM if frames.fl[old] & FRAME_KSM else _COW_FAULTS)
+            pfn = frames.alloc(_COW_KSM if frames.fl[old] & FRAME_KSM else _COW_FAULTS, self.node)
         except OutOfFrames:
             # Out of frames: the last mapping of a KSM page may keep the page
             # itself, made private again, instead of a copy (no new frame).

@@ -1,0 +1,195 @@
+"""Parallel scanners (shmksm's own ``scanners`` knob): the counters converge to the one-scanner values.
+
+Each scanner process merges the pages it owns — those whose content
+fingerprint routes to it, or with merge_across_nodes=0 and enough nodes,
+those of its nodes — on trees of its own; identical pages always have the
+same owner, so the counters converge to the ideal by the same full scan as
+one scanner's or the next.  The tests here check that against the ideal and
+against one scanner, with guests writing (copy-on-write breaks), unmerging,
+and a scanner killed and restarted.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import pytest
+from helpers import FAST, advise, assert_data, content, fill, ideal, ksm_mappings, start_ksmd, wait_until
+from shmksm.workers import guest_random
+
+import shmksm
+from shmksm import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE
+from shmksm.tool.images import Mix, write_mix
+from shmksm.tool.images import ideal as ideal_of_images
+from shmksm.tool.runner import run_images
+
+MIX = Mix(common=600, zero=100, unique=150, intra=300, intra_distinct=20)
+
+
+def keys_for(nguests: int, pages: int, seed: int) -> list[list[int]]:
+    """Page contents per guest: most drawn from 40 shared contents, some unique to the guest."""
+    rng = np.random.default_rng(seed)
+    return [[int(k) for k in rng.integers(100, 140, pages - pages // 4)]
+            + [10_000 * (g + 1) + i for i in range(pages // 4)] for g in range(nguests)]
+
+
+@pytest.mark.parametrize("sleep_millisecs", [0, 5])
+def test_two_scanners_reach_the_ideal_by_the_same_full_scan_or_the_next(tmp_path: object,
+                                                                      sleep_millisecs: int) -> None:
+    paths = write_mix(str(tmp_path), 4, MIX)
+    best = ideal_of_images(paths)
+    knobs = {"pages_to_scan": 400, "sleep_millisecs": sleep_millisecs}
+    one = run_images(paths, knobs=knobs)
+    two = run_images(paths, knobs={**knobs, "scanners": 2})
+    for r in (one, two):
+        assert (r["ksm"]["pages_shared"], r["ksm"]["pages_sharing"]) == (best.pages_shared, best.pages_sharing)
+    settled = ("pages_shared", "pages_sharing", "ksm_zero_pages", "stable_node_chains", "stable_node_dups")
+    assert {k: two["ksm"][k] for k in settled} == {k: one["ksm"][k] for k in settled}
+    # which unique pages sit on an unstable tree depends on where smart_scan's skips are; not their sum
+    assert (two["ksm"]["pages_unshared"] + two["ksm"]["pages_volatile"]
+            == one["ksm"]["pages_unshared"] + one["ksm"]["pages_volatile"])
+    assert two["converged"]["full_scans"] <= one["converged"]["full_scans"] + 1
+    assert [s["ksm_merging_pages"] for s in two["ksm_stat"]] == [s["ksm_merging_pages"] for s in one["ksm_stat"]]
+
+
+def test_each_scanner_merges_a_share_of_the_pages() -> None:
+    keys = keys_for(2, 800, 3)
+    with shmksm.Machine(frames=4096, scanners=2, **FAST) as machine:
+        guests = [machine.add_guest(pages=800) for _ in keys]
+        for g, k in zip(guests, keys, strict=True):
+            machine.spawn(fill, g, k).join(60)
+        machine.ksm.run = 1
+        c = machine.wait_converged(timeout=120)
+        assert (c["pages_shared"], c["pages_sharing"]) == ideal([k for ks in keys for k in ks], 256)
+        workers = machine.scanner_workers()
+        assert [w.name for w in workers] == ["ksmd", "ksmd1"] and all(w.is_alive() for w in workers)
+        ctl = machine.system.ctl
+        from shmksm._mm import control
+
+        def entry(i: int, name: str) -> int:
+            return int(ctl[control.SCANNER_BASE + control.SCANNER_WORDS * i + control.SCANNER_INDEX[name]])
+
+        shares = [entry(i, "pages_sharing") for i in (0, 1)]
+        assert sum(shares) == c["pages_sharing"] and min(shares) > 0, shares
+        assert sum(entry(i, "rmap_items") for i in (0, 1)) == machine.system.get("rmap_items")
+        machine.check()
+
+
+def test_one_scanner_per_node_without_merging_across_nodes() -> None:
+    layout = [(0, list(range(1, 41))), (1, list(range(1, 41))), (0, list(range(1, 41))), (1, list(range(21, 61)))]
+    with shmksm.Machine(frames=1024, nodes=2, scanners=2, merge_across_nodes=0, **FAST) as machine:
+        guests = [machine.add_guest(pages=40, node=node) for node, _ in layout]
+        for g, (_, k) in zip(guests, layout, strict=True):
+            machine.spawn(fill, g, k).join(60)
+        machine.ksm.run = 1
+        c = machine.wait_converged(timeout=120)
+        # node 0: contents 1..40 twice; node 1: 21..40 twice, 1..20 and 41..60 once
+        assert (c["pages_shared"], c["pages_sharing"]) == (40 + 20, 40 + 20)
+        machine.check()
+
+
+def test_guests_write_and_unmerge_while_two_scanners_merge() -> None:
+    nguests, pages = 3, 128
+    keys = keys_for(nguests, pages, 7)
+    with shmksm.Machine(frames=nguests * pages * 3, ksmd=False, scanners=2, pages_to_scan=64,
+                        sleep_millisecs=0) as machine:
+        guests = [machine.add_guest(pages=pages) for _ in range(nguests)]
+        for g in guests:
+            machine.spawn(advise, g, 0, pages, MADV_MERGEABLE).join(60)
+        start_ksmd(machine)
+        machine.ksm.run = 1
+        # copy-on-write breaks: every guest writes at random over its pages while both scanners merge
+        workers = [machine.spawn(guest_random.run, g, 200 + i, 1.5) for i, g in enumerate(guests)]
+        assert [w.join(60) for w in workers] == [0] * nguests, "a guest read back something it did not write"
+        assert machine.system.get("cow_ksm") > 0, "no write ever hit a merged page: the race was not exercised"
+        machine.check()
+        # new contents everywhere, then unmerge a range of one guest while merging goes on
+        for g, k in zip(guests, keys, strict=True):
+            machine.spawn(fill, g, k, "none").join(60)
+        machine.spawn(advise, guests[0], 0, pages // 2, MADV_UNMERGEABLE).join(60)
+        c = machine.wait_converged(timeout=120)
+        merged = [k for i, ks in enumerate(keys) for p, k in enumerate(ks) if i or p >= pages // 2]
+        assert (c["pages_shared"], c["pages_sharing"]) == ideal(merged, 256)
+        assert ksm_mappings(machine) == (c["pages_shared"], c["pages_shared"] + c["pages_sharing"])
+        for g, k in zip(guests, keys, strict=True):
+            assert_data(g, k)
+        # run=2 with two scanners: every KSM mapping broken, the counters back to 0
+        machine.ksm.run = 2
+        assert ksm_mappings(machine) == (0, 0)
+        c = machine.ksm.counters()
+        assert (c["pages_shared"], c["pages_sharing"], c["pages_unshared"]) == (0, 0, 0)
+        machine.check()
+
+
+def test_a_killed_scanner_restarted_converges_to_the_ideal() -> None:
+    nguests, pages, m = 4, 1000, 64
+    keys = keys_for(nguests, pages, 5)
+    want = ideal([k for ks in keys for k in ks], m)
+    with shmksm.Machine(frames=nguests * pages * 2, ksmd=False, scanners=2, pages_to_scan=64, sleep_millisecs=0,
+                        max_page_sharing=m) as machine:
+        guests = [machine.add_guest(pages=pages) for _ in range(nguests)]
+        for w in [machine.spawn(fill, g, k) for g, k in zip(guests, keys, strict=True)]:
+            w.join(60)
+        start_ksmd(machine)
+        machine.ksm.run = 1
+        wait_until(lambda: machine.ksm.pages_sharing >= want[1] // 4, 60, "the scanners to start merging")
+        victim = machine.scanner_workers()[1]
+        victim.kill()
+        assert machine.ksm.pages_sharing < want[1], "killed before it was done"
+        wait_until(lambda: any(d.pid == victim.pid for d in machine.deaths), 30, "the host to record the death")
+        death = next(d for d in machine.deaths if d.pid == victim.pid)
+        assert (death.name, death.signal) == ("ksmd1", signal.SIGKILL)
+        assert machine.scanner_workers()[0].is_alive()
+        machine.check()
+        machine.start_ksmd()  # restarts the dead one only
+        assert [w.is_alive() for w in machine.scanner_workers()] == [True, True]
+        wait_until(lambda: (machine.ksm.pages_shared, machine.ksm.pages_sharing) == want, 60,
+                   f"the restarted scanner to reach {want}")
+        machine.wait_full_scans(2)
+        c = machine.ksm.counters()
+        assert (c["pages_shared"], c["pages_sharing"]) == want
+        assert ksm_mappings(machine) == (want[0], want[0] + want[1])
+        machine.check()
+        for g, k in zip(guests, keys, strict=True):
+            assert_data(g, k)
+
+
+def test_changing_the_number_of_scanners_keeps_the_counters() -> None:
+    keys = keys_for(2, 600, 11)
+    want = ideal([k for ks in keys for k in ks], 256)
+    with shmksm.Machine(frames=4096, **FAST) as machine:
+        guests = [machine.add_guest(pages=600) for _ in keys]
+        for g, k in zip(guests, keys, strict=True):
+            machine.spawn(fill, g, k).join(60)
+        machine.ksm.run = 1
+        c = machine.wait_converged(timeout=120)
+        assert (c["pages_shared"], c["pages_sharing"]) == want
+        for n in (2, 3, 1):
+            machine.ksm.scanners = n
+            assert machine.ksm.scanners == n
+            wait_until(lambda n=n: sum(w.is_alive() for w in machine.scanner_workers()) == n, 30,  # type: ignore[misc]
+                       f"{n} scanners to run")
+            machine.wait_full_scans(3, timeout=120)
+            c = machine.wait_converged(timeout=120)
+            assert (c["pages_shared"], c["pages_sharing"]) == want, n
+        machine.check()
+
+
+@pytest.mark.parametrize("bad", [0, 17, -1, "many"])
+def test_bad_scanner_counts_are_refused(bad: object) -> None:
+    with pytest.raises(shmksm.KnobError, match="scanners"):
+        shmksm.Machine(frames=64, ksmd=False, scanners=bad)
+
+
+def test_guests_read_what_they_wrote_with_three_scanners() -> None:
+    with shmksm.Machine(frames=2048, scanners=3, **FAST) as machine:
+        guests = [machine.add_guest(pages=200) for _ in range(3)]
+        for g in guests:
+            machine.spawn(fill, g, [1 + p % 50 for p in range(200)]).join(60)
+        machine.ksm.run = 1
+        c = machine.wait_converged(timeout=120)
+        assert (c["pages_shared"], c["pages_sharing"]) == (50, 550)
+        view = guests[1].view()
+        assert view.read(7 * PAGE_SIZE, PAGE_SIZE) == content(8)
+        machine.check()
