@@ -1,10 +1,12 @@
 """shmksm: Linux KSM and MMU notifiers, emulated with real processes and real shared memory."""
 
+from ._ksm.explain import Explanation
 from ._mm.frames import PAGE_SIZE
 from .errors import (
                      AddressError,
                      CheckError,
                      DataTypeError,
+                     HostMemoryError,
                      InternalError,
                      KnobBusyError,
                      KnobError,
@@ -20,7 +22,8 @@ from .machine import Death, Guest, Machine, Worker
 __version__ = "0.1.0"
 
 __all__ = [
-    "AddressError", "CheckError", "DataTypeError", "Death", "Guest", "GuestView", "InternalError",
+    "AddressError", "CheckError", "DataTypeError", "Death", "Explanation", "Guest", "GuestView",
+    "HostMemoryError", "InternalError",
     "KnobBusyError", "KnobError", "MADV_MERGEABLE", "MADV_UNMERGEABLE", "Machine", "OutOfFrames",
     "PAGE_SIZE", "ProcessDied", "SegmentationFault", "ShmksmError", "UsageError", "Worker",
 ]

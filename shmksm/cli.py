@@ -104,6 +104,36 @@ def main() -> None:
     """shmksm: Linux KSM and MMU notifiers, emulated with real processes and real shared memory."""
 
 
+_MAP_OPTIONS = (
+    click.option("--map", "map_path", default=None, metavar="FILE.png",
+                 help="Draw the frame pool at the end: free, private, KSM pages coloured by mapcount, the zero "
+                      "page (needs matplotlib)."),
+    click.option("--map-every", type=float, default=None, callback=_positive, metavar="SECONDS",
+                 help="With --map, also draw it every SECONDS as frames of an animation (FILE-0001.png, ..., "
+                      "FILE.gif)."),
+)
+
+
+def _map_options(fn: F) -> F:
+    for option in reversed(_MAP_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def _check_map(map_path: str | None, map_every: float | None) -> None:
+    if map_every is not None and not map_path:
+        raise click.UsageError("--map-every needs --map FILE.png")
+    if map_path:
+        _check_plot_path(map_path)
+
+
+def _echo_map(drawn: dict[str, Any] | None) -> None:
+    if drawn:
+        more = f", animation {drawn['animation']} ({len(drawn['animation_frames'])} frames)" \
+            if "animation" in drawn else ""
+        click.echo(f"frame map         {drawn['map']}{more}")
+
+
 _FORMAT_OPTION = click.option(
     "--format", "image_format", type=click.Choice(["auto", "raw", "core"]), default="auto", show_default=True,
     help="How to read the images: auto takes ELF cores (ET_CORE) as cores and any other file of whole pages as "
@@ -140,11 +170,13 @@ _FORMAT_OPTION = click.option(
 @click.option("--plot", default=None, metavar="FILE.png", help="Plot the counters over time (needs matplotlib).")
 @click.option("--explain", "explain_pages", is_flag=True,
               help="Add why each page merged or not (as shmksm explain) to the report.")
+@_map_options
 @friendly
 def run(images: tuple[str, ...], image_format: str, scenario: str | None, guests: int, pages_to_scan: int,
         sleep_millisecs: int, max_page_sharing: int, use_zero_pages: bool, smart_scan: bool, until: str,
         stable_scans: int, scans: int | None, seconds: float | None, timeout: float, json_out: str | None,
-        csv_out: str | None, plot: str | None, explain_pages: bool) -> None:
+        csv_out: str | None, plot: str | None, explain_pages: bool, map_path: str | None,
+        map_every: float | None) -> None:
     """Run memory images (or a built-in scenario) under ksmd until the counters settle.
 
     The report has the same keys as the kernel-side runner's
@@ -172,13 +204,15 @@ def run(images: tuple[str, ...], image_format: str, scenario: str | None, guests
     outputs = [_open_output(path) if path else None for path in (json_out, csv_out)]
     if plot:
         _check_plot_path(plot)
+    _check_map(map_path, map_every)
     knobs = {"pages_to_scan": pages_to_scan, "sleep_millisecs": sleep_millisecs,
              "max_page_sharing": max_page_sharing, "use_zero_pages": int(use_zero_pages),
              "smart_scan": int(smart_scan)}
     with tempfile.TemporaryDirectory(prefix="shmksm-scenario-") as tmp:
         paths = list(images) if images else write_mix(tmp, guests, MIXES[str(scenario)])
         report = run_images(paths, knobs=knobs, stable_scans=stable_scans, max_scans=scans,
-                            max_seconds=seconds, timeout=timeout, format=image_format, explain=explain_pages)
+                            max_seconds=seconds, timeout=timeout, format=image_format, explain=explain_pages,
+                            map_path=map_path, map_every=map_every)
     if scenario:
         report["scenario"] = scenario
     json_file, csv_file = outputs
@@ -200,6 +234,7 @@ def run(images: tuple[str, ...], image_format: str, scenario: str | None, guests
         c = report["converged"]
         click.echo(f"converged at full scan {c['full_scans']} after {c['seconds']} s "
                    f"({c['ksmd_cpu_seconds']} ksmd CPU-s)")
+        _echo_map(report.get("map"))
         if explain_pages:
             from .tool.explain import explanation_lines
 
@@ -392,33 +427,6 @@ def capture(pids: tuple[int, ...], outdir: str, all_mappings: bool, keep_going: 
     click.echo(f"mappings: {os.path.join(outdir, 'mappings.json')}")
 
 
-class LiveView:
-    """Counters refreshing in place on a terminal; a plain line a second otherwise."""
-
-    def __init__(self) -> None:
-        self.tty = sys.stdout.isatty()
-        self.last_line = 0.0
-        self.drawn = 0
-
-    def show(self, elapsed: float, c: dict[str, int]) -> None:
-        import time
-
-        line = (f"{elapsed:5.1f}s  full_scans {c['full_scans']:3d}  pages_shared {c['pages_shared']:7d}  "
-                f"pages_sharing {c['pages_sharing']:7d}  ksm_zero_pages {c['ksm_zero_pages']:6d}  "
-                f"volatile {c['pages_volatile']:6d}  saved {_mib(c['pages_sharing'] + c['ksm_zero_pages'])}")
-        if self.tty:
-            sys.stdout.write("\r\x1b[2K" + line)
-            sys.stdout.flush()
-            self.drawn = 1
-        elif time.monotonic() - self.last_line >= 1.0:
-            click.echo(line)
-            self.last_line = time.monotonic()
-
-    def close(self) -> None:
-        if self.tty and self.drawn:
-            sys.stdout.write("\n")
-
-
 @main.command()
 @click.option("--guests", type=int, default=4, show_default=True, callback=_positive, help="VM-like guests.")
 @click.option("--memory", type=int, default=32, show_default=True, callback=_positive, help="MiB per guest.")
@@ -430,25 +438,34 @@ class LiveView:
 @click.option("--era", type=click.Choice(ERAS), default="2024", show_default=True,
               help="Notifier era: what the shadows are told when ksmd or a copy-on-write changes a PTE.")
 @click.option("--plot", default=None, metavar="FILE.png", help="Plot the counters over time (needs matplotlib).")
+@_map_options
 @friendly
 def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool, shadows: int, era: str,
-         plot: str | None) -> None:
-    """A host with VM-like guests and shadow MMUs under ksmd, live counters, then what merging saved."""
+         plot: str | None, map_path: str | None, map_every: float | None) -> None:
+    """A host with VM-like guests and shadow MMUs under ksmd, a live dashboard, then what merging saved.
+
+    On a terminal the dashboard redraws in place (counters and their change,
+    memory saved, each guest's ksm_stat, shadow faults, ksmd's CPU); into a
+    pipe or a file it prints a plain line a second.
+
+    \b
+        shmksm demo --guests 4 --memory 16 --seconds 10
+        shmksm demo --map memory.png --map-every 2
+    """
+    from .tool.dashboard import Dashboard
     from .tool.demo import demo_pages_to_scan, run_demo
 
     if plot:
         _check_plot_path(plot)
+    _check_map(map_path, map_every)
     pages = memory * 256
     _check_size(guests, pages)
     total = guests * pages
     click.echo(f"shmksm demo: {guests} guests x {memory} MiB ({total} pages), {shadows} shadow MMU(s), era {era}, "
                f"ksmd pages_to_scan {demo_pages_to_scan(total)}, sleep_millisecs 20, for {seconds:g} s")
-    live = LiveView()
-    try:
+    with Dashboard(f"shmksm demo: {guests} guests x {memory} MiB, era {era}") as board:
         out = run_demo(guests, pages, seconds, use_zero_pages=use_zero_pages, shadows=shadows, era=era,
-                       on_tick=live.show, plot=plot)
-    finally:
-        live.close()
+                       on_tick=board.show, plot=plot, map_path=map_path, map_every=map_every)
     c, results, shadow_stats = out["counters"], out["guests"], out["shadows"]
     saved = c["pages_sharing"] + c["ksm_zero_pages"]
     mapped = total  # the workload writes every page of every guest
@@ -465,6 +482,7 @@ def demo(guests: int, memory: int, seconds: float, use_zero_pages: bool, shadows
                    f"{sum(r['updated_in_place'] for r in shadow_stats)} entries updated in place by change_pte")
     click.echo(f"full scans        {c['full_scans']}, guests wrote {sum(r['writes'] for r in results)} times, "
                f"{sum(r['mismatches'] for r in results)} read-back mismatches")
+    _echo_map(out["map"])
     if any(r["mismatches"] for r in results):
         raise click.ClickException("a guest read back something it did not write")
 
@@ -627,15 +645,13 @@ def stress(guests: int, pages: int, seconds: float, writes: int | None, shadows:
     Exits 1 if any guest read back something it did not write, a shadow read
     a reused frame, or machine.check() finds a broken invariant.
     """
+    from .tool.dashboard import Dashboard
     from .tool.demo import run_stress
 
     _check_size(guests, pages)
-    live = LiveView()
-    try:
+    with Dashboard(f"shmksm stress: {guests} guests x {pages} pages, era {era}") as board:
         out = run_stress(guests, pages, seconds, writes=writes, shadows=shadows, era=era, seed=seed,
-                         on_tick=live.show)
-    finally:
-        live.close()
+                         on_tick=board.show)
     c, mismatches, stale = out["counters"], out["mismatches"], out["stale_reads"]
     click.echo(f"{guests} guests x {pages} pages for {out['seconds']:.1f} s, era {era}: "
                f"{c['full_scans']} full scans, {out['cow_ksm']} COW breaks of KSM pages, "

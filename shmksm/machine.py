@@ -34,11 +34,19 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from . import _mistakes
 from ._ksm import explain as explaining
 from ._ksm.scanner import MAX_GUEST_PAGES
 from ._ksm.sysfs import Ksm, guest_ksm_stat
 from ._kvm.secondary import ShadowMMU, clear_flush_young
+from ._mistakes import (
+    REIMPORTED_MAIN_EXIT,
+    check_host_memory,
+    check_spawnable,
+    host_memory_message,
+    refuse_in_reimported_main,
+    refuse_unguarded_main,
+    reimported_main_message,
+)
 from ._mm import check as checker
 from ._mm import control, mmu_notifier, segments
 from ._mm.frames import PAGE_SIZE
@@ -143,8 +151,8 @@ class Worker:
                 code = self.process.exitcode
                 if code is not None and code < 0:
                     how = f"was killed by signal {-code}"
-                elif code == _mistakes.REIMPORTED_MAIN_EXIT:
-                    how = f"exited at start: {_mistakes.reimported_main_message('the main script')}"
+                elif code == REIMPORTED_MAIN_EXIT:
+                    how = f"exited at start: {reimported_main_message('the main script')}"
                 elif self.sent_signal:
                     # The forkserver reports 255 when it lost the child's status.
                     how = f"was killed by signal {self.sent_signal} (exit status {code} as reported)"
@@ -227,7 +235,7 @@ class Machine:
 
     def __init__(self, frames: int = DEFAULT_FRAMES, *, nodes: int = 1, overcommit: bool = False, ksmd: bool = True,
                  notifier_era: str = "2024", ctx: BaseContext | None = None, **knobs: Any) -> None:
-        _mistakes.refuse_in_reimported_main()
+        refuse_in_reimported_main()
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
             raise UsageError(f"a machine needs at least 2 frames (the zero page and one more), not {frames!r}")
         if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= control.MAX_NODES:
@@ -235,8 +243,8 @@ class Machine:
         if frames < 2 * nodes:
             raise UsageError(f"{nodes} NUMA nodes need at least {2 * nodes} frames, not {frames}")
         self.ctx = ctx or default_context()
-        _mistakes.refuse_unguarded_main(self.ctx.get_start_method())
-        _mistakes.check_host_memory(frames)
+        refuse_unguarded_main(self.ctx.get_start_method())
+        check_host_memory(frames)
         segments.cleanup_stale()
         self.overcommit = overcommit
         self._lock = threading.RLock()
@@ -252,7 +260,7 @@ class Machine:
         except OSError as exc:
             if exc.errno != errno.ENOMEM:
                 raise
-            raise HostMemoryError(_mistakes.host_memory_message(frames)) from None
+            raise HostMemoryError(host_memory_message(frames)) from None
         self._next_node = 0  # add_guest's round robin
         self.system.set("notifier_era", era)
         self.ksm = Ksm(self.system, on_write=self._knob_written)
@@ -533,7 +541,7 @@ class Machine:
         (for services such as the scanner).  ``fn`` must be a module-level
         function and ``args`` must pickle: the worker is a new process.
         """
-        _mistakes.check_spawnable(fn)
+        check_spawnable(fn)
         with self._lock:
             if guest is not None:
                 self._require_live(guest)

@@ -61,8 +61,8 @@ COMMANDS = [(), *command_paths()]
 def test_the_commands_are_the_documented_ones() -> None:
     """A new command gets its --help and bad-input cases here."""
     assert {" ".join(p) for p in COMMANDS} == {
-        "", "cleanup", "demo", "estimate", "experiment", "experiment notifier", "experiment sweep", "knobs",
-        "run", "stats", "stress"}
+        "", "capture", "cleanup", "demo", "estimate", "explain", "experiment", "experiment notifier",
+        "experiment sweep", "knobs", "run", "stats", "stress"}
 
 
 @pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "shmksm")
@@ -143,7 +143,7 @@ BAD_INPUTS = [
     ("run-elf-executable", ["run", "--image", "{executable}", "--format", "core"], 2, "not a core dump"),
     ("run-bin-true", ["run", "--image", "/bin/true"], 2, "not a core dump"),
     ("estimate-bin-true", ["estimate", "/bin/true"], 2, "not a core dump"),
-    ("estimate-no-image", ["estimate"], 2, "Missing argument"),
+    ("estimate-no-image", ["estimate"], 2, "give IMAGES or --pid"),
     ("unknown-scenario", ["run", "--scenario", "nosuch"], 2, "unknown scenario 'nosuch'"),
     ("image-and-scenario", ["run", "--scenario", "default", "--image", "{good}"], 2, "either --image"),
     ("neither-image-nor-scenario", ["run"], 2, "either --image"),

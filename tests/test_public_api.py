@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, int]] = [
     ("shmksm.workers.broker", 3),
     ("shmksm.workers.shadow", 3),
     ("shmksm.guest", 4),
-    ("shmksm._mistakes", 4),
+    ("shmksm._mistakes", 4),  # first-day mistakes, which the machine checks
     ("shmksm.machine", 5),
     ("shmksm", 6),
     ("shmksm.tool.images", 7),  # image formats: the guests' image loader reads them too

@@ -19,25 +19,45 @@ def require_matplotlib() -> Any:
     return plt
 
 
-def plot_timeline(report: dict[str, Any], path: str) -> None:
-    """Counters of a run over time: pages_shared, pages_sharing, pages_unshared, ksm_zero_pages."""
+_LABEL_GAP = 0.06  # the least distance between two scan labels, as a fraction of the time axis
+
+
+def timeline_figure(report: dict[str, Any]) -> Any:
+    """The figure of plot_timeline.
+
+    Every full scan gets a dotted line; the labels above the plot skip scans
+    that would run into the previous label (the line stays), and the legend
+    stands beside the plot, clear of the curves.
+    """
     plt = require_matplotlib()
     timeline = report["timeline"]
     t = [row["t"] for row in timeline]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     for name in ("pages_sharing", "pages_shared", "pages_unshared", "pages_volatile", "ksm_zero_pages"):
         ax.step(t, [row[name] for row in timeline], where="post", label=name)
     scans = [(row["t"], row["full_scans"]) for i, row in enumerate(timeline)
              if i and row["full_scans"] != timeline[i - 1]["full_scans"]]
+    span = (max(t) - min(t)) if t else 1.0
+    labelled = -float("inf")
     for x, n in scans:
         ax.axvline(x, color="grey", lw=0.5, ls=":")
-        ax.text(x, ax.get_ylim()[1] * 0.98, f" scan {n}", fontsize=7, va="top", color="grey")
+        if x - labelled >= _LABEL_GAP * span:
+            ax.text(x, 1.01, f"scan {n}", fontsize=7, color="grey", rotation=45, ha="left", va="bottom",
+                    transform=ax.get_xaxis_transform(), gid="scan-label")
+            labelled = x
     ax.set_xlabel("seconds since run=1")
     ax.set_ylabel("pages")
     knobs = ", ".join(f"{k} {v}" for k, v in report["knobs"].items())
-    ax.set_title(f"shmksm: {report['pages']} pages\n{knobs}", fontsize=8)
-    ax.legend(fontsize=8)
-    _save(plt, fig, path)
+    ax.set_title(f"shmksm: {report['pages']} pages\n{knobs}", fontsize=8, pad=28)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    return fig
+
+
+def plot_timeline(report: dict[str, Any], path: str) -> None:
+    """Counters of a run over time: pages_shared, pages_sharing, pages_unshared, ksm_zero_pages."""
+    plt = require_matplotlib()
+    _save(plt, timeline_figure(report), path)
 
 
 def plot_eras(result: dict[str, Any], path: str) -> None:

@@ -17,6 +17,7 @@ from .._ksm.sysfs import counters
 from ..errors import OutOfFrames, UsageError
 from ..machine import Machine
 from .images import image_pages
+from .memmap import MapRecorder
 
 RUN_COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned",
                 "full_scans", "stable_node_chains", "stable_node_dups", "ksm_zero_pages", "general_profit")
@@ -26,12 +27,14 @@ _SETTLE_KEYS = ("pages_shared", "pages_sharing", "ksm_zero_pages")
 def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, stable_scans: int = 3,
                max_scans: int | None = None, max_seconds: float | None = None, timeout: float = 600.0,
                frames: int | None = None, progress: Callable[[dict[str, int]], None] | None = None,
-               format: str = "auto", explain: bool = False,
-               timeline_extra: Sequence[str] = ()) -> dict[str, Any]:
+               format: str = "auto", explain: bool = False, timeline_extra: Sequence[str] = (),
+               map_path: str | None = None, map_every: float | None = None) -> dict[str, Any]:
     """Load each image into a guest, run ksmd, follow the counters; return the report.
 
     ``format`` says how to read the images: auto, raw or core (images.image_layout).
-    ``explain`` adds why each page merged or not (Machine.explain) under "explain".
+    ``explain`` adds why each page merged or not (Machine.explain) under "explain";
+    ``map_path`` draws the frame pool at the end (and every ``map_every``
+    seconds as an animation: tool.memmap), named under "map".
 
     Stops when pages_shared, pages_sharing and ksm_zero_pages have not changed
     for ``stable_scans`` full scans (or after ``max_scans`` full scans, or
@@ -61,6 +64,7 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
         last_change_scan = 0
         converged_at = (0.0, 0, 0)
         snap: dict[str, int] = {}
+        mapper = MapRecorder(map_path, map_every, f"shmksm run: {len(images)} image(s)") if map_path else None
         while time.perf_counter() - t0 < timeout:
             time.sleep(0.005)
             if machine.ksmd is None or not machine.ksmd.is_alive():
@@ -70,6 +74,8 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
             snap["pages_scanned"] -= base_scanned
             key = tuple(snap[k] for k in _SETTLE_KEYS)
             elapsed = time.perf_counter() - t0
+            if mapper is not None:
+                mapper.tick(system, elapsed)
             if key != last:
                 last, last_change_scan = key, snap["full_scans"]
                 converged_at = (elapsed, snap["full_scans"], system.get("scanner_cpu_ns"))
@@ -85,6 +91,7 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
                 break
         wall = time.perf_counter() - t0
         explained = machine.explain().as_dict() if explain else None
+        drawn = mapper.finish(system, wall) if mapper is not None else None
         machine.ksm.run = 0
         cpu_ns = system.get("scanner_cpu_ns")
         final = {k: v for k, v in counters(system).items() if k in RUN_COUNTERS}
@@ -112,4 +119,5 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
             "ksm_stat": stats,
             "timeline": timeline,
             **({"explain": explained} if explained is not None else {}),
+            **({"map": drawn} if drawn is not None else {}),
         }
