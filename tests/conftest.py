@@ -19,7 +19,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from helpers import SHM_DIR, held_by_others, shm_entries
+
+# merge_pages, pfn_of, pte_of and wait_until stay importable from conftest, as before helpers.py.
+from helpers import SHM_DIR, held_by_others, merge_pages, pfn_of, pte_of, shm_entries, wait_until  # noqa: F401
 
 import shmksm
 

@@ -215,20 +215,22 @@ def write_protect_pages(table: PageTable, pages: npt.NDArray[np.intp]) -> int:
     for each page, as from write_protect_page.
     """
     ptes = table.ptes
-    notifier = table.notifier
     protected = 0
     for run in np.split(pages, np.flatnonzero(np.diff(pages >> 9)) + 1):
-        if not len(run):
+        # Looked at unlocked, so that the notifier hears only of pages about
+        # to change; under the PTL, those that changed meanwhile drop out.
+        candidates = run[(ptes[run] & _WP_MASK) == _PRIVATE_WRITABLE]
+        if not len(candidates):
             continue
-        with _run_locked(table, int(run[0])) as records:
-            writable = run[(ptes[run] & _WP_MASK) == _PRIVATE_WRITABLE]
+        with _run_locked(table, candidates.tolist()) as notes:
+            writable = candidates[(ptes[candidates] & _WP_MASK) == _PRIVATE_WRITABLE]
             if not len(writable):
                 continue
             ptes[writable] &= _NOT_WRITE_U64
             protected += len(writable)
-            if records is not None:
+            if notes is not None:
                 for page, pte in zip(writable.tolist(), ptes[writable].tolist(), strict=True):
-                    records.extend(notifier.change_records(page, pte))
+                    notes.changed(page, pte)
     return protected
 
 
