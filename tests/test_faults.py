@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import wait_until
+from helpers import wait_until
 from shmksm.workers.guest_random import pattern
 
 import shmksm
@@ -278,6 +278,8 @@ def test_shadows_killed_again_and_again_never_run_out_of_slots() -> None:
             shadow = machine.add_shadow([guest])
             assert shadow.worker is not None
             shadow.worker.kill(signal.SIGKILL)
+            with pytest.raises(shmksm.ProcessDied, match="signal 9"):
+                shadow.worker.join(20)
             _death_of(machine, shadow.worker)
         machine.check()
 
