@@ -63,7 +63,8 @@ def test_bad_options_are_one_line_usage_errors(args: list[str]) -> None:
 @pytest.mark.stress
 def test_500_kills_of_every_role_mixed() -> None:
     proc = subprocess.run([sys.executable, "-m", "shmksm.cli", "chaos", "--kills", "500", "--seconds", "1200",
-                           "--seed", "500", "--json", "-"], check=False, capture_output=True, text=True, timeout=1800)
+                           "--seed", "500", "--hang-seconds", "60", "--json", "-"],
+                          check=False, capture_output=True, text=True, timeout=1800)
     report = json.loads(proc.stdout)
     assert sum(report["kills"].values()) == 500, report["kills"]
     assert all(report["kills"][role] > 50 for role in ROLES), report["kills"]
