@@ -10,6 +10,7 @@ from .errors import (
                      InternalError,
                      KnobBusyError,
                      KnobError,
+                     LockTimeout,
                      OutOfFrames,
                      ProcessDied,
                      SegmentationFault,
@@ -24,6 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AddressError", "CheckError", "DataTypeError", "Death", "Explanation", "Guest", "GuestView",
     "HostMemoryError", "InternalError",
-    "KnobBusyError", "KnobError", "MADV_MERGEABLE", "MADV_UNMERGEABLE", "Machine", "OutOfFrames",
+    "KnobBusyError", "KnobError", "LockTimeout", "MADV_MERGEABLE", "MADV_UNMERGEABLE", "Machine", "OutOfFrames",
     "PAGE_SIZE", "ProcessDied", "SegmentationFault", "ShmksmError", "UsageError", "Worker",
 ]

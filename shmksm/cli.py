@@ -785,5 +785,49 @@ def cleanup() -> None:
     click.echo(f"{len(removed)} stale segment(s) removed")
 
 
+
+@main.command()
+@click.option("--kills", type=click.IntRange(min=0), default=50, show_default=True,
+              help="SIGKILL this many processes (or fewer, if --seconds passes first).")
+@click.option("--seconds", type=float, default=120, show_default=True, callback=_positive,
+              help="Stop killing after this many seconds.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the victims, moments and workload.")
+@click.option("--roles", default="all", show_default=True, metavar="ROLE[,ROLE...]",
+              help="Roles to kill: guest, ksmd, broker, shadow (or all).")
+@click.option("--guests", type=click.IntRange(2, 16), default=4, show_default=True,
+              help="Guests writing and verifying.")
+@click.option("--pages", type=click.IntRange(16, 4096), default=64, show_default=True, help="Pages per guest.")
+@click.option("--hang-seconds", type=float, default=30, show_default=True, callback=_positive,
+              help="The watchdog's bound: a step or a guest that makes no progress this long is a hang.")
+@click.option("--json", "json_out", default=None, is_flag=False, flag_value="-", metavar="[FILE]",
+              help="Write the report as JSON (to stdout without FILE, or with '-').")
+@friendly
+def chaos(kills: int, seconds: float, seed: int, roles: str, guests: int, pages: int, hang_seconds: float,
+          json_out: str | None) -> None:
+    """Fault-injection campaign: SIGKILL random processes of every role, restart them, check, verify.
+
+    Guests write and verify shared content, ksmd merges (sleep_millisecs 0), a
+    shadow MMU reads; every 0.05-0.4 s a process of a chosen role is killed and
+    restarted and machine.check() runs.  At the end every guest gets a known
+    content, reads it back, and ksmd must converge to its ideal counters.
+    Exits 1 on any hang, failed check, lost byte or left segment.
+    """
+    from .tool.chaos import ChaosConfig, roles_option, run_chaos
+
+    cfg = ChaosConfig(kills=kills, seconds=seconds, seed=seed, roles=roles_option(roles), guests=guests, pages=pages,
+                      hang_seconds=hang_seconds)
+    out = _open_output(json_out) if json_out else None
+    report = run_chaos(cfg)
+    if out is not None:
+        _write_json(out, report.as_dict())
+    if out is not sys.stdout:
+        click.echo(report.table())
+        if report.stacks:
+            click.echo("\nstacks at the hang:\n" + report.stacks, err=True)
+    if not report.ok:
+        raise click.ClickException("the campaign failed: " + (report.errors[0] if report.errors else
+                                                              "ksmd did not converge to the ideal counters"))
+
+
 if __name__ == "__main__":
     console_main()

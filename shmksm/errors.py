@@ -14,6 +14,7 @@ and also from the builtin exception a Python programmer would expect, so that
      ├── KnobBusyError (OSError)             a knob the kernel refuses now (EBUSY)
      ├── OutOfFrames (MemoryError)           the frame pool is exhausted
      ├── ProcessDied (ChildProcessError)     a worker process died
+     ├── LockTimeout (TimeoutError)          a host call waited its bound for a lock (a stopped holder)
      ├── CheckError (AssertionError)         machine.check() found a broken invariant
      └── InternalError (RuntimeError)        "this should never happen"
 
@@ -86,6 +87,10 @@ class OutOfFrames(ShmksmError, MemoryError):
 
 class ProcessDied(ShmksmError, ChildProcessError):
     """A worker process of the machine died or failed."""
+
+
+class LockTimeout(ShmksmError, TimeoutError):
+    """A host call did not get a lock within its bound: its holder does not go on (stopped, not dead)."""
 
 
 class CheckError(ShmksmError, AssertionError):

@@ -683,7 +683,7 @@ class GuestView:
             notifier = self.table.notifier
             era = notifier.begin_range(self.gid, start, end) if notifier is not None else -1
             for page in range(start, end):
-                with self.table.ptl(page):  # type: ignore[attr-defined]
+                with self.table.ptl(page):
                     self.table.zap(page, unmap=True, notify=False)
             if era >= 0:
                 notifier.end_range(self.gid, start, end, era)

@@ -13,6 +13,10 @@ every worker is stopped and every segment is unlinked.  A watcher thread in
 the host reaps workers as they exit; a guest process killed by a signal has
 its address space torn down and the machine's accounting rebuilt (the
 kernel's exit_mmap), and the death is reported by ``machine.deaths``.
+
+No host call waits without bound: one that needs a lock a stopped process
+holds raises LockTimeout after ``lock_timeout`` seconds.  ``machine.inject``
+arms the named fault-injection points (:mod:`shmksm._mm.faults`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import atexit
 import contextlib
 import ctypes
 import errno
+import faulthandler
 import os
 import pickle
 import signal
@@ -48,15 +53,17 @@ from ._mistakes import (
     reimported_main_message,
 )
 from ._mm import check as checker
-from ._mm import control, mmu_notifier, segments
+from ._mm import control, faults, mmu_notifier, segments
 from ._mm.frames import PAGE_SIZE
-from ._mm.locks import STUCK_SECONDS, LocksBusy, LockTable, default_context
+from ._mm.locks import LockTable, default_context
 from ._mm.system import System, SystemSpec
 from ._mm.waiting import poll_until
-from .errors import HostMemoryError, ProcessDied, UsageError
+from .errors import HostMemoryError, LockTimeout, ProcessDied, UsageError
 from .guest import GuestView
 
 DEFAULT_FRAMES = 65536
+DEFAULT_LOCK_TIMEOUT = 10.0
+_RECOVERY_ATTEMPT_SECONDS = 1.0  # the reaper's bound per recovery attempt; it retries
 
 
 @dataclass(frozen=True)
@@ -93,10 +100,17 @@ def _die_with_parent() -> None:
 
 
 def worker_main(spec: SystemSpec, gid: int | None, fn: Callable[..., Any], args: tuple[Any, ...],
-                result: Connection) -> None:
-    """Entry point of every worker process: attach, run ``fn``, send its result, detach."""
+                result: Connection, stack_dir: str | None = None) -> None:
+    """Entry point of every worker process: attach, run ``fn``, send its result, detach.
+
+    With ``stack_dir``, SIGUSR1 makes the worker write every thread's Python
+    stack to ``stack_dir/PID.txt`` (faulthandler), for a watchdog's report.
+    """
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if stack_dir is not None:
+        stacks = open(os.path.join(stack_dir, f"{os.getpid()}.txt"), "w")  # noqa: SIM115 - lives as long as the process
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     system = spec.attach()
     try:
         target: Any = GuestView(system, gid) if gid is not None else system
@@ -216,7 +230,7 @@ class Guest:
     @property
     def alive(self) -> bool:
         """Whether the guest's address space exists (not removed, its last process not gone)."""
-        return self.id in self.machine._guests
+        return self.machine._guests.get(self.id) is self and not self.machine._dying(self.id)
 
 
 def _closer(ref: weakref.ref[Machine]) -> Callable[[], None]:
@@ -234,10 +248,15 @@ class Machine:
     """An emulated machine: a frame pool, guests, and the processes that use them."""
 
     def __init__(self, frames: int = DEFAULT_FRAMES, *, nodes: int = 1, overcommit: bool = False, ksmd: bool = True,
-                 notifier_era: str = "2024", ctx: BaseContext | None = None, **knobs: Any) -> None:
+                 notifier_era: str = "2024", ctx: BaseContext | None = None,
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT, stack_dir: str | None = None, **knobs: Any) -> None:
+        """``lock_timeout``: how long a host call waits for a lock before LockTimeout.
+        ``stack_dir``: where workers write their Python stacks on SIGUSR1 (:func:`worker_main`)."""
         refuse_in_reimported_main()
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
             raise UsageError(f"a machine needs at least 2 frames (the zero page and one more), not {frames!r}")
+        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or not lock_timeout > 0:
+            raise UsageError(f"lock_timeout must be a positive number of seconds, not {lock_timeout!r}")
         if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= control.MAX_NODES:
             raise UsageError(f"a machine has 1 to {control.MAX_NODES} NUMA nodes, not {nodes!r}")
         if frames < 2 * nodes:
@@ -249,8 +268,12 @@ class Machine:
         self.overcommit = overcommit
         self._lock = threading.RLock()
         self._stw = threading.Lock()  # one stop-the-world pass (check, recovery) at a time in this host
+        self.lock_timeout = float(lock_timeout)
+        self.stack_dir = stack_dir
         self._workers: list[Worker] = []
         self._guests: dict[int, Guest] = {}
+        # Deaths whose recovery has not run yet (a stopped lock holder made it wait): (worker, signal, gids).
+        self._unrecovered: list[tuple[Worker, int, list[int]]] = []
         self.deaths: list[Death] = []
         self._closed = False
         era = mmu_notifier.era_number(notifier_era)
@@ -261,6 +284,7 @@ class Machine:
             if exc.errno != errno.ENOMEM:
                 raise
             raise HostMemoryError(host_memory_message(frames)) from None
+        self.system.locks.host_timeout = self.lock_timeout
         self._next_node = 0  # add_guest's round robin
         self.system.set("notifier_era", era)
         self.ksm = Ksm(self.system, on_write=self._knob_written)
@@ -425,20 +449,38 @@ class Machine:
         """
         if mode not in ("rounds", "free"):
             raise UsageError(f"shadow mode must be 'rounds' or 'free', not {mode!r}")
-        with self._lock:
-            self._require_open()
-            for g in guests:
-                self._require_live(g)
-            self.start_broker()
-            shadow = ShadowMMU.claim(self.system, change_pte, self._shadow_gone, sync=sync)
-            self._shadows[shadow.slot] = shadow
-            for g in guests:
-                shadow.register(g)
-            from shmksm.workers.shadow import shadow as shadow_main
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            with self._lock:
+                self._require_open()
+                for g in guests:
+                    self._require_live(g)
+                if self._free_shadow_slot():
+                    self.start_broker()
+                    shadow = ShadowMMU.claim(self.system, change_pte, self._shadow_gone, sync=sync)
+                    self._shadows[shadow.slot] = shadow
+                    for g in guests:
+                        shadow.register(g)
+                    from shmksm.workers.shadow import shadow as shadow_main
 
-            shadow.started(self.spawn(shadow_main, None, shadow.slot, [g.id for g in guests], mode,
-                                      name=f"shadow{shadow.slot}"))
-            return shadow
+                    shadow.started(self.spawn(shadow_main, None, shadow.slot, [g.id for g in guests], mode,
+                                              name=f"shadow{shadow.slot}"))
+                    return shadow
+            # Only slots of dead shadows: the broker frees each once its registrations are dropped.
+            if time.monotonic() > deadline:
+                raise LockTimeout(f"no dead shadow's slot was freed by the notifier broker in {self.lock_timeout:g} s")
+            self.start_broker()
+            self.system.locks.broker_bell.release()
+            time.sleep(0.002)
+
+    def _free_shadow_slot(self) -> bool:
+        """Is a notifier slot free?  False if only dead shadows' are left; UsageError if none is either."""
+        states = self.system.notify_area.slots[:, mmu_notifier.S_STATE]
+        if (states == mmu_notifier.SLOT_FREE).any():
+            return True
+        if not (states == mmu_notifier.SLOT_DEAD).any():
+            raise UsageError(f"at most {mmu_notifier.MAX_SHADOWS} shadow workers per machine")
+        return False
 
     def shadows(self) -> list[ShadowMMU]:
         """The shadow MMUs running now."""
@@ -449,6 +491,36 @@ class Machine:
         with self._lock:
             if self._shadows.pop(shadow.slot, None) is not None:
                 shadow.release_slot()
+
+    # -- fault injection ----------------------------------------------------------------------------
+
+    def inject(self, point: str, action: str = "kill", times: int = 1, process: Worker | int | None = None) -> None:
+        """Arm a fault-injection point: ``action`` at its next ``times`` hits.
+
+        ``point`` is one of :data:`shmksm._mm.faults.POINTS` (``frames.alloc``,
+        ``ksm.merge.after_write_protect``, ``broker.after_copy``,
+        ``shadow.mid_batch``, ``check.recover``); ``action`` is ``kill``,
+        ``stop`` or ``fail``; ``process`` (a worker or a pid) limits it to one
+        process, by default any worker (``check.recover``: the host).
+        ``times=0`` disarms the point.
+        """
+        if point not in faults.POINTS:
+            raise UsageError(f"unknown injection point {point!r}; points: {', '.join(faults.POINTS)}")
+        if action not in faults.ACTIONS:
+            raise UsageError(f"unknown injection action {action!r}; actions: {', '.join(faults.ACTIONS)}")
+        if action == "fail" and point != "frames.alloc":
+            raise UsageError(f"only frames.alloc can fail; {point} can kill or stop")
+        if isinstance(times, bool) or not isinstance(times, int) or times < 0:
+            raise UsageError(f"times must be a non-negative integer, not {times!r}")
+        pid = process.pid if isinstance(process, Worker) else int(process or 0)
+        faults.arm(self.system.frames.cv, faults.POINTS.index(point), faults.ACTIONS.index(action) + 1, times,
+                   pid, os.getpid())
+
+    def injected(self, point: str) -> int:
+        """How many hits of ``point`` fired since it was last armed."""
+        if point not in faults.POINTS:
+            raise UsageError(f"unknown injection point {point!r}; points: {', '.join(faults.POINTS)}")
+        return faults.fired(self.system.frames.cv, faults.POINTS.index(point))
 
     def clear_flush_young(self, guest: Guest, clear: bool = True) -> Any:
         """The aging pass: which pages the guest or any shadow accessed (clearing the bits)."""
@@ -496,8 +568,8 @@ class Machine:
             for w in self._workers:
                 if w.gid == guest.id and w.is_alive():
                     raise UsageError(f"guest {guest.id} still has a running process (pid {w.pid})")
-            with self._stw:
-                checker.recover(self.system, [guest.id])
+            with self._stop_the_world(self.lock_timeout):
+                checker.recover(self.system, [guest.id], self.lock_timeout)
             self._guest_gone(guest.id)
 
     def _guest_gone(self, gid: int) -> None:
@@ -529,8 +601,12 @@ class Machine:
 
     def _require_live(self, guest: Guest) -> None:
         self._require_open()
-        if guest.machine is not self or guest.id not in self._guests:
+        if guest.machine is not self or self._guests.get(guest.id) is not guest or self._dying(guest.id):
             raise UsageError(f"guest {guest.id} is not a live guest of this machine")
+
+    def _dying(self, gid: int) -> bool:
+        """Is the guest's address space waiting to be torn down (its last process died)?"""
+        return any(gid in gids for _, _, gids in self._unrecovered)
 
     # -- processes --------------------------------------------------------------------------------
 
@@ -551,7 +627,7 @@ class Machine:
             reader, writer = self.ctx.Pipe(duplex=False)
             label = name or (f"guest{gid}" if gid is not None else getattr(fn, "__name__", "worker"))
             process = self.ctx.Process(target=worker_main, name=label, daemon=True,  # type: ignore[attr-defined]
-                                       args=(self.system.spec, gid, fn, args, writer))
+                                       args=(self.system.spec, gid, fn, args, writer, self.stack_dir))
             try:
                 process.start()
             except (pickle.PicklingError, AttributeError, TypeError) as exc:
@@ -577,7 +653,8 @@ class Machine:
                 if self._closed:
                     return
                 live = {w.process.sentinel: w for w in self._workers if w.process.exitcode is None}
-            ready = wait([wake, *live], timeout=1.0)
+                pending = bool(self._unrecovered)
+            ready = wait([wake, *live], timeout=0.05 if pending else 1.0)
             if wake in ready:
                 os.read(wake, 4096)
             self._sync_scanners()
@@ -589,9 +666,11 @@ class Machine:
                     if worker is not None:
                         worker.process.join(0)
                         self._reap(worker)
+            with contextlib.suppress(LockTimeout):
+                self._recover_deaths(_RECOVERY_ATTEMPT_SECONDS)
 
     def _reap(self, worker: Worker) -> None:
-        """A worker exited (``_lock`` held): once per worker, a killed one → recover the machine."""
+        """A worker exited (``_lock`` held): once per worker; a killed one's recovery is queued."""
         if worker.reaped:
             return
         worker.reaped = True
@@ -606,11 +685,48 @@ class Machine:
         # with another live process only needs the repair.
         others = [w for w in self._workers if w is not worker and w.gid == worker.gid and w.is_alive()]
         dead = [worker.gid] if worker.gid is not None and worker.gid in self._guests and not others else []
-        with self._stw:
-            reclaimed = checker.recover(self.system, dead)
-        for gid in dead:
-            self._guest_gone(gid)
-        self.deaths.append(Death(worker.name, worker.pid, sig, worker.gid, reclaimed))
+        self._unrecovered.append((worker, sig, dead))
+
+    def _stop_the_world(self, timeout: float) -> Any:
+        """This host's one stop-the-world pass at a time, had within ``timeout`` (else LockTimeout)."""
+        if not self._stw.acquire(timeout=timeout):
+            raise LockTimeout(f"another check or recovery of this machine ran for more than {timeout:g} s")
+        stw = self._stw
+
+        @contextlib.contextmanager
+        def held() -> Any:
+            try:
+                yield
+            finally:
+                stw.release()
+        return held()
+
+    def _recover_deaths(self, timeout: float) -> None:
+        """Run the recoveries of the deaths reaped so far, in order; LockTimeout if one is not done in time.
+
+        A recovery stops the world: a lock that a dead worker held is had at
+        once, but one held by a stopped process is not, and the recovery is
+        left for a later call (the reaper retries).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._unrecovered or self._closed:
+                    return
+            with self._stop_the_world(max(0.0, deadline - time.monotonic())):
+                with self._lock:
+                    if not self._unrecovered or self._closed:
+                        return  # another thread recovered them meanwhile
+                    worker, sig, dead = self._unrecovered[0]
+                try:
+                    reclaimed = checker.recover(self.system, dead, max(0.0, deadline - time.monotonic()))
+                except faults.InjectedDeath:
+                    continue  # the recovery itself was "killed" midway: run it again from the start
+                with self._lock:
+                    self._unrecovered.pop(0)
+                    for gid in dead:
+                        self._guest_gone(gid)
+                    self.deaths.append(Death(worker.name, worker.pid, sig, worker.gid, reclaimed))
 
     def join_all(self, timeout: float | None = None) -> list[Any]:
         """Join every worker started so far; return their results in order."""
@@ -618,25 +734,25 @@ class Machine:
 
     # -- checks and reclamation ------------------------------------------------------------------
 
-    def check(self) -> None:
+    def check(self, timeout: float | None = None) -> None:
         """Raise CheckError naming the first broken accounting invariant.
 
-        Recovers first from any worker that died meanwhile: a lock it held
-        would otherwise keep the check waiting.
+        Recovers first from any worker that died meanwhile.  Waits at most
+        ``timeout`` seconds (default: ``lock_timeout``) for the locks, then
+        raises LockTimeout naming the lock and its holder: a stopped process
+        may hold one as long as it likes.
         """
-        while True:
-            with self._lock:
-                self._require_open()
-                for worker in self._workers:
-                    if worker.process.exitcode is not None:
-                        self._reap(worker)
-            with self._stw:
-                try:
-                    checker.check(self.system, busy_timeout=STUCK_SECONDS)
-                    return
-                except LocksBusy:
-                    pass
-            time.sleep(0.01)
+        timeout = self.lock_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._require_open()
+            for worker in self._workers:
+                if worker.process.exitcode is not None:
+                    self._reap(worker)
+        self._recover_deaths(timeout)
+        left = max(0.0, deadline - time.monotonic())
+        with self._stop_the_world(left):
+            checker.check(self.system, max(0.0, deadline - time.monotonic()))
 
     def reclaim(self) -> int:
         """Run a reclaim pass; return how many waiting frames became free."""

@@ -61,7 +61,7 @@ COMMANDS = [(), *command_paths()]
 def test_the_commands_are_the_documented_ones() -> None:
     """A new command gets its --help and bad-input cases here."""
     assert {" ".join(p) for p in COMMANDS} == {
-        "", "capture", "cleanup", "demo", "estimate", "explain", "experiment", "experiment notifier",
+        "", "capture", "chaos", "cleanup", "demo", "estimate", "explain", "experiment", "experiment notifier",
         "experiment sidechannel", "experiment sweep", "knobs", "run", "stats", "stress"}
 
 

@@ -36,7 +36,7 @@ def _write_forever(view: shmksm.GuestView, seed: int) -> None:
 
 def _hold_ptl_and_sleep(view: shmksm.GuestView, marker_page: int) -> None:
     """Take page 0's page-table lock, say so at ``marker_page``, and never let go."""
-    view.table.ptl(0).acquire()  # type: ignore[attr-defined]
+    view.table.ptl(0).acquire()
     view.write(marker_page * PAGE_SIZE, b"held")
     time.sleep(600)
 
@@ -102,8 +102,8 @@ def test_a_guest_killed_holding_a_page_table_lock() -> None:
 
         _wait_for_death(machine, worker)
         assert blocked.join(10) == b"proceeds"
-        assert lock.acquire(timeout=1), "the dead guest's lock was not taken over"  # type: ignore[attr-defined]
-        lock.release()  # type: ignore[attr-defined]
+        assert lock.acquire(timeout=1), "the dead guest's lock was not taken over"
+        lock.release()
         machine.check()
         machine.reclaim()
         assert machine.free_frames() == machine.frames - 2, "only the other guest's page is left"

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import shmksm.workers.shadow
-from conftest import merge_pages
+from helpers import merge_pages
 
 import shmksm
 import shmksm._kvm.shadow as kvm_shadow

@@ -23,6 +23,7 @@ from functools import cache
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 
 from shmksm import PAGE_SIZE, GuestView
 
@@ -46,6 +47,31 @@ class Outcome:
     seconds: float  # wall time, the final read included
 
 
+def step(view: GuestView, rng: np.random.Generator, model: npt.NDArray[np.uint8],
+         patterns: npt.NDArray[np.uint8]) -> tuple[int, int, int]:
+    """One operation of the workload, kept in ``model``; return (bytes read back, of them wrong, bytes written)."""
+    choice = rng.random()
+    if choice < 0.5:
+        # Whole pages from the pattern set, scattered: the source of duplicates.
+        where = rng.choice(view.pages, min(view.pages, int(rng.integers(1, BATCH + 1))), replace=False)
+        data = patterns[rng.integers(len(patterns), size=len(where))]
+        view.write_pages(where, data)
+        model.reshape(-1, PAGE_SIZE)[where] = data
+        return 0, 0, data.nbytes
+    if choice < 0.75:
+        # Random bytes anywhere: a few, or many pages' worth, often across page boundaries.
+        n = int(rng.integers(1, 300)) if choice < 0.65 else int(rng.integers(1, RUN_PAGES * PAGE_SIZE))
+        n = min(n, view.size)
+        addr = int(rng.integers(0, view.size - n + 1))
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        view.write(addr, data)
+        model[addr:addr + n] = data
+        return 0, 0, n
+    n = int(rng.integers(1, 3 * PAGE_SIZE))
+    addr = int(rng.integers(0, view.size - n + 1))
+    return n, int(np.count_nonzero(view.read_array(addr, n, np.uint8) != model[addr:addr + n])), 0
+
+
 def run(view: GuestView, seed: int, seconds: float = 2.0, max_ops: int = 1_000_000,
         npatterns: int = NPATTERNS) -> int:
     """Run the workload on ``view`` for ``seconds`` (or ``max_ops``); return the mismatched bytes."""
@@ -58,34 +84,14 @@ def run_counted(view: GuestView, seed: int, seconds: float = 2.0, max_ops: int =
     t0 = time.monotonic()
     rng = np.random.default_rng(seed)
     model = np.zeros(view.size, np.uint8)
-    rows = model.reshape(-1, PAGE_SIZE)
-    pages = view.pages
     patterns = np.stack([np.frombuffer(pattern(k), np.uint8) for k in range(npatterns)])
     mismatches = written = 0
     deadline = t0 + seconds
     for op in range(max_ops):
         if op % 64 == 0 and time.monotonic() > deadline:
             break
-        choice = rng.random()
-        if choice < 0.5:
-            # Whole pages from the pattern set, scattered: the source of duplicates.
-            where = rng.choice(pages, min(pages, int(rng.integers(1, BATCH + 1))), replace=False)
-            data = patterns[rng.integers(npatterns, size=len(where))]
-            view.write_pages(where, data)
-            rows[where] = data
-            written += data.nbytes
-        elif choice < 0.75:
-            # Random bytes anywhere: a few, or many pages' worth, often across page boundaries.
-            n = int(rng.integers(1, 300)) if choice < 0.65 else int(rng.integers(1, RUN_PAGES * PAGE_SIZE))
-            n = min(n, view.size)
-            addr = int(rng.integers(0, view.size - n + 1))
-            data = rng.integers(0, 256, n, dtype=np.uint8)
-            view.write(addr, data)
-            model[addr:addr + n] = data
-            written += n
-        else:
-            n = int(rng.integers(1, 3 * PAGE_SIZE))
-            addr = int(rng.integers(0, view.size - n + 1))
-            mismatches += int(np.count_nonzero(view.read_array(addr, n, np.uint8) != model[addr:addr + n]))
+        _, bad, wrote = step(view, rng, model, patterns)
+        mismatches += bad
+        written += wrote
     mismatches += int(np.count_nonzero(view.read_array(0, view.size, np.uint8) != model))
     return Outcome(mismatches, written, time.monotonic() - t0)

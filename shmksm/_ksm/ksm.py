@@ -25,6 +25,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from .._mm import faults
 from .._mm.frames import KSM as FRAME_KSM
 from .._mm.frames import PAGE_SIZE, ZERO_PFN, Frames, with_frames
 from .._mm.mmu_notifier import BRACKETED, CHANGE_PTE, Notifier
@@ -81,6 +82,9 @@ def write_protect_page(table: PageTable, page: int, pfn: int) -> int:
     if pte & WRITE:
         pte &= ~WRITE
         table.set_pte_at_notify(page, pte)
+    cv = frames.cv
+    if cv[faults.ARMED]:
+        faults.hit(cv, faults.KSM_AFTER_WRITE_PROTECT)
     return pte
 
 
@@ -94,10 +98,10 @@ def make_ksm_page(table: PageTable, page: int, pfn: int) -> int:
         return -1
     frames = table.frames
     lock = frames.frame_lock(pfn)
-    lock.acquire()  # type: ignore[attr-defined]
+    lock.acquire()
     frames.fl[pfn] |= FRAME_KSM
     gen: int = frames.gn[pfn]
-    lock.release()  # type: ignore[attr-defined]
+    lock.release()
     table.pv[page] = pte | KSM
     return gen
 
@@ -145,21 +149,24 @@ def _send_starts(notifier: Any, gid: int, pages: list[int], era: int) -> None:
 
 
 @contextmanager
-def _run_locked(table: PageTable, pages: list[int]) -> Iterator[_RunNotes | None]:
+def _run_locked(table: PageTable, pages: list[int], dropped: list[int] | None = None) -> Iterator[_RunNotes | None]:
     """Send the starts of ``pages`` (one run), hold its PTL; yield where its changes are noted.
 
     None when no notifier watches the guest.  That is asked before the PTL is
     taken and again under it, as set_pte_at_notify asks at each change: a
     shadow registered meanwhile, which may have filled entries of this run,
     gets the starts then, still before any change.  The change records and
-    the ends go out together at the end, the PTL still held.
+    the ends go out together at the end, the PTL still held; then the frames
+    put in ``dropped`` (mapped by nobody since this run's changes) go to the
+    waiting list, tagged after those records, and before the PTL goes: a
+    recovery never finds a frame unmapped and not dropped.
     """
     notifier = table.notifier
     gid = table.gid
     era = notifier.era(gid) if notifier is not None else -1
     _send_starts(notifier, gid, pages, era)
     lock = table.ptl(pages[0])
-    lock.acquire()  # type: ignore[attr-defined]
+    lock.acquire()
     notes: _RunNotes | None = None
     try:
         if era < 0 and notifier is not None and (era := notifier.era(gid)) >= 0:
@@ -167,14 +174,19 @@ def _run_locked(table: PageTable, pages: list[int]) -> Iterator[_RunNotes | None
         notes = _RunNotes(era) if era >= 0 else None
         yield notes
     finally:
-        if notes is not None:
-            if notes.era > 0:
-                notes.records.extend(r for page in pages for r in Notifier.end_records(page, page + 1, notes.era))
-            if notes.records:
-                seq = notifier.emit_many(notes.records, gid)
-                if notes.era == 0:  # 2009: change_pte is the only call; a sync shadow has run it
-                    notifier.wait_synced(seq + len(notes.records) - 1)
-        lock.release()  # type: ignore[attr-defined]
+        try:
+            if notes is not None:
+                if notes.era > 0:
+                    notes.records.extend(r for page in pages for r in Notifier.end_records(page, page + 1, notes.era))
+                if notes.records:
+                    seq = notifier.emit_many(notes.records, gid)
+                    if notes.era == 0:  # 2009: change_pte is the only call; a sync shadow has run it
+                        notifier.wait_synced(seq + len(notes.records) - 1)
+            if dropped:
+                table.frames.drop_private(dropped)
+                dropped.clear()
+        finally:
+            lock.release()
 
 
 def make_ksm_pages(table: PageTable, pages: list[int], pfns: list[int]) -> list[int]:
@@ -184,7 +196,7 @@ def make_ksm_pages(table: PageTable, pages: list[int], pfns: list[int]) -> list[
     """
     frames = table.frames
     mc, fl, gn, pv = frames.mc, frames.fl, frames.gn, table.pv
-    frame_locks: list[Any] = frames.frame_locks
+    frame_locks = frames.frame_locks
     nlocks = len(frame_locks)
     gens = [-1] * len(pages)
     for i, j in ptl_runs(pages):
@@ -246,7 +258,7 @@ def replace_page(table: PageTable, page: int, pfn: int, kpfn: int, kgen: int) ->
         return False
     frames = table.frames
     lock = frames.frame_lock(kpfn)
-    lock.acquire()  # type: ignore[attr-defined]
+    lock.acquire()
     try:
         mc = frames.mc
         if frames.gn[kpfn] != kgen or not frames.fl[kpfn] & FRAME_KSM or mc[kpfn] <= 0:
@@ -256,7 +268,7 @@ def replace_page(table: PageTable, page: int, pfn: int, kpfn: int, kgen: int) ->
             return False
         mc[kpfn] += 1
     finally:
-        lock.release()  # type: ignore[attr-defined]
+        lock.release()
     new = kpfn | PRESENT | KSM | (pte & (DIRTY | YOUNG))
     table.set_pte_at_notify(page, new)
     frames.drop_private([pfn])
@@ -276,11 +288,12 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
     in one critical section, and a KSM page is read once for consecutive
     pages that merge into it.  The old frames were mapped only by the PTEs
     just replaced (checked under the PTL), so nobody else can reach their
-    mapcounts: they are dropped together at the end, under one allocator lock.
+    mapcounts: each run's are dropped together, under one allocator lock, before
+    its PTL goes (:func:`_run_locked`).
     """
     frames = table.frames
-    mm, mc, fl, gn, pv = frames.mm, frames.mc, frames.fl, frames.gn, table.pv
-    frame_locks: list[Any] = frames.frame_locks
+    mm, mc, fl, gn, pv, cv = frames.mm, frames.mc, frames.fl, frames.gn, table.pv, frames.cv
+    frame_locks = frames.frame_locks
     nlocks = len(frame_locks)
     merged = [False] * len(pages)
     dropped: list[int] = []
@@ -288,45 +301,43 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
     # one: 4 KiB objects kept by the hundred grow the heap, which glibc gives
     # back when they go, and the next batch faults it in again.
     kb_pfn, kb_gen, kb = -1, -1, b""
-    try:
-        for i, j in ptl_runs(pages):
-            with _run_locked(table, pages[i:j]) as notes:
-                for k, page, pfn, kpfn, kgen in zip(range(i, j), pages[i:j], pfns[i:j], kpfns[i:j], kgens[i:j],
-                                                    strict=True):
-                    pte = pv[page]
-                    if pte & PRIVATE_MASK != PRESENT or pte & PFN_MASK != pfn or mc[pfn] != 1 or fl[pfn] & FRAME_KSM:
-                        continue
-                    if pte & WRITE:
-                        pte &= _NOT_WRITE
-                        pv[page] = pte
-                        if notes is not None:
-                            notes.changed(page, pte)
-                    if kpfn == ZERO_PFN:  # use_zero_pages: the zero page, which no one counts
-                        if mm[pfn << 12:(pfn + 1) << 12] != ZERO_BYTES:
-                            continue
-                        new = KSM_ZERO_PTE
-                    else:
-                        klock = frame_locks[kpfn % nlocks]
-                        klock.acquire()
-                        try:
-                            if gn[kpfn] != kgen or not fl[kpfn] & FRAME_KSM or mc[kpfn] <= 0:
-                                continue
-                            if kpfn != kb_pfn or kgen != kb_gen:  # one life of a KSM page: one content
-                                kb_pfn, kb_gen, kb = kpfn, kgen, mm[kpfn << 12:(kpfn + 1) << 12]
-                            if mm[pfn << 12:(pfn + 1) << 12] != kb:
-                                continue
-                            mc[kpfn] += 1
-                        finally:
-                            klock.release()
-                        new = kpfn | _KSM_PRESENT | (pte & _DIRTY_YOUNG)
-                    pv[page] = new
+    for i, j in ptl_runs(pages):
+        with _run_locked(table, pages[i:j], dropped) as notes:
+            for k, page, pfn, kpfn, kgen in zip(range(i, j), pages[i:j], pfns[i:j], kpfns[i:j], kgens[i:j],
+                                                strict=True):
+                pte = pv[page]
+                if pte & PRIVATE_MASK != PRESENT or pte & PFN_MASK != pfn or mc[pfn] != 1 or fl[pfn] & FRAME_KSM:
+                    continue
+                if pte & WRITE:
+                    pte &= _NOT_WRITE
+                    pv[page] = pte
                     if notes is not None:
-                        notes.changed(page, new)
-                    merged[k] = True
-                    dropped.append(pfn)
-    finally:
-        if dropped:
-            frames.drop_private(dropped)
+                        notes.changed(page, pte)
+                if cv[faults.ARMED]:
+                    faults.hit(cv, faults.KSM_AFTER_WRITE_PROTECT)
+                if kpfn == ZERO_PFN:  # use_zero_pages: the zero page, which no one counts
+                    if mm[pfn << 12:(pfn + 1) << 12] != ZERO_BYTES:
+                        continue
+                    new = KSM_ZERO_PTE
+                else:
+                    klock = frame_locks[kpfn % nlocks]
+                    klock.acquire()
+                    try:
+                        if gn[kpfn] != kgen or not fl[kpfn] & FRAME_KSM or mc[kpfn] <= 0:
+                            continue
+                        if kpfn != kb_pfn or kgen != kb_gen:  # one life of a KSM page: one content
+                            kb_pfn, kb_gen, kb = kpfn, kgen, mm[kpfn << 12:(kpfn + 1) << 12]
+                        if mm[pfn << 12:(pfn + 1) << 12] != kb:
+                            continue
+                        mc[kpfn] += 1
+                    finally:
+                        klock.release()
+                    new = kpfn | _KSM_PRESENT | (pte & _DIRTY_YOUNG)
+                pv[page] = new
+                if notes is not None:
+                    notes.changed(page, new)
+                merged[k] = True
+                dropped.append(pfn)
     return merged
 
 
@@ -361,11 +372,11 @@ def try_to_merge_one_page(table: PageTable, page: int, pfn: int, kpfn: int, kgen
         if mm is not None and not table.is_mergeable(page):
             return False
         lock = table.ptl(page)
-        lock.acquire()  # type: ignore[attr-defined]
+        lock.acquire()
         try:
             return replace_page(table, page, pfn, kpfn, kgen)
         finally:
-            lock.release()  # type: ignore[attr-defined]
+            lock.release()
     finally:
         if mm is not None:
             mm.__exit__()
@@ -386,11 +397,11 @@ def try_to_merge_two_pages(a: PageTable, apage: int, apfn: int, b: PageTable, bp
         if mm is not None and not a.is_mergeable(apage):
             return -1, -1
         lock = a.ptl(apage)
-        lock.acquire()  # type: ignore[attr-defined]
+        lock.acquire()
         try:
             kgen = make_ksm_page(a, apage, apfn)
         finally:
-            lock.release()  # type: ignore[attr-defined]
+            lock.release()
     finally:
         if mm is not None:
             mm.__exit__()
@@ -421,7 +432,7 @@ def unmerge_range(table: PageTable, start: int, end: int) -> int:
 
 def break_ksm(table: PageTable, page: int) -> int:
     """Give ``page`` a private copy if it maps a KSM page (or KSM's zero page); return 1 if so."""
-    with table.ptl(page):  # type: ignore[attr-defined]
+    with table.ptl(page):
         pte = table.pv[page]
         if pte & (KSM | PRESENT | UNMAPPED) != KSM | PRESENT:
             return 0

@@ -466,7 +466,7 @@ class Scanner:
     def _new_full_scan(self) -> None:
         """Begin a pass: empty the unstable trees, take the guests that have mergeable memory."""
         live = set(self.system.live_guests())
-        for gid in [g for g in self.by_gid if g not in live]:
+        for gid in [g for g in self.by_gid if g not in live or not self.system.current(self.by_gid[g].table)]:
             self._drop_slot(self.by_gid[gid])
         self.slots = []
         for gid in sorted(live):
@@ -490,7 +490,7 @@ class Scanner:
         items = np.flatnonzero(slot.state)
         self._remove_items(slot, items)
         del self.by_gid[slot.gid]
-        self.system.forget_guest(slot.gid)
+        self.system.forget_guest(slot.gid, slot.table)
 
     # -- rmap items -----------------------------------------------------------------------------
 
@@ -575,7 +575,7 @@ class Scanner:
                 self._end_full_scan()
                 break
             slot = self.slots[self.slot_index]
-            if not self.system.guest_live(slot.gid):
+            if not self.system.current(slot.table):
                 self.slot_index += 1
                 continue
             pages = self._next_pages(slot, scan_npages - done)
@@ -939,7 +939,7 @@ class Scanner:
         """The checksum of ``page`` is unchanged since the last visit: try to merge it."""
         table = slot.table
         if use_zero and key == ZERO_CHECKSUM:
-            with ksm.mergeable_vma(table, page) as mergeable, table.ptl(page):  # type: ignore[attr-defined]
+            with ksm.mergeable_vma(table, page) as mergeable, table.ptl(page):
                 if mergeable and ksm.replace_with_zero_page(table, page, pfn):
                     self.zero_merges += 1
                     return
@@ -1003,7 +1003,7 @@ class Scanner:
             st.unlink(nid)
             nid = -1
         if nid < 0:
-            with slot.table.ptl(page):  # type: ignore[attr-defined]
+            with slot.table.ptl(page):
                 if slot.table.pv[page] & PFN_MASK != pfn:
                     return
                 key = _checksum(self.frames.flat[pfn << 12:(pfn + 1) << 12])

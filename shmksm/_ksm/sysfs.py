@@ -287,7 +287,7 @@ class Ksm(KsmFiles):
         self._system.set(name, value)
 
     def _write_lock(self) -> AbstractContextManager[Any]:
-        return self._system.locks.stat  # type: ignore[no-any-return]
+        return self._system.locks.stat
 
     def _zero_pages(self) -> int:
         return sum(ksm_zero_pages_of(self._system, g) for g in self._system.live_guests())

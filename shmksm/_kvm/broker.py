@@ -38,11 +38,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .._mm import control
+from .._mm import control, faults
 from .._mm import mmu_notifier as mn
 from .._mm.system import System
 
 _BATCH = 8192
+_MASK64 = (1 << 64) - 1
 _SPIN_NS = 100_000  # poll an empty ring this long before sleeping on the doorbell
 
 
@@ -58,10 +59,23 @@ class Fanout:
         # wants[slot][gid]: does ``slot`` get ``gid``'s events (the gid field has 8 bits)
         self.wants = np.zeros((mn.MAX_SHADOWS, 256), np.bool_)
         self.targets: list[int] = []  # slots with a registration
+        # The sequence number of the last record written to each shadow's ring:
+        # a broker restarted after a death mid-batch copies that batch again,
+        # and must not give a shadow a record twice (an unbalanced
+        # invalidate_range_start would make it retry its faults for ever).
+        self.last_seq = [-1] * mn.MAX_SHADOWS
+        # A restarted broker takes the registrations its predecessor published.
+        for slot in range(mn.MAX_SHADOWS):
+            b = self.bases[slot]
+            if self.v[b + mn.S_STATE] != mn.SLOT_FREE:
+                self.set_mask(slot, int(self.v[b + mn.S_GUESTS]) & _MASK64)
+                head = self.v[b + mn.S_HEAD]
+                if head:
+                    self.last_seq[slot] = int(area.shadow_rings[slot][(head - 1) % mn.SHADOW_N][0]) >> 24
 
     def set_mask(self, slot: int, mask: int) -> None:
         self.masks[slot] = mask
-        self.v[self.bases[slot] + mn.S_GUESTS] = mask
+        self.v[self.bases[slot] + mn.S_GUESTS] = mask - (1 << 64) if mask >> 63 else mask  # as an int64 word
         self.wants[slot, :64] = [(mask >> g) & 1 for g in range(64)]
         self.targets = [s for s in range(mn.MAX_SHADOWS) if self.masks[s]]
 
@@ -115,8 +129,12 @@ def broker(system: System) -> dict[str, int]:
                     delivered += _deliver(fan, recs[start:at])
                 if at < n:
                     delivered += _control(fan, recs[at], notify_lock)
+                    v[mn.H_TAIL] = tail + at + 1  # a control record is never handled twice
                 start = at + 1
+        if cv[faults.ARMED]:
+            faults.hit(cv, faults.BROKER_AFTER_COPY)
         v[mn.H_TAIL] = tail + n
+        _reap_dead(fan, notify_lock)
         _publish_through(fan, tail + n)
         v[mn.H_DELIVERED] = delivered
         v[mn.H_BUSY_NS] += time.perf_counter_ns() - t0
@@ -143,6 +161,8 @@ def _deliver(fan: Fanout, recs: npt.NDArray[np.int64]) -> int:
         if not fan.live(slot):
             continue
         sel = fan.wants[slot][gids]
+        if recs[0, 0] >> 24 <= fan.last_seq[slot]:
+            sel &= (recs[:, 0] >> 24) > fan.last_seq[slot]
         count = int(np.count_nonzero(sel))
         if not count:
             continue
@@ -188,6 +208,7 @@ def _write(fan: Fanout, slot: int, out: npt.NDArray[np.int64]) -> int:
         ring[first:first + k] = out[done:done + k]
         v[b + mn.S_HEAD] = head + k
         done += k
+        fan.last_seq[slot] = int(out[done - 1, 0]) >> 24
     fan.ring(slot)
     return done
 
@@ -198,21 +219,25 @@ def _control(fan: Fanout, rec: npt.NDArray[np.int64], notify_lock: Any) -> int:
     kind, gid, shadow = word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF
     bit = 1 << gid
     if kind == mn.REGISTER:
-        if fan.live(shadow):
-            fan.set_mask(shadow, fan.masks[shadow] | bit)
+        # A registration of a shadow that died meanwhile is kept in its mask
+        # too: the slot's reaping (_reap_dead) lowers the count for it, once.
+        # (A slot is freed only once every record before its death was read.)
+        fan.set_mask(shadow, fan.masks[shadow] | bit)
+        if fan.live(shadow) and int(rec[0]) >> 24 > fan.last_seq[shadow]:
             # The shadow learns of it in order too: a guest it had released is mirrored again.
             return _write(fan, shadow, rec[None, :])
-        _unregistered(fan.area, gid, notify_lock)
         return 0
     targets = [shadow] if kind == mn.UNREGISTER else [s for s in range(mn.MAX_SHADOWS) if fan.masks[s] & bit]
     written = 0
     for slot in targets:
         if fan.masks[slot] & bit:
-            fan.set_mask(slot, fan.masks[slot] & ~bit)
             release = rec.copy()
             release[0] = (word & ~0xFF) | mn.RELEASE
-            if fan.live(slot):
+            if fan.live(slot) and word >> 24 > fan.last_seq[slot]:
                 written += _write(fan, slot, release[None, :])
+            # After the write: a broker that dies here leaves the mask set, and
+            # its successor (which skips the written release) lowers the count.
+            fan.set_mask(slot, fan.masks[slot] & ~bit)
             _unregistered(fan.area, gid, notify_lock)
     return written
 
@@ -232,11 +257,19 @@ def _publish_through(fan: Fanout, upto: int) -> None:
 
 
 def _reap_dead(fan: Fanout, notify_lock: Any) -> None:
-    """A shadow the host marked dead keeps no registration: lower the counts producers check."""
+    """A shadow the host marked dead keeps no registration: lower the counts producers check, free the slot.
+
+    Registrations are dropped one by one, each before its count is lowered:
+    a broker that dies in the middle leaves its successor only what is left.
+    """
+    v = fan.v
     for slot in range(mn.MAX_SHADOWS):
-        mask = fan.masks[slot]
-        if mask and fan.v[fan.bases[slot] + mn.S_STATE] == mn.SLOT_DEAD:
-            for gid in range(64):
-                if mask >> gid & 1:
-                    _unregistered(fan.area, gid, notify_lock)
-            fan.set_mask(slot, 0)
+        b = fan.bases[slot]
+        if v[b + mn.S_STATE] != mn.SLOT_DEAD or v[mn.H_TAIL] < v[b + mn.S_DEAD_AT]:
+            continue  # alive, free, or records produced before its death (its registrations) still to read
+        for gid in range(64):
+            if fan.masks[slot] >> gid & 1:
+                fan.set_mask(slot, fan.masks[slot] & ~(1 << gid))
+                _unregistered(fan.area, gid, notify_lock)
+        fan.last_seq[slot] = -1
+        v[b + mn.S_STATE] = mn.SLOT_FREE

@@ -75,6 +75,7 @@ class ShadowMMU:
         self.sync_invalidations = sync
         self.worker: WorkerHandle | None = None
         self.registered: set[int] = set()
+        self._registered_guests: dict[int, GuestHandle] = {}  # the guest of each registration (ids are reused)
         self._row = system.notify_area.slots[slot]
         self._on_gone = on_gone
 
@@ -116,6 +117,9 @@ class ShadowMMU:
         if self._row[mn.S_SYNC] and self._row[mn.S_STATE] == mn.SLOT_LIVE:
             with self.system.locks.notify:
                 self.system.notify_area.v[mn.H_SYNC] -= 1
+        # The broker frees the slot once it has read every record before this
+        # point (the shadow's registrations among them) and dropped them.
+        self._row[mn.S_DEAD_AT] = self.system.get("epoch")
         self._row[mn.S_STATE] = mn.SLOT_DEAD
         self.system.frames.unregister_participant(int(self._row[mn.S_PART]))
         self.system.locks.broker_bell.release()
@@ -131,6 +135,9 @@ class ShadowMMU:
         """mmu_notifier_register: callbacks for ``guest`` from now on.  Safe while callbacks run."""
         if not guest.alive or guest.system is not self.system:
             raise UsageError(f"guest {guest.id} is not a live guest of this machine")
+        earlier = self._registered_guests.get(guest.id)
+        if earlier is not None and not earlier.alive:
+            self._unregister(earlier, 10.0)  # torn down, and its slot holds this guest now: its release ran
         if guest.id in self.registered:
             raise UsageError(f"shadow {self.slot} is already registered for guest {guest.id}")
         notifier = self.system.notifier
@@ -138,21 +145,23 @@ class ShadowMMU:
             notifier.nreg[guest.id] += 1
             notifier.emit_locked(mn.REGISTER, guest.id, 0, 0, shadow=self.slot)
         self.registered.add(guest.id)
+        self._registered_guests[guest.id] = guest
 
     def unregister(self, guest: GuestHandle, timeout: float = 10.0) -> None:
         """mmu_notifier_unregister: release if it has not run; return when no callback can run."""
-        if guest.id not in self.registered:
+        if guest.id not in self.registered or self._registered_guests[guest.id] is not guest:
             raise UsageError(f"shadow {self.slot} is not registered for guest {guest.id}")
-        self._unregister(guest.id, timeout)
+        self._unregister(guest, timeout)
 
-    def _unregister(self, gid: int, timeout: float) -> None:
-        self.registered.discard(gid)
-        if not self.system.guest_live(gid):
+    def _unregister(self, guest: GuestHandle, timeout: float) -> None:
+        self.registered.discard(guest.id)
+        del self._registered_guests[guest.id]
+        if not guest.alive:
             # The guest exited: its release was sent; return once the shadow has run it.
             if self.alive:
                 self.sync(timeout)
             return
-        seq = self.system.notifier.emit(mn.UNREGISTER, gid, 0, 0, shadow=self.slot)
+        seq = self.system.notifier.emit(mn.UNREGISTER, guest.id, 0, 0, shadow=self.slot)
         if self.alive:
             self.wait_acked(seq, timeout, "unregister")
 
@@ -192,7 +201,7 @@ class ShadowMMU:
     def stop(self, timeout: float = 10.0) -> dict[str, Any]:
         """Unregister from every guest, stop the worker, free the slot; return its summary."""
         for gid in sorted(self.registered):
-            self._unregister(gid, timeout)
+            self._unregister(self._registered_guests[gid], timeout)
         summary: dict[str, Any] = {}
         if self.worker is not None and self.worker.is_alive():
             self.sync(timeout)  # every callback produced so far runs first (a release among them)
@@ -217,7 +226,7 @@ def clear_flush_young(system: System, shadows: list[ShadowMMU], guest: GuestHand
     for start in range(0, table.pages, 512):
         end = min(start + 512, table.pages)
         lock = table.ptl(start)
-        with lock:  # type: ignore[attr-defined]
+        with lock:
             ptes = table.ptes[start:end]
             young[start:end] = (ptes & young_bit) != 0
             if clear:

@@ -69,6 +69,7 @@ Modes: ``rounds`` reads every mirrored page once each time the host asks;
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -76,10 +77,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .._mm import control
+from .._mm import control, faults
 from .._mm import mmu_notifier as mn
 from .._mm.frames import WAITING
-from .._mm.pagetable import PFN_MASK, PRESENT, UNMAPPED, WRITE
+from .._mm.pagetable import PFN_MASK, PRESENT, UNMAPPED, WRITE, PageTable
 from .._mm.system import System
 
 VALID = 1 << 63
@@ -217,7 +218,7 @@ class Shadow:
     def _table(self, gid: int) -> npt.NDArray[np.uint64]:
         spte = self.sptes.get(gid)
         if spte is None:
-            pages = self.system.table(gid).pages
+            pages = self.primary(gid).pages
             spte = self.sptes[gid] = np.zeros(pages, np.uint64)
             self.sgen[gid] = np.zeros(pages, np.uint32)
             self.accessed[gid] = np.zeros(pages, np.uint8)
@@ -231,6 +232,13 @@ class Shadow:
             self.iactive.setdefault(gid, np.zeros(intervals, np.int32))
         return spte
 
+    def primary(self, gid: int) -> PageTable:
+        """The guest's page table; Released if the guest was torn down before this worker attached it."""
+        try:
+            return self.system.table(gid)
+        except FileNotFoundError:
+            raise Released(f"guest {gid} is gone") from None
+
     def process(self) -> int:
         """Run every callback the broker delivered; acknowledge; return how many ran."""
         v, b = self.v, self.base
@@ -241,14 +249,12 @@ class Shadow:
             first = tail % mn.SHADOW_N
             k = min(head - tail, mn.SHADOW_N - first)
             recs = self.ring[first:first + k]
-            if k < _VECTOR_MIN:
-                rows = recs.tolist()
-                for rec in rows:
-                    self.callback(rec)
-                self._count_lags([rec[3] for rec in rows])
+            if self.cv[faults.ARMED] and k > 1:
+                self._apply(recs[:k // 2])
+                faults.hit(self.cv, faults.SHADOW_MID_BATCH)
+                self._apply(recs[k // 2:])
             else:
-                self.run_batch(recs)
-                self._count_lag_array(recs[:, 3])
+                self._apply(recs)
             tail += k
             v[b + mn.S_TAIL] = tail  # the broker may overwrite the records from here on
             v[b + mn.S_MESSAGES] += k
@@ -258,6 +264,17 @@ class Shadow:
                 v[b + mn.S_ACKED] = last
                 self.frames.acknowledge(self.part, last)
         return int(n)
+
+    def _apply(self, recs: npt.NDArray[np.int64]) -> None:
+        """Run the callbacks of ``recs``, in order, and count their lags."""
+        if len(recs) < _VECTOR_MIN:
+            rows = recs.tolist()
+            for rec in rows:
+                self.callback(rec)
+            self._count_lags([rec[3] for rec in rows])
+        else:
+            self.run_batch(recs)
+            self._count_lag_array(recs[:, 3])
 
     def _count_lags(self, stamps: list[int]) -> None:
         now = time.monotonic_ns()
@@ -285,12 +302,16 @@ class Shadow:
         if kind == mn.REGISTER:
             # A new registration (after a release, too): mirror the guest afresh.
             self.released.discard(gid)
-            self._table(gid)
+            with contextlib.suppress(Released):
+                self._table(gid)
             return
         if gid in self.released:
             v[base + mn.S_AFTER_RELEASE] += 1
             return
-        spte = self._table(gid)
+        try:
+            spte = self._table(gid)
+        except Released:
+            return  # torn down before this worker first looked: its release is on the way
         if kind in _TOUCHING:
             self.mmu_seq[gid] += 1
         elif kind in (mn.INVALIDATE, mn.INVALIDATE_END):
@@ -370,7 +391,10 @@ class Shadow:
         if gid in self.released:
             v[base + mn.S_AFTER_RELEASE] += len(kind)
             return
-        spte = self._table(gid)
+        try:
+            spte = self._table(gid)
+        except Released:
+            return
         updated, in_progress, touched = apply_points(spte, self.sgen[gid], self.gen, kind, pages, vals)
         self.in_progress[gid] += in_progress
         self.mmu_seq[gid] += touched
@@ -409,7 +433,7 @@ class Shadow:
         pfn = e & PFN_MASK
         v, base = self.v, self.base
         if (self.gn[pfn] != self.sgen_v[gid][page] and self.fl[pfn] != WAITING
-                and self.system.table(gid).pv[page] & PFN_MASK != pfn):
+                and self.primary(gid).pv[page] & PFN_MASK != pfn):
             # A new life since the entry was filled, not waiting for this
             # shadow's acknowledgment, and not the page's own frame any more:
             # the frame was reused under the entry.
@@ -422,7 +446,7 @@ class Shadow:
         """A shadow fault: fill the entry from the primary PTE; return it.  Released if the guest went meanwhile."""
         v, base = self.v, self.base
         v[base + mn.S_FAULTS] += 1
-        table = self.system.table(gid)
+        table = self.primary(gid)
         interval = page >> _INTERVAL_SHIFT
         while True:
             self.process()
@@ -430,7 +454,7 @@ class Shadow:
             self._await(lambda: not self.iactive[gid][interval], gid)
             seq0, iseq0 = self.mmu_seq[gid], self.iseq[gid][interval]
             lock = table.ptl(page)
-            while not lock.acquire(False):  # type: ignore[attr-defined]
+            while not lock.acquire(False):
                 self.process()  # its holder may wait for this shadow to run an invalidation
             try:
                 pte = table.pv[page]
@@ -441,7 +465,7 @@ class Shadow:
                 gen = self.gn[pte & PFN_MASK]
                 seen = self.cv[self.epoch]
             finally:
-                lock.release()  # type: ignore[attr-defined]
+                lock.release()
             self.catch_up(seen)
             if gid in self.released:
                 raise Released(f"guest {gid} was released")
@@ -554,7 +578,8 @@ def shadow(system: System, slot: int, guests: list[int], mode: str = "rounds") -
     s = Shadow(system, slot)
     s.warm_up()
     for gid in guests:
-        s._table(gid)
+        with contextlib.suppress(Released):
+            s._table(gid)
     v, base = s.v, s.base
     bell = system.locks.shadow_bells[slot]
     host = os.getppid()

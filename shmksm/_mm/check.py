@@ -13,7 +13,10 @@ Invariants (DESIGN.md, "Accounting"):
 :func:`check` reports the first violation.  :func:`recover` rebuilds the
 metadata from the page tables — the truth — after a process died in the
 middle of an update, and tears down the address spaces of dead guests.
-Both run with every lock of the machine held (:func:`locks.stop_the_world`).
+Both run with every page-table, frame, allocator and notify lock held
+(:func:`locks.stop_the_world`), never the mm locks: neither reads what they
+guard, and a lock of a dead holder is had at once (robust mutexes), so
+neither waits for a live process that waits for the dead.
 """
 
 from __future__ import annotations
@@ -22,12 +25,12 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import CheckError
-from . import control
-from .frames import INUSE, WAITING, ZERO_PFN, link_free_lists, node_of
+from . import control, faults
+from .frames import INUSE, WAITING, ZERO_PFN, link_free_lists, link_waiting_list, node_of
 from .frames import KSM as FRAME_KSM
 from .locks import stop_the_world
 from .mmu_notifier import RELEASE
-from .pagetable import FRAME_MASK, H_MM_OWNER, KSM, PFN_MASK, PRESENT, WRITE, ZERO, describe
+from .pagetable import FRAME_MASK, KSM, PFN_MASK, PRESENT, WRITE, ZERO, describe
 from .system import System
 
 
@@ -135,30 +138,29 @@ def check_locked(system: System) -> None:
         raise CheckError(f"frame {int(stray[0])} is flagged KSM but not in use")
 
 
-def check(system: System, busy_timeout: float | None = None) -> None:
+def check(system: System, timeout: float | None = None) -> None:
     """Verify every accounting invariant; raise CheckError naming the first violation.
 
-    Takes every lock of the machine for the duration (a live machine pauses);
-    raises locks.LocksBusy if one is not had within ``busy_timeout``.
+    Stops the world for the duration (a live machine pauses); raises
+    LockTimeout, holding nothing, if a lock is not had within ``timeout``.
     """
-    with stop_the_world(system.locks, busy_timeout=busy_timeout):
+    with stop_the_world(system.locks, timeout):
         check_locked(system)
 
 
-def mm_owner(system: System, gid: int) -> int:
-    """The pid holding guest ``gid``'s mm lock, 0 if none (or no such guest)."""
-    if gid not in system.live_guests():
-        return 0
-    return int(system.table(gid).header[H_MM_OWNER])
-
-
-def recover(system: System, dead_guests: list[int]) -> int:
+def recover(system: System, dead_guests: list[int], timeout: float | None = None) -> int:
     """Rebuild frame metadata from the page tables after a death; return frames reclaimed.
 
     Tears down the address spaces of ``dead_guests`` (exit_mmap) first.
-    Takes every lock, taking over those a dead process held.
+    Stops the world: locks of dead holders are had at once and repaired;
+    raises LockTimeout, having changed nothing, if a live holder does not let
+    go within ``timeout``.  If a page-table lock was taken from a dead
+    holder since the last recovery, every guest a notifier watches is
+    invalidated whole: a process that died between changing PTEs and sending
+    their notifier records (a merge sends a run's records together) leaves
+    secondary MMUs with entries that nobody would invalidate otherwise.
     """
-    with stop_the_world(system.locks, takeover=True, mm_owner=lambda gid: mm_owner(system, gid)):
+    with stop_the_world(system.locks, timeout):
         for gid in dead_guests:
             # release runs before the guest's frames are freed: they are
             # dropped after this event, so none is reused before every
@@ -166,6 +168,15 @@ def recover(system: System, dead_guests: list[int]) -> int:
             if system.notifier.active(gid):
                 system.notifier.emit_locked(RELEASE, gid, 0, 0)
             system.table(gid).ptes[:] = 0
+        cv = system.frames.cv
+        if cv[faults.ARMED]:
+            faults.hit(cv, faults.CHECK_RECOVER)
+        ptl_deaths = sum(lock.owner_deaths for lock in system.locks.ptl)
+        if ptl_deaths != system.ptl_deaths_seen:
+            for gid in system.live_guests():
+                if gid not in dead_guests and system.notifier.active(gid):
+                    system.notifier.invalidate_range_locked(gid, 0, system.table(gid).pages)
+            system.ptl_deaths_seen = ptl_deaths
         return rebuild_locked(system)
 
 
@@ -196,10 +207,5 @@ def rebuild_locked(system: System) -> int:
     flags[free] = 0
     mapcount[free] = 0
     link_free_lists(nxt, system.ctl, free)
-    if len(wait_all):
-        nxt[wait_all[:-1]] = wait_all[1:]
-        nxt[wait_all[-1]] = -1
-    system.set("wait_head", int(wait_all[0]) if len(wait_all) else -1)
-    system.set("wait_count", len(wait_all))
-    system.set("wait_tail", int(wait_all[-1]) if len(wait_all) else -1)
+    link_waiting_list(nxt, system.ctl, wait_all)
     return len(dropped)

@@ -5,9 +5,10 @@ It is organized as follows (word offsets)::
 
     [0, NFIELDS)                      named fields, see FIELDS below
     [PART_BASE, +2*MAX_PARTICIPANTS)  reclamation participants: (pid, acked epoch)
-    [GUEST_BASE, +4*MAX_GUESTS)       guest table: (state, pages, pid, merge_any)
+    [GUEST_BASE, +4*MAX_GUESTS)       guest table: (state, pages, generation, merge_any)
     [NODE_BASE, +8*MAX_NODES)         NUMA nodes: free list head and count, numastat counters
     [SCANNER_BASE, +16*MAX_SCANNERS)  each scanner's own words (SCANNER_FIELDS), summed into the named ones
+    [FAULT_BASE, +8*FAULT_SLOTS)      fault-injection points (shmksm._mm.faults)
 
 A knob has exactly one writer at a time (the host, under the stat lock) and
 is read without a lock: a word-sized store is atomic on every platform numpy
@@ -94,6 +95,7 @@ _INTERNAL: Final = (
     "nodes",  # emulated NUMA nodes the frame pool is split into (fixed at creation)
     "explain_request",  # a request for ksmd's rmap items' states: requester pid << 20 | number (_ksm.explain)
     "explain_answer",  # the request ksmd answered last
+    "faults_armed",  # fault-injection points armed (shmksm._mm.faults): 0 costs one test per point
 )
 
 FIELDS: Final[tuple[str, ...]] = tuple(KNOB_DEFAULTS) + COUNTERS + _INTERNAL
@@ -109,7 +111,7 @@ GUEST_WORDS: Final = 4
 # The words of a guest's entry.
 G_STATE: Final = 0
 G_PAGES: Final = 1
-G_PID: Final = 2
+G_GENERATION: Final = 2  # bumped by every guest made in the slot: workers' cached page tables know theirs
 G_MERGE_ANY: Final = 3
 NODE_BASE: Final = GUEST_BASE + GUEST_WORDS * MAX_GUESTS
 NODE_WORDS: Final = 8
@@ -142,11 +144,14 @@ SCANNER_FOLD: Final = {
     "scanner_settled_scan": "max",  # the counters settle when the last scanner's do
     "full_scans": "min",  # a full scan is done once every scanner has done it
 }
-WORDS: Final = SCANNER_BASE + SCANNER_WORDS * MAX_SCANNERS
+FAULT_BASE: Final = SCANNER_BASE + SCANNER_WORDS * MAX_SCANNERS
+FAULT_SLOTS: Final = 8
+FAULT_WORDS: Final = 8
+WORDS: Final = FAULT_BASE + FAULT_SLOTS * FAULT_WORDS
 
 # Guest table states.
 GUEST_FREE: Final = 0
 GUEST_LIVE: Final = 1
-GUEST_GONE: Final = 2  # slots are never reused: workers cache page tables by id
+GUEST_GONE: Final = 2  # torn down; reused once no slot is free, by the next generation
 
 assert len(FIELDS) <= PART_BASE

@@ -37,13 +37,15 @@ from __future__ import annotations
 
 import mmap
 import time
+from collections.abc import Sequence
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import InternalError, OutOfFrames
-from . import control
+from . import control, faults
+from .locks import Lock, LockTable
 
 PAGE_SIZE: Final = 4096
 PAGE_SHIFT: Final = 12
@@ -99,6 +101,16 @@ def link_free_lists(nxt: npt.NDArray[np.int32], ctl: npt.NDArray[np.int64], free
     ctl[_FREE_COUNT] = len(free)
 
 
+def link_waiting_list(nxt: npt.NDArray[np.int32], ctl: npt.NDArray[np.int64], waiting: npt.NDArray[np.intp]) -> None:
+    """Make ``waiting`` (oldest first) the waiting list.  The allocator lock held."""
+    if len(waiting):
+        nxt[waiting[:-1]] = waiting[1:]
+        nxt[waiting[-1]] = -1
+    ctl[_WAIT_HEAD] = int(waiting[0]) if len(waiting) else -1
+    ctl[_WAIT_TAIL] = int(waiting[-1]) if len(waiting) else -1
+    ctl[_WAIT_COUNT] = len(waiting)
+
+
 class FramesPending(Exception):
     """No free frame now, but some wait for acknowledgments: retry unlocked."""
 
@@ -107,7 +119,7 @@ class Frames:
     """The pool, its metadata and the allocator, as seen from one process."""
 
     def __init__(self, pool_buf: memoryview, meta_buf: memoryview,
-                 ctl: npt.NDArray[np.int64], locks: object) -> None:
+                 ctl: npt.NDArray[np.int64], locks: LockTable) -> None:
         n = len(pool_buf) // PAGE_SIZE
         self.nframes = n
         self.pool: npt.NDArray[np.uint8] = np.ndarray((n, PAGE_SIZE), np.uint8, pool_buf)
@@ -133,10 +145,12 @@ class Frames:
         self.cv = ctl.data.cast("B").cast("q")
         self.nodes = int(ctl[control.INDEX["nodes"]])
         self.locks = locks
-        self.alloc_lock: Any = locks.alloc  # type: ignore[attr-defined]
-        self.stat_lock: Any = locks.stat  # type: ignore[attr-defined]
-        self.frame_locks: list[Any] = locks.frame  # type: ignore[attr-defined]
+        self.alloc_lock: Lock = locks.alloc
+        self.stat_lock: Lock = locks.stat
+        self.frame_locks: Sequence[Lock] = locks.frame
         self._nframe_locks = len(self.frame_locks)
+        # A holder of the allocator lock died: its lists may be half-updated.
+        locks.alloc.on_owner_dead = self.repair_lists_locked
 
     def release_views(self) -> None:
         """Drop every view so that the segments can be closed."""
@@ -174,6 +188,8 @@ class Frames:
         lock = self.alloc_lock
         lock.acquire()
         try:
+            if cv[faults.ARMED] and faults.hit(cv, faults.FRAMES_ALLOC) == faults.FAIL:
+                raise OutOfFrames("out of frames: injected failure (frames.alloc)")
             home = _NODE_BASE + _NODE_WORDS * node
             at = home
             pfn = cv[home + _N_FREE_HEAD]
@@ -212,6 +228,8 @@ class Frames:
         lock = self.alloc_lock
         lock.acquire()
         try:
+            if cv[faults.ARMED] and faults.hit(cv, faults.FRAMES_ALLOC) == faults.FAIL:
+                raise OutOfFrames("out of frames: injected failure (frames.alloc)")
             if cv[home + _N_FREE_COUNT] < k:
                 self._reclaim_locked()
                 if cv[home + _N_FREE_COUNT] < k:
@@ -284,8 +302,7 @@ class Frames:
 
     def reclaim(self) -> int:
         """Run a reclaim pass; return how many frames became free.  Takes the allocator lock."""
-        lock = self.locks.alloc  # type: ignore[attr-defined]
-        with lock:
+        with self.alloc_lock:
             return self._reclaim_locked()
 
     def _reclaim_locked(self) -> int:
@@ -316,11 +333,34 @@ class Frames:
         cv[_WAIT_COUNT] -= total
         return total
 
+    def repair_lists_locked(self) -> None:
+        """Rebuild the free and waiting lists from the frame flags (allocator lock held).
+
+        Run when the allocator lock is taken from a holder that died: an
+        INUSE, WAITING or free transition is written to the flags under this
+        lock first, so the flags say which list each frame belongs on, even
+        where a death left a list half-linked.  Waiting frames keep their
+        reclamation order (the epoch each was dropped in).  A frame taken off
+        the free list whose caller died before mapping it stays INUSE: a leak
+        until recovery rebuilds the metadata from the page tables.
+        """
+        flags = self.flags
+        free = np.flatnonzero(flags == 0)
+        free = free[free != ZERO_PFN]
+        waiting = np.flatnonzero(flags == WAITING)
+        epoch = self.cv[_EPOCH] & 0xFFFFFFFF
+        age = (epoch - self.mapcount[waiting].astype(np.int64)) & 0xFFFFFFFF  # older first
+        waiting = waiting[np.argsort(-age, kind="stable")]
+        self.mapcount[free] = 0
+        nxt = self.next
+        link_free_lists(nxt, self.ctl, free)
+        link_waiting_list(nxt, self.ctl, waiting)
+
     # -- reclamation participants -------------------------------------------
 
     def register_participant(self, pid: int) -> int:
         """Register a reader that must acknowledge epochs; return its slot.  Takes the allocator lock."""
-        with self.locks.alloc:  # type: ignore[attr-defined]
+        with self.alloc_lock:
             for p in range(control.MAX_PARTICIPANTS):
                 base = control.PART_BASE + 2 * p
                 if self.cv[base] == 0:
@@ -334,14 +374,14 @@ class Frames:
         self.cv[control.PART_BASE + 2 * slot + 1] = epoch
 
     def unregister_participant(self, slot: int) -> None:
-        with self.locks.alloc:  # type: ignore[attr-defined]
+        with self.alloc_lock:
             base = control.PART_BASE + 2 * slot
             self.cv[base] = 0
             self.cv[base + 1] = NO_EPOCH_ACK
 
     # -- frame-level helpers ---------------------------------------------------
 
-    def frame_lock(self, pfn: int) -> object:
+    def frame_lock(self, pfn: int) -> Lock:
         return self.frame_locks[pfn % self._nframe_locks]
 
     def put(self, pfn: int) -> None:

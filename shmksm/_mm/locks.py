@@ -1,7 +1,9 @@
-"""Process-shared locks: split page-table locks, frame locks, and the rest.
+"""Process-shared locks that know their holder: split page-table locks, frame locks, and the rest.
 
-Every lock is a POSIX semaphore (``multiprocessing.Lock``), created by the host
-before any worker starts and inherited by pickling at spawn time.
+Every lock of the machine (but the doorbells) is a *robust*, process-shared
+POSIX mutex (``pthread_mutex_t`` with ``PTHREAD_MUTEX_ROBUST`` and
+``PTHREAD_PROCESS_SHARED``), called through ctypes, in one block of shared
+memory that the host allocates and that workers inherit at spawn time.
 
 * **Page-table locks** (the kernel's split PTL): one lock covers a run of 512
   PTEs of one guest.  Runs are striped over ``NPTL`` locks, so two guests (or
@@ -16,61 +18,266 @@ before any worker starts and inherited by pickling at spawn time.
 Lock order, never broken: mm → page-table → frame → allocator → notify → stat,
 and at most one lock of each class at a time.  Whoever holds a page-table lock may allocate.
 
-When a process dies holding a lock, nobody else can release it for it: the
-host's recovery (:func:`stop_the_world`) takes every lock in order and treats a
-page-table, frame, allocator, notify or stat lock that stays held for
-``STUCK_SECONDS`` after a death as the dead process's, taking it over: those
-critical sections are a bounded copy or compare of a few pages.  An mm lock
-can be held for long (an madvise of a large range), so its holder's pid is
-recorded (:class:`shmksm.pagetable.MmLock`) and it is taken over only from
-a dead holder.
+Death of a holder (the robust-mutex protocol)
+---------------------------------------------
+A locked mutex holds its holder's thread id in its futex word, in shared
+memory.  When a process dies — SIGKILL included — the kernel walks the
+process's robust list, marks every mutex it held OWNER_DIED and wakes one
+waiter.  Whoever takes such a lock next gets ``EOWNERDEAD`` instead of 0: it
+now holds the lock, runs the lock's repair (:attr:`RobustLock.on_owner_dead`:
+the allocator lock rebuilds its lists from the frame flags; every lock counts
+the death in its slot), marks the mutex consistent and goes on.  So:
+
+* a lock is taken over only from a dead holder, never because it was held
+  long: a live holder, even a stopped one, keeps its lock;
+* a live process waiting for a dead one's lock is woken by the kernel and
+  gets the lock: nobody waits on the dead;
+* the windows of a death between "acquired" and "holder recorded" (or
+  "holder cleared" and "released") do not exist: the kernel's robust list
+  covers the whole of ``pthread_mutex_lock``/``unlock``.
+
+What a dead holder left half-done beyond its lock's own data (a frame taken
+from the pool and not yet mapped, a mapcount raised and not yet used) is
+metadata that :func:`shmksm._mm.check.recover` rebuilds from the page tables,
+the truth, under :func:`stop_the_world`.  Data races are impossible there
+too: every PTE change happens under a page-table lock, which recovery holds.
+
+Bounded waits
+-------------
+Workers wait for a lock without bound: a holder's critical section is short
+and never waits for a process that waits for it (the lock order).  The host
+never does: in the host, an acquire without a timeout waits at most
+:attr:`LockTable.host_timeout` and then raises :class:`LockTimeout` naming the
+lock and its holder (a stopped process holds a lock as long as it likes).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import multiprocessing
+import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing import util
 from multiprocessing.context import BaseContext
-from typing import Any, Final
+from typing import Any, Final, Protocol
+
+from ..errors import InternalError, LockTimeout
 
 NPTL: Final = 256
 NFRAME: Final = 64
 PTES_PER_LOCK_SHIFT: Final = 9  # 512 PTEs per page-table lock, as a PMD's worth
-STUCK_SECONDS: Final = 2.0
+# One lock slot: the pthread_mutex_t (40 bytes on x86-64 glibc), then an int64
+# count of holders that died with the lock held; 64 bytes keep slots apart.
+SLOT_BYTES: Final = 64
+_DEATHS_OFFSET: Final = 48
+_FUTEX_TID_MASK: Final = 0x3FFFFFFF
+_CLOCK_MONOTONIC: Final = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)  # calls that may block: the GIL is released
+_nogil = ctypes.PyDLL(None)  # calls that never block: no GIL round trip
+_trylock = _nogil.pthread_mutex_trylock
+_unlock = _nogil.pthread_mutex_unlock
+_consistent = _nogil.pthread_mutex_consistent
+_lock = _libc.pthread_mutex_lock
+_clocklock = _libc.pthread_mutex_clocklock
+for _fn in (_trylock, _unlock, _consistent, _lock):
+    _fn.argtypes = [ctypes.c_void_p]
+    _fn.restype = ctypes.c_int
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_clocklock.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Timespec)]
+_clocklock.restype = ctypes.c_int
+
+
+class Lock(Protocol):
+    """What shmksm asks of a lock: ``multiprocessing.Lock``'s shape."""
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool: ...
+
+    def release(self) -> None: ...
+
+    def __enter__(self) -> bool: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class RobustLock:
+    """One robust, process-shared mutex of the lock table (see the module text)."""
+
+    __slots__ = ("_deaths", "_m", "address", "name", "on_owner_dead", "table")
+
+    def __init__(self, table: LockTable, index: int, name: str) -> None:
+        self.name = name
+        self.table = table
+        self.address = table.base + index * SLOT_BYTES
+        self._m = ctypes.c_void_p(self.address)
+        self._deaths = ctypes.c_int64.from_address(self.address + _DEATHS_OFFSET)
+        # The repair to run when the lock is taken from a dead holder, lock held.
+        self.on_owner_dead: Callable[[], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<RobustLock {self.name} holder={self.holder()}>"
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        """Take the lock; False if not had (``block`` False, or ``timeout`` passed).
+
+        In the host, no timeout means the table's ``host_timeout``, and not
+        having the lock by then raises LockTimeout.
+        """
+        rc = _trylock(self._m)
+        if rc == errno.EBUSY:
+            if not block:
+                return False
+            host_timeout = self.table.host_timeout
+            if timeout is None and host_timeout is not None:
+                rc = self._timed(host_timeout)
+                if rc == errno.ETIMEDOUT:
+                    raise LockTimeout(f"lock {self.name} not had in {host_timeout:g} s: {self.describe_holder()}")
+            elif timeout is None:
+                rc = _lock(self._m)
+            else:
+                rc = self._timed(timeout)
+                if rc == errno.ETIMEDOUT:
+                    return False
+        if rc:
+            self._taken_with(rc)
+        return True
+
+    def _timed(self, timeout: float) -> int:
+        now = time.clock_gettime(time.CLOCK_MONOTONIC) + max(timeout, 0.0)
+        sec = int(now)
+        return int(_clocklock(self._m, _CLOCK_MONOTONIC, _Timespec(sec, int((now - sec) * 1e9))))
+
+    def _taken_with(self, rc: int) -> None:
+        """The lock was had with ``rc`` != 0: a dead holder's (repair it), or an error."""
+        if rc != errno.EOWNERDEAD:
+            raise InternalError(f"lock {self.name}: pthread_mutex_lock failed: {os.strerror(rc)}")
+        self._deaths.value += 1
+        if self.on_owner_dead is not None:
+            self.on_owner_dead()
+        _consistent(self._m)
+
+    def release(self) -> None:
+        rc = _unlock(self._m)
+        if rc:
+            raise InternalError(f"lock {self.name} released by a thread that does not hold it: {os.strerror(rc)}")
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    @property
+    def owner_deaths(self) -> int:
+        """How many holders died with this lock held (each one repaired)."""
+        return int(self._deaths.value)
+
+    def holder(self) -> int:
+        """The thread id recorded as holder (a process's pid for its main thread), 0 if free."""
+        return ctypes.c_int.from_address(self.address).value & _FUTEX_TID_MASK
+
+    def describe_holder(self) -> str:
+        tid = self.holder()
+        if not tid:
+            return "now free"
+        return f"held by {process_state(tid)}"
+
+
+def process_state(tid: int) -> str:
+    """'pid N (state)' for a thread id, from /proc: running, sleeping, stopped, dead."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return f"thread {tid} (gone)"
+    name = fields.get("Name", "?").strip()
+    state = fields.get("State", "?").strip()
+    pid = fields.get("Tgid", str(tid)).strip()
+    return f"pid {pid} {name} ({state})"
 
 
 class LockTable:
-    """Every lock of one machine.  Pickles (at spawn time) with its semaphores."""
+    """Every lock of one machine.  Pickles (at spawn time) with its shared memory and doorbells."""
 
     def __init__(self, ctx: BaseContext, nguests: int, nshadows: int) -> None:
-        self.ptl: list[Any] = [ctx.Lock() for _ in range(NPTL)]
-        self.frame: list[Any] = [ctx.Lock() for _ in range(NFRAME)]
-        self.alloc: Any = ctx.Lock()
-        self.notify: Any = ctx.Lock()
-        self.stat: Any = ctx.Lock()
-        self.mm: list[Any] = [ctx.Lock() for _ in range(nguests)]
+        self.nguests = nguests
+        self.nlocks = nguests + NPTL + NFRAME + 3
+        # A block of the multiprocessing heap: an unlinked file, inherited by
+        # descriptor at spawn, so nothing of it is ever named in /dev/shm.
+        self.memory: Any = ctx.RawArray(ctypes.c_char, self.nlocks * SLOT_BYTES + SLOT_BYTES)
+        # Only the host waits with a bound; workers inherit None.
+        self.host_timeout: float | None = None
+        self._bind()
+        attr = ctypes.create_string_buffer(64)
+        for fn, arg in ((_libc.pthread_mutexattr_init, None), (_libc.pthread_mutexattr_setpshared, 1),
+                        (_libc.pthread_mutexattr_setrobust, 1)):
+            if (fn(attr) if arg is None else fn(attr, arg)) != 0:
+                raise InternalError("robust process-shared mutexes are not available")
+        for lock in self.in_order():
+            if _libc.pthread_mutex_init(ctypes.c_void_p(lock.address), attr) != 0:
+                raise InternalError("pthread_mutex_init failed")
+        _libc.pthread_mutexattr_destroy(attr)
         # Doorbells: the broker and each shadow sleep on one when idle.
         self.broker_bell: Any = ctx.Semaphore(0)
         self.shadow_bells: list[Any] = [ctx.Semaphore(0) for _ in range(nshadows)]
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+    def _bind(self) -> None:
+        """Make the lock objects over the shared block (in every process that has the table)."""
+        addr = ctypes.addressof(self.memory)
+        self.base = (addr + SLOT_BYTES - 1) // SLOT_BYTES * SLOT_BYTES
+        n = self.nguests
+        self.mm: list[RobustLock] = [RobustLock(self, i, f"mm{i}") for i in range(n)]
+        self.ptl: list[RobustLock] = [RobustLock(self, n + i, f"ptl{i}") for i in range(NPTL)]
+        self.frame: list[RobustLock] = [RobustLock(self, n + NPTL + i, f"frame{i}") for i in range(NFRAME)]
+        k = n + NPTL + NFRAME
+        self.alloc: RobustLock = RobustLock(self, k, "alloc")
+        self.notify: RobustLock = RobustLock(self, k + 1, "notify")
+        self.stat: RobustLock = RobustLock(self, k + 2, "stat")
 
-    def in_order(self) -> list[Any]:
+    def __getstate__(self) -> dict[str, Any]:
+        return {"nguests": self.nguests, "nlocks": self.nlocks, "memory": self.memory,
+                "broker_bell": self.broker_bell, "shadow_bells": self.shadow_bells}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.host_timeout = None
+        self._bind()
+
+    def in_order(self) -> list[RobustLock]:
         """Every lock, in the global lock order."""
         return [*self.mm, *self.ptl, *self.frame, self.alloc, self.notify, self.stat]
 
-    def unlink(self) -> None:
-        """Remove the semaphores' names from /dev/shm now (the host, once no worker is left).
+    def world(self) -> list[RobustLock]:
+        """The locks that stop the world, in order: every lock under which a PTE or frame changes.
 
-        multiprocessing unlinks a named semaphore only when its lock is
-        garbage-collected, so a closed machine that is still referenced would
-        keep hundreds of ``sem.mp-*`` entries.  Running each lock's finalizer
-        now unlinks its name exactly once; the locks keep working here.
+        mm locks are not among them: they guard the mergeable ranges, which
+        neither a check nor a recovery reads, and their holders (an madvise
+        unmerging a large range) may hold them long.
         """
-        mine = {id(lock) for lock in [*self.in_order(), self.broker_bell, *self.shadow_bells]}
+        return self.in_order()[self.nguests:]
+
+    def owner_deaths(self) -> int:
+        """How many times a lock of this table was taken from a dead holder."""
+        return sum(lock.owner_deaths for lock in self.in_order())
+
+    def unlink(self) -> None:
+        """Remove the doorbell semaphores' names from /dev/shm now (the host, once no worker is left).
+
+        multiprocessing unlinks a named semaphore only when it is
+        garbage-collected, so a closed machine that is still referenced would
+        keep its ``sem.mp-*`` entries.  Running each one's finalizer now
+        unlinks its name exactly once; the semaphores keep working here.
+        The mutexes have no name to remove.
+        """
+        mine = {id(sem) for sem in [self.broker_bell, *self.shadow_bells]}
         for finalizer in list(util._finalizer_registry.values()):  # type: ignore[attr-defined]
             ref = getattr(finalizer, "_weakref", None)
             if ref is not None and id(ref()) in mine:
@@ -81,54 +288,32 @@ class LockTable:
         return (guest_id * 97 + (page >> PTES_PER_LOCK_SHIFT)) % NPTL
 
 
-class LocksBusy(Exception):
-    """stop_the_world gave up waiting for a lock (``busy_timeout``); nothing is held."""
-
-
 @contextmanager
-def stop_the_world(locks: LockTable, takeover: bool = False, mm_owner: Callable[[int], int] | None = None,
-                   busy_timeout: float | None = None) -> Iterator[int]:
-    """Hold every lock of the machine; yield how many were taken over.
+def stop_the_world(locks: LockTable, timeout: float | None = None) -> Iterator[int]:
+    """Hold every lock under which a PTE or a frame changes; yield how many came from dead holders.
 
-    For a consistent check() of a live machine (``takeover`` False: wait for
-    every holder) and for recovery after a death (``takeover`` True).  Then a
-    page-table, frame, allocator, notify or stat lock still held after
-    ``STUCK_SECONDS`` belongs to a process that died inside its critical
-    section, which is short and never sleeps; an mm lock is taken over only
-    if ``mm_owner(index)`` names no living process.  Taken-over locks are
-    released with the others at the end.  Without ``takeover``, a lock not
-    had within ``busy_timeout`` raises LocksBusy (the caller may have to let
-    a recovery run first).
+    For a consistent check() of a live machine and for the recovery after a
+    death.  A lock a dead process held is had at once (EOWNERDEAD) and
+    repaired; a live holder finishes its critical section first, which never
+    waits for anyone that waits for this pass (the lock order).  A holder that
+    does not go on (stopped) makes this raise LockTimeout once ``timeout`` has
+    passed since the start, with nothing held.
     """
-    held = []
-    taken_over = 0
-    nmm = len(locks.mm)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    held: list[RobustLock] = []
+    before = locks.owner_deaths()
     try:
-        for i, lock in enumerate(locks.in_order()):
-            if not takeover:
-                if not lock.acquire(timeout=busy_timeout):
-                    raise LocksBusy
-            elif not lock.acquire(timeout=STUCK_SECONDS):
-                while i < nmm and mm_owner is not None and _alive(mm_owner(i)):
-                    if lock.acquire(timeout=STUCK_SECONDS):
-                        break
-                else:
-                    taken_over += 1
+        for lock in locks.world():
+            if deadline is None:
+                lock.acquire()
+            elif not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise LockTimeout(f"stopping the world: lock {lock.name} not had in {timeout:g} s: "
+                                  f"{lock.describe_holder()}")
             held.append(lock)
-        yield taken_over
+        yield locks.owner_deaths() - before
     finally:
         for lock in reversed(held):
             lock.release()
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def default_context() -> BaseContext:

@@ -156,6 +156,7 @@ S_AFTER_RELEASE: Final = 20  # callbacks for a guest after its release: must sta
 S_REGISTERED: Final = 21  # bitmask of registrations the host made (never released twice)
 S_STALE_READS: Final = 22  # reads through an entry whose frame generation changed: must stay 0
 S_SYNC: Final = 23  # producers wait for this shadow's acknowledgement of an invalidation's start
+S_DEAD_AT: Final = 24  # the ring's head when the host marked the slot dead: the broker frees it after
 
 SLOT_FREE: Final = 0
 SLOT_LIVE: Final = 1
@@ -333,6 +334,14 @@ class Notifier:
         if self.nreg[gid]:
             era = max(int(self.cv[self.era_index]), 2)
             self.emit_many(self.start_records(start, end, era) + self.end_records(start, end, era), gid)
+
+    def invalidate_range_locked(self, gid: int, start: int, end: int) -> None:
+        """invalidate_range for a caller that holds the notify lock (recovery), watched or not."""
+        if self.cv[self.era_index] == 3:
+            self.emit_locked(INVALIDATE, gid, start, end)
+        else:
+            self.emit_locked(RANGE_START, gid, start, end)
+            self.emit_locked(RANGE_END, gid, start, end)
 
     # -- the ring ------------------------------------------------------------------------
 

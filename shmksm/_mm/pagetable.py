@@ -2,8 +2,8 @@
 
 A guest's segment is organized as follows::
 
-    int64[HEADER_WORDS]  header: pages, merge_any, nranges, (two words unused), mm lock
-                         holder, ranges generation, NUMA node, security domain, from word 10
+    int64[HEADER_WORDS]  header: pages, merge_any, nranges, (three words unused),
+                         ranges generation, NUMA node, security domain, from word 10
                          nranges (start, end) page-number pairs of MADV_MERGEABLE ranges, and
                          from H_KSM_STAT each scanner's (ksm_rmap_items, ksm_merging_pages)
     uint64[pages]        PTEs
@@ -25,7 +25,6 @@ every access through it, happens under the page-table lock of its run of 512.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Final
 
@@ -37,6 +36,7 @@ from . import control
 from .control import MITIGATION_VUSION
 from .frames import INUSE, PAGE_SHIFT, PAGE_SIZE, ZERO_PFN, Frames, FramesPending
 from .frames import KSM as FRAME_KSM
+from .locks import Lock
 
 PFN_MASK: Final = (1 << 40) - 1
 PRESENT: Final = 1 << 40
@@ -51,7 +51,6 @@ HEADER_WORDS: Final = 256
 H_PAGES: Final = 0
 H_MERGE_ANY: Final = 1
 H_NRANGES: Final = 2
-H_MM_OWNER: Final = 5  # pid of the holder of the guest's mm lock, 0 if none
 H_RANGES_GEN: Final = 6  # bumped by every change of the mergeable ranges or merge_any (mm lock held)
 H_NODE: Final = 7  # the NUMA node the guest's memory is allocated on first (set at creation)
 H_DOMAIN: Final = 8  # the guest's security domain (mitigation "domains"), set at creation
@@ -114,33 +113,12 @@ def describe(pte: int) -> str:
     return f"pfn {pte & PFN_MASK} {'|'.join(names) or 'none'}"
 
 
-class MmLock:
-    """A guest's mmap_lock: a semaphore, and its holder's pid in the guest header.
-
-    The pid lets recovery tell a holder that died (its lock is taken over)
-    from one that is merely slow (an madvise unmerging a large range).
-    """
-
-    def __init__(self, sem: Any, header: npt.NDArray[np.int64]) -> None:
-        self.sem = sem
-        self.owner = header.data[H_MM_OWNER:H_MM_OWNER + 1]
-        self.pid = os.getpid()
-
-    def __enter__(self) -> MmLock:
-        self.sem.acquire()
-        self.owner[0] = self.pid
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.owner[0] = 0
-        self.sem.release()
-
-
 class PageTable:
     """One guest's page table as seen from one process (host, guest, scanner)."""
 
     def __init__(self, gid: int, buf: memoryview, frames: Frames) -> None:
         self.gid = gid
+        self.generation = 0  # of the guest slot (control.G_GENERATION), set by System.table
         self.header: npt.NDArray[np.int64] = np.ndarray(HEADER_WORDS, np.int64, buf, 0)
         self.pages = int(self.header[H_PAGES])
         self.node = int(self.header[H_NODE])
@@ -155,8 +133,8 @@ class PageTable:
         self.high_halves: npt.NDArray[np.uint32] = words[_HIGH_HALF::2]
         self.frames = frames
         locks = frames.locks
-        self.ptl_table = locks.ptl  # type: ignore[attr-defined]
-        self.mm_lock = MmLock(locks.mm[gid], self.header)  # type: ignore[attr-defined]
+        self.ptl_table = locks.ptl
+        self.mm_lock = locks.mm[gid]
         self._hv = self.header.data
         self._ranges: list[tuple[int, int]] = []
         self._ranges_gen = -1
@@ -164,16 +142,16 @@ class PageTable:
         # and the lock of every run of 512 PTEs, so that a hot path finds it with one index.
         self.ptl_base = gid * 97
         self.nptl = len(self.ptl_table)
-        self.run_locks: list[Any] = [self.ptl_table[(self.ptl_base + run) % self.nptl]
+        self.run_locks: list[Lock] = [self.ptl_table[(self.ptl_base + run) % self.nptl]
                                      for run in range((self.pages + 511) >> 9)]
         self.notifier: Any = None
 
     def release_views(self) -> None:
-        for view in (self.pte_low, self.pte_high, self.pv, self.mm_lock.owner, self._hv):
+        for view in (self.pte_low, self.pte_high, self.pv, self._hv):
             view.release()
         del self.header, self.ptes, self.low_halves, self.high_halves
 
-    def ptl(self, page: int) -> object:
+    def ptl(self, page: int) -> Lock:
         """The page-table lock of ``page``."""
         return self.run_locks[page >> 9]
 

@@ -59,6 +59,8 @@ class System:
         self._segments: list[shared_memory.SharedMemory] = []
         self._guest_segments: dict[int, shared_memory.SharedMemory] = {}
         self.tables: dict[int, PageTable] = {}
+        # Page tables of guests whose slot was reused since: others may still hold them.
+        self._old_tables: list[tuple[PageTable, shared_memory.SharedMemory]] = []
         try:
             ctl_buf = self._open(open_, "ctl", 8 * control.WORDS)
             pool_buf = self._open(open_, "frames", PAGE_SIZE * spec.nframes)
@@ -78,6 +80,8 @@ class System:
         self.notifier = mmu_notifier.Notifier(self.notify_area, self.frames.cv, self.locks.notify,
                                               self.locks.broker_bell)
         self.pid = os.getpid()
+        # Page-table locks taken from dead holders, as the last recovery here saw them.
+        self.ptl_deaths_seen = 0
 
     def _open(self, open_: Any, what: str, size: int) -> memoryview:
         seg: shared_memory.SharedMemory = open_(self.spec.segment_name(what), size)
@@ -112,39 +116,70 @@ class System:
 
     def create_guest(self, pages: int, node: int = 0, domain: int = 0) -> PageTable:
         """Make a new address space of ``pages`` untouched pages on NUMA ``node``, in security
-        ``domain`` (host only)."""
-        for gid in range(control.MAX_GUESTS):
-            if self.guest_slot(gid)[control.G_STATE] == control.GUEST_FREE:
+        ``domain`` (host only).
+
+        Takes a never used slot, else the one of a guest torn down: its next
+        generation, under a new segment name.
+        """
+        states = [self.guest_slot(g)[control.G_STATE] for g in range(control.MAX_GUESTS)]
+        for wanted in (control.GUEST_FREE, control.GUEST_GONE):
+            if wanted in states:
+                gid = states.index(wanted)
                 break
         else:
-            raise UsageError(f"at most {control.MAX_GUESTS} guests per machine")
-        seg = segments.create(self.spec.segment_name(f"g{gid}"), pagetable.segment_size(pages))
+            raise UsageError(f"at most {control.MAX_GUESTS} live guests per machine")
+        slot = self.guest_slot(gid)
+        generation = int(slot[control.G_GENERATION]) + 1
+        seg = segments.create(self.spec.segment_name(self._guest_segment(gid, generation)),
+                              pagetable.segment_size(pages))
         self._guest_segments[gid] = seg
         header = np.ndarray(pagetable.HEADER_WORDS, np.int64, seg.buf)
         header[pagetable.H_PAGES] = pages
         header[pagetable.H_NODE] = node
         header[pagetable.H_DOMAIN] = domain
         del header
-        slot = self.guest_slot(gid)
         slot[control.G_PAGES] = pages
         slot[control.G_MERGE_ANY] = 0
+        slot[control.G_GENERATION] = generation
         slot[control.G_STATE] = control.GUEST_LIVE
         return self.table(gid)
 
+    @staticmethod
+    def _guest_segment(gid: int, generation: int) -> str:
+        return f"g{gid}" if generation <= 1 else f"g{gid}.{generation}"
+
+    def current(self, table: PageTable) -> bool:
+        """Is ``table`` the page table of a live guest (not of an earlier guest of its slot)?"""
+        slot = self.guest_slot(table.gid)
+        return bool(slot[control.G_STATE] == control.GUEST_LIVE and slot[control.G_GENERATION] == table.generation)
+
     def table(self, gid: int) -> PageTable:
-        """The page table of guest ``gid``, attached on first use."""
+        """The page table of guest ``gid``, attached on first use (again when the slot has a new guest)."""
         table = self.tables.get(gid)
+        generation = int(self.guest_slot(gid)[control.G_GENERATION])
+        if table is not None and table.generation != generation and not self.owner:
+            # The slot's guest was torn down and a new one made: keep the old
+            # mapping for whoever holds the old table, attach the new one.
+            self._old_tables.append((self.tables.pop(gid), self._guest_segments.pop(gid)))
+            table = None
         if table is None:
             seg = self._guest_segments.get(gid)
             if seg is None:
-                seg = segments.attach(self.spec.segment_name(f"g{gid}"))
+                seg = segments.attach(self.spec.segment_name(self._guest_segment(gid, generation)))
                 self._guest_segments[gid] = seg
             table = self.tables[gid] = PageTable(gid, _buf(seg), self.frames)
+            table.generation = generation
             table.notifier = self.notifier
         return table
 
-    def forget_guest(self, gid: int) -> None:
-        """Detach from (and, on the host, unlink) a guest's page table."""
+    def forget_guest(self, gid: int, table: PageTable | None = None) -> None:
+        """Detach from (and, on the host, unlink) a guest's page table.
+
+        With ``table``, only if that is still the slot's table here (not a
+        newer guest's, attached since).
+        """
+        if table is not None and self.tables.get(gid) is not table:
+            return
         table = self.tables.pop(gid, None)
         if table is not None:
             table.release_views()
@@ -162,6 +197,10 @@ class System:
             self.locks.unlink()
         for gid in list(self._guest_segments):
             self.forget_guest(gid)
+        while self._old_tables:
+            table, seg = self._old_tables.pop()
+            table.release_views()
+            seg.close()
         if hasattr(self, "notify_area"):
             self.notify_area.release_views()
             del self.notify_area, self.notifier
