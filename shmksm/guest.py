@@ -7,6 +7,7 @@ through its MMU: the view never holds a writable mapping of a frame.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Final
 
 import numpy as np
@@ -37,7 +38,8 @@ _ADVICE_NAMES: Final = {MADV_MERGEABLE: "MADV_MERGEABLE", MADV_UNMERGEABLE: "MAD
 _DIRTY_YOUNG: Final = DIRTY | YOUNG
 _UINT8: Final = np.dtype(np.uint8)
 _NDARRAY: Final = np.ndarray  # one global load instead of a module attribute on the hot path
-_FEW_PAGES: Final = 8  # write_pages of at most this many pages goes page by page
+_ASCENDING_MAX: Final = 1 << 22  # frames (16 GiB of pool): beyond, _consecutive builds its slice each time
+_FEW_PAGES: Final = 16  # write_pages of at most this many pages goes page by page
 # The high halves of a run of writable, dirty, young PTEs as bytes: one comparison tests a run.
 _WRITABLE_HIGHS: Final = np.full(512, HIGH_WRITABLE, np.uint32).tobytes()
 
@@ -126,6 +128,17 @@ def _page_numbers(pages: Any, npages: int) -> npt.NDArray[np.intp]:
     return where
 
 
+@functools.cache
+def _ascending_pfns(nframes: int) -> bytes:
+    """Every pfn of a pool of ``nframes`` in order, as the uint32 low halves of PTEs would hold them.
+
+    A run maps consecutive frames when its low halves equal a slice of this.
+    4 bytes a frame, made once per process; empty (the caller makes the slice
+    it needs) for a pool of more than ``_ASCENDING_MAX`` frames.
+    """
+    return np.arange(nframes, dtype=np.uint32).tobytes() if nframes <= _ASCENDING_MAX else b""
+
+
 def _all_equal(values: npt.NDArray[Any], value: int) -> bool:
     """Is every element of ``values`` equal to ``value``?"""
     return bool((values == value).all())
@@ -161,6 +174,7 @@ class GuestView:
         self._rows = system.frames.rows
         self._flat = system.frames.pool.reshape(-1)
         self._scratch_buf: npt.NDArray[np.uint8] = np.empty(0, np.uint8)
+        self._ascending = b""
 
     def __repr__(self) -> str:
         return f"<GuestView guest={self.gid} pages={self.pages}>"
@@ -292,7 +306,8 @@ class GuestView:
         if addr < 0 or addr + n > self.size:
             raise AddressError(f"write of {n} bytes at {addr:#x} is outside guest {self.gid} ({self.size:#x} bytes)")
         if n:
-            self._write_range(addr, _byte_array(data))
+            flat = type(data) is _NDARRAY and data.dtype is _UINT8 and data.ndim == 1 and data.flags.c_contiguous
+            self._write_range(addr, data if flat else _byte_array(data))
 
     def _make_writable(self, page: int, whole: bool) -> int:
         """Make ``page``'s PTE writable, dirty and young, faulting if need be; return it.  PTL held.
@@ -429,9 +444,13 @@ class GuestView:
         p0 = low[a]
         if b - a == 1:
             return p0 << 12
-        if low[b - 1] - p0 != b - a - 1 or low[a:b].tobytes() != np.arange(p0, p0 + b - a, dtype=np.uint32).tobytes():
+        if low[b - 1] - p0 != b - a - 1:
             return -1
-        return p0 << 12
+        ascending = self._ascending
+        if not ascending:
+            ascending = self._ascending = _ascending_pfns(len(self._rows))
+        want = ascending[4 * p0:4 * (p0 + b - a)] if ascending else np.arange(p0, b - a + p0, dtype=np.uint32).tobytes()
+        return p0 << 12 if low[a:b].tobytes() == want else -1
 
     def _read_range(self, addr: int, dst: npt.NDArray[np.uint8]) -> None:
         """Fill ``dst`` with the bytes at ``addr``: run by run, each under its PTL, gathered by numpy."""
