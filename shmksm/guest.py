@@ -39,6 +39,7 @@ _DIRTY_YOUNG: Final = DIRTY | YOUNG
 _UINT8: Final = np.dtype(np.uint8)
 _NDARRAY: Final = np.ndarray  # one global load instead of a module attribute on the hot path
 _ASCENDING_MAX: Final = 1 << 22  # frames (16 GiB of pool): beyond, _consecutive builds its slice each time
+_SCRATCH_PAGES: Final = 4096  # the most a view keeps for gathers, in pages
 _FEW_PAGES: Final = 16  # write_pages of at most this many pages goes page by page
 # The high halves of a run of writable, dirty, young PTEs as bytes: one comparison tests a run.
 _WRITABLE_HIGHS: Final = np.full(512, HIGH_WRITABLE, np.uint32).tobytes()
@@ -350,9 +351,22 @@ class GuestView:
         n = len(src)
         end = addr + n
         first, last = addr >> 12, (end - 1) >> 12
-        if first >> 9 != last >> 9:
-            self._check_mapped(slice(first, last + 1), "write to")
         high = self._pte_high
+        if first >> 9 == last >> 9:
+            # Within one run, every page writable, their frames consecutive: one memcpy.
+            lock = self._run_locks[first >> 9]
+            lock.acquire()
+            try:
+                if high[first:last + 1].tobytes() == _WRITABLE_HIGHS[:4 * (last + 1 - first)]:
+                    o = self._consecutive(first, last + 1)
+                    if o >= 0:
+                        o |= addr & 4095
+                        self._mm[o:o + n] = src  # type: ignore[call-overload]  # the stubs take no ndarray
+                        return
+            finally:
+                lock.release()
+        else:
+            self._check_mapped(slice(first, last + 1), "write to")
         page = first
         waiting: FrameWait | None = None
         while page <= last:
@@ -505,7 +519,7 @@ class GuestView:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _scratch(self, n: int) -> npt.NDArray[np.uint8]:
-        """A buffer of ``n`` bytes (at most a run's), the same one every time.
+        """A buffer of ``n`` bytes (at most ``_SCRATCH_PAGES`` pages), the same one every time.
 
         It stays in the cache, and its pages stay faulted in: a fresh array of
         128 KiB or more is a new mapping from malloc, faulted in page by page
@@ -596,13 +610,15 @@ class GuestView:
             self._write_few_pages(where, src)
             return
         srcv = src.view(FRAME_DTYPE)
-        order: npt.NDArray[np.intp] | None = None
         if count > 1 and not (where[1:] > where[:-1]).all():
             order = np.argsort(where, kind="stable")
             where = where[order]
             last_of_each = np.ones(count, np.bool_)  # stable: the last row of a repeated page
             np.not_equal(where[:-1], where[1:], out=last_of_each[:-1])
             order, where = order[last_of_each], where[last_of_each]
+            # The rows in address order, in one gather (into a buffer that stays put, see _scratch).
+            srcv = (np.take(srcv, order, mode="clip", out=self._scratch(len(order) << 12).view(FRAME_DTYPE))
+                    if len(order) <= _SCRATCH_PAGES else srcv[order])
         runs = where >> 9
         bounds = [0, *(np.flatnonzero(runs[1:] != runs[:-1]) + 1).tolist(), len(where)]
         hi, lo, rows_pool = self._hi, self._lo, self._rows
@@ -622,12 +638,7 @@ class GuestView:
                     k, error = self.table.handle_write_faults(run, np.ones(len(run), np.bool_))
                     done = i + k
                 if done > i:
-                    dst = lo[where[i:done]].astype(np.intp)
-                    if order is None:
-                        rows_pool[dst] = srcv[i:done]
-                    else:  # the rows in address order first, in a buffer that stays put (see _scratch)
-                        rows_pool[dst] = np.take(srcv, order[i:done], mode="clip",
-                                                 out=self._scratch((done - i) << 12).view(FRAME_DTYPE))
+                    rows_pool[lo[where[i:done]].astype(np.intp)] = srcv[i:done]
             finally:
                 lock.release()
             if error is not None:
