@@ -25,6 +25,7 @@ from ._mm.pagetable import (
     HIGH_WRITABLE,
     PFN_MASK,
     PRESENT,
+    WRITABLE_PTE,
     WRITE,
     YOUNG,
     PageTable,
@@ -38,7 +39,7 @@ _ADVICE_NAMES: Final = {MADV_MERGEABLE: "MADV_MERGEABLE", MADV_UNMERGEABLE: "MAD
 _DIRTY_YOUNG: Final = DIRTY | YOUNG
 _UINT8: Final = np.dtype(np.uint8)
 _NDARRAY: Final = np.ndarray  # one global load instead of a module attribute on the hot path
-_ASCENDING_MAX: Final = 1 << 22  # frames (16 GiB of pool): beyond, _consecutive builds its slice each time
+_ASCENDING_MAX: Final = 1 << 22  # frames (16 GiB of pool): beyond, _consecutive builds what it compares
 _SCRATCH_PAGES: Final = 4096  # the most a view keeps for gathers, in pages
 _FEW_PAGES: Final = 16  # write_pages of at most this many pages goes page by page
 # The high halves of a run of writable, dirty, young PTEs as bytes: one comparison tests a run.
@@ -130,14 +131,16 @@ def _page_numbers(pages: Any, npages: int) -> npt.NDArray[np.intp]:
 
 
 @functools.cache
-def _ascending_pfns(nframes: int) -> bytes:
-    """Every pfn of a pool of ``nframes`` in order, as the uint32 low halves of PTEs would hold them.
+def _ascending_ptes(nframes: int) -> bytes:
+    """The writable, dirty, young PTE of every frame of a pool of ``nframes``, in pfn order.
 
-    A run maps consecutive frames when its low halves equal a slice of this.
-    4 bytes a frame, made once per process; empty (the caller makes the slice
-    it needs) for a pool of more than ``_ASCENDING_MAX`` frames.
+    Pages map consecutive frames, all writable, when their PTEs equal a slice
+    of this: one comparison tests both.  8 bytes a frame, made once per
+    process; empty for a pool of more than ``_ASCENDING_MAX`` frames.
     """
-    return np.arange(nframes, dtype=np.uint32).tobytes() if nframes <= _ASCENDING_MAX else b""
+    if nframes > _ASCENDING_MAX:
+        return b""
+    return (np.arange(nframes, dtype=np.uint64) | np.uint64(WRITABLE_PTE)).tobytes()
 
 
 def _all_equal(values: npt.NDArray[Any], value: int) -> bool:
@@ -175,7 +178,7 @@ class GuestView:
         self._rows = system.frames.rows
         self._flat = system.frames.pool.reshape(-1)
         self._scratch_buf: npt.NDArray[np.uint8] = np.empty(0, np.uint8)
-        self._ascending = b""
+        self._ascending = _ascending_ptes(system.frames.nframes)
 
     def __repr__(self) -> str:
         return f"<GuestView guest={self.gid} pages={self.pages}>"
@@ -353,16 +356,16 @@ class GuestView:
         first, last = addr >> 12, (end - 1) >> 12
         high = self._pte_high
         if first >> 9 == last >> 9:
-            # Within one run, every page writable, their frames consecutive: one memcpy.
+            # Within one run, every page writable and their frames consecutive (their
+            # PTEs a slice of _ascending_ptes): one memcpy.
             lock = self._run_locks[first >> 9]
             lock.acquire()
             try:
-                if high[first:last + 1].tobytes() == _WRITABLE_HIGHS[:4 * (last + 1 - first)]:
-                    o = self._consecutive(first, last + 1)
-                    if o >= 0:
-                        o |= addr & 4095
-                        self._mm[o:o + n] = src  # type: ignore[call-overload]  # the stubs take no ndarray
-                        return
+                p0 = self._pte_low[first]
+                if self._pv[first:last + 1].tobytes() == self._ascending[8 * p0:8 * (p0 + last + 1 - first)]:
+                    o = p0 << 12 | (addr & 4095)
+                    self._mm[o:o + n] = src  # type: ignore[call-overload]  # the stubs take no ndarray
+                    return
             finally:
                 lock.release()
         else:
@@ -454,17 +457,16 @@ class GuestView:
         The frames of pages faulted in in address order usually are: then one
         memcpy moves them all.
         """
-        low = self._pte_low
-        p0 = low[a]
+        pte = self._pv[a]
+        p0 = pte & PFN_MASK
         if b - a == 1:
             return p0 << 12
+        if pte == p0 | WRITABLE_PTE and self._ascending:
+            return p0 << 12 if self._pv[a:b].tobytes() == self._ascending[8 * p0:8 * (p0 + b - a)] else -1
+        low = self._pte_low
         if low[b - 1] - p0 != b - a - 1:
             return -1
-        ascending = self._ascending
-        if not ascending:
-            ascending = self._ascending = _ascending_pfns(len(self._rows))
-        want = ascending[4 * p0:4 * (p0 + b - a)] if ascending else np.arange(p0, b - a + p0, dtype=np.uint32).tobytes()
-        return p0 << 12 if low[a:b].tobytes() == want else -1
+        return p0 << 12 if low[a:b].tobytes() == np.arange(p0, b - a + p0, dtype=np.uint32).tobytes() else -1
 
     def _read_range(self, addr: int, dst: npt.NDArray[np.uint8]) -> None:
         """Fill ``dst`` with the bytes at ``addr``: run by run, each under its PTL, gathered by numpy."""
