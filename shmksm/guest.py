@@ -7,6 +7,7 @@ through its MMU: the view never holds a writable mapping of a frame.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Final
 
 import numpy as np
@@ -24,6 +25,7 @@ from ._mm.pagetable import (
     HIGH_WRITABLE,
     PFN_MASK,
     PRESENT,
+    WRITABLE_PTE,
     WRITE,
     YOUNG,
     PageTable,
@@ -37,7 +39,9 @@ _ADVICE_NAMES: Final = {MADV_MERGEABLE: "MADV_MERGEABLE", MADV_UNMERGEABLE: "MAD
 _DIRTY_YOUNG: Final = DIRTY | YOUNG
 _UINT8: Final = np.dtype(np.uint8)
 _NDARRAY: Final = np.ndarray  # one global load instead of a module attribute on the hot path
-_FEW_PAGES: Final = 8  # write_pages of at most this many pages goes page by page
+_ASCENDING_MAX: Final = 1 << 22  # frames (16 GiB of pool): beyond, _consecutive builds what it compares
+_SCRATCH_PAGES: Final = 4096  # the most a view keeps for gathers, in pages
+_FEW_PAGES: Final = 16  # write_pages of at most this many pages goes page by page
 # The high halves of a run of writable, dirty, young PTEs as bytes: one comparison tests a run.
 _WRITABLE_HIGHS: Final = np.full(512, HIGH_WRITABLE, np.uint32).tobytes()
 
@@ -126,6 +130,19 @@ def _page_numbers(pages: Any, npages: int) -> npt.NDArray[np.intp]:
     return where
 
 
+@functools.cache
+def _ascending_ptes(nframes: int) -> bytes:
+    """The writable, dirty, young PTE of every frame of a pool of ``nframes``, in pfn order.
+
+    Pages map consecutive frames, all writable, when their PTEs equal a slice
+    of this: one comparison tests both.  8 bytes a frame, made once per
+    process; empty for a pool of more than ``_ASCENDING_MAX`` frames.
+    """
+    if nframes > _ASCENDING_MAX:
+        return b""
+    return (np.arange(nframes, dtype=np.uint64) | np.uint64(WRITABLE_PTE)).tobytes()
+
+
 def _all_equal(values: npt.NDArray[Any], value: int) -> bool:
     """Is every element of ``values`` equal to ``value``?"""
     return bool((values == value).all())
@@ -161,6 +178,7 @@ class GuestView:
         self._rows = system.frames.rows
         self._flat = system.frames.pool.reshape(-1)
         self._scratch_buf: npt.NDArray[np.uint8] = np.empty(0, np.uint8)
+        self._ascending = _ascending_ptes(system.frames.nframes)
 
     def __repr__(self) -> str:
         return f"<GuestView guest={self.gid} pages={self.pages}>"
@@ -292,7 +310,8 @@ class GuestView:
         if addr < 0 or addr + n > self.size:
             raise AddressError(f"write of {n} bytes at {addr:#x} is outside guest {self.gid} ({self.size:#x} bytes)")
         if n:
-            self._write_range(addr, _byte_array(data))
+            flat = type(data) is _NDARRAY and data.dtype is _UINT8 and data.ndim == 1 and data.flags.c_contiguous
+            self._write_range(addr, data if flat else _byte_array(data))
 
     def _make_writable(self, page: int, whole: bool) -> int:
         """Make ``page``'s PTE writable, dirty and young, faulting if need be; return it.  PTL held.
@@ -335,9 +354,22 @@ class GuestView:
         n = len(src)
         end = addr + n
         first, last = addr >> 12, (end - 1) >> 12
-        if first >> 9 != last >> 9:
-            self._check_mapped(slice(first, last + 1), "write to")
         high = self._pte_high
+        if first >> 9 == last >> 9:
+            # Within one run, every page writable and their frames consecutive (their
+            # PTEs a slice of _ascending_ptes): one memcpy.
+            lock = self._run_locks[first >> 9]
+            lock.acquire()
+            try:
+                p0 = self._pte_low[first]
+                if self._pv[first:last + 1].tobytes() == self._ascending[8 * p0:8 * (p0 + last + 1 - first)]:
+                    o = p0 << 12 | (addr & 4095)
+                    self._mm[o:o + n] = src  # type: ignore[call-overload]  # the stubs take no ndarray
+                    return
+            finally:
+                lock.release()
+        else:
+            self._check_mapped(slice(first, last + 1), "write to")
         page = first
         waiting: FrameWait | None = None
         while page <= last:
@@ -425,13 +457,16 @@ class GuestView:
         The frames of pages faulted in in address order usually are: then one
         memcpy moves them all.
         """
-        low = self._pte_low
-        p0 = low[a]
+        pte = self._pv[a]
+        p0 = pte & PFN_MASK
         if b - a == 1:
             return p0 << 12
-        if low[b - 1] - p0 != b - a - 1 or low[a:b].tobytes() != np.arange(p0, p0 + b - a, dtype=np.uint32).tobytes():
+        if pte == p0 | WRITABLE_PTE and self._ascending:
+            return p0 << 12 if self._pv[a:b].tobytes() == self._ascending[8 * p0:8 * (p0 + b - a)] else -1
+        low = self._pte_low
+        if low[b - 1] - p0 != b - a - 1:
             return -1
-        return p0 << 12
+        return p0 << 12 if low[a:b].tobytes() == np.arange(p0, b - a + p0, dtype=np.uint32).tobytes() else -1
 
     def _read_range(self, addr: int, dst: npt.NDArray[np.uint8]) -> None:
         """Fill ``dst`` with the bytes at ``addr``: run by run, each under its PTL, gathered by numpy."""
@@ -486,7 +521,7 @@ class GuestView:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _scratch(self, n: int) -> npt.NDArray[np.uint8]:
-        """A buffer of ``n`` bytes (at most a run's), the same one every time.
+        """A buffer of ``n`` bytes (at most ``_SCRATCH_PAGES`` pages), the same one every time.
 
         It stays in the cache, and its pages stay faulted in: a fresh array of
         128 KiB or more is a new mapping from malloc, faulted in page by page
@@ -577,13 +612,15 @@ class GuestView:
             self._write_few_pages(where, src)
             return
         srcv = src.view(FRAME_DTYPE)
-        order: npt.NDArray[np.intp] | None = None
         if count > 1 and not (where[1:] > where[:-1]).all():
             order = np.argsort(where, kind="stable")
             where = where[order]
             last_of_each = np.ones(count, np.bool_)  # stable: the last row of a repeated page
             np.not_equal(where[:-1], where[1:], out=last_of_each[:-1])
             order, where = order[last_of_each], where[last_of_each]
+            # The rows in address order, in one gather (into a buffer that stays put, see _scratch).
+            srcv = (np.take(srcv, order, mode="clip", out=self._scratch(len(order) << 12).view(FRAME_DTYPE))
+                    if len(order) <= _SCRATCH_PAGES else srcv[order])
         runs = where >> 9
         bounds = [0, *(np.flatnonzero(runs[1:] != runs[:-1]) + 1).tolist(), len(where)]
         hi, lo, rows_pool = self._hi, self._lo, self._rows
@@ -603,12 +640,7 @@ class GuestView:
                     k, error = self.table.handle_write_faults(run, np.ones(len(run), np.bool_))
                     done = i + k
                 if done > i:
-                    dst = lo[where[i:done]].astype(np.intp)
-                    if order is None:
-                        rows_pool[dst] = srcv[i:done]
-                    else:  # the rows in address order first, in a buffer that stays put (see _scratch)
-                        rows_pool[dst] = np.take(srcv, order[i:done], mode="clip",
-                                                 out=self._scratch((done - i) << 12).view(FRAME_DTYPE))
+                    rows_pool[lo[where[i:done]].astype(np.intp)] = srcv[i:done]
             finally:
                 lock.release()
             if error is not None:

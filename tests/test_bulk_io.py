@@ -304,3 +304,38 @@ def test_bad_arguments_are_one_line_usage_errors_that_change_nothing(machine: sh
     assert "\n" not in str(info.value) and str(info.value)
     assert (machine.system.table(guest.id).ptes == ptes).all()
     assert view.read(0, 2 * PAGE_SIZE) == pattern(1) * 2
+
+
+def test_a_bulk_write_waits_for_frames_pending_reclamation(machine: shmksm.Machine,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames that wait for acknowledgments: the run stops, the lock is released, the write resumes."""
+    from shmksm._mm.frames import Frames, FramesPending
+
+    view = machine.add_guest(pages=2 * RUN - 8).view()
+    pending = {"alloc": 2, "alloc_many": 2}  # each refused bulk allocation falls back to one frame at a time
+    real_alloc, real_alloc_many = Frames.alloc, Frames.alloc_many
+
+    def alloc(self: Frames, *args: Any, **kwargs: Any) -> int:
+        if pending["alloc"]:
+            pending["alloc"] -= 1
+            raise FramesPending
+        return real_alloc(self, *args, **kwargs)
+
+    def alloc_many(self: Frames, *args: Any, **kwargs: Any) -> list[int]:
+        if pending["alloc_many"]:
+            pending["alloc_many"] -= 1
+            raise FramesPending
+        return real_alloc_many(self, *args, **kwargs)
+
+    monkeypatch.setattr(Frames, "alloc", alloc)
+    monkeypatch.setattr(Frames, "alloc_many", alloc_many)
+    data = np.random.default_rng(5).integers(0, 256, (RUN + 20) * PAGE_SIZE, dtype=np.uint8)
+    view.write(RUN // 2 * PAGE_SIZE + 7, data)
+    assert pending == {"alloc": 0, "alloc_many": 0}
+    assert view.read(RUN // 2 * PAGE_SIZE + 7, len(data)) == data.tobytes()
+    rows = np.random.default_rng(6).integers(0, 256, (40, PAGE_SIZE), dtype=np.uint8)
+    pages = np.arange(2 * RUN - 48, 2 * RUN - 8)[::-1]
+    pending.update(alloc=1, alloc_many=1)
+    view.write_pages(pages, rows)
+    assert pending == {"alloc": 0, "alloc_many": 0}
+    assert view.read_array((2 * RUN - 48) * PAGE_SIZE, (40, PAGE_SIZE), np.uint8).tobytes() == rows[::-1].tobytes()

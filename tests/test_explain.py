@@ -68,9 +68,8 @@ def test_merged_pages_and_not_present_ones(machine: shmksm.Machine) -> None:
 def test_zero_page_and_not_mergeable(machine: shmksm.Machine) -> None:
     g = machine.add_guest(pages=16)
     write_pages(g, [1, 1, 2, 2], mergeable=False)  # duplicates, but nobody said MADV_MERGEABLE
-    view = g.view()
-    for page in range(4, 8):
-        view.read(page * PAGE_SIZE, 1)  # a page read before written maps the zero page
+    for page in range(4, 8):  # read before written: the zero page (a read across pages maps none)
+        g.view().read(page * PAGE_SIZE, 1)
     scanner = Scanner(machine.system)
     full_scans(scanner, 3)
     only(reasons(machine, scanner, g), not_mergeable=4, zero_page=4, not_present=8)
