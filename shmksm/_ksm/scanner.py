@@ -56,8 +56,9 @@ What is emulated, and how
 * Parallel scanners (shmksm's own knob ``scanners``, not the kernel's): each
   scanner process runs a whole :class:`Scanner` on the pages it owns
   (:meth:`Scanner._owns`): those of its nodes with merge_across_nodes=0 and
-  enough nodes, else those whose content fingerprint routes to it.  Pages
-  that can merge have one owner, so no tree is shared; the counters of the
+  enough nodes, else those whose checksum at the last visit routes to it
+  (the oldchecksums are in the guest's segment, shared).  Pages that can
+  merge have one owner, so no tree is shared; the counters of the
   scanners are folded into the named words (:class:`ScannerWords`).  See
   docs/architecture.md for the convergence argument and the lock order.
 
@@ -409,7 +410,7 @@ class Scanner:
         self.system = system
         self.index = index
         self.count = 1  # scanners running, as of the last batch
-        self.by_node = False  # ownership by node rather than by fingerprint (see _owns)
+        self.by_node = False  # ownership by node rather than by checksum (see _owns)
         self.words = ScannerWords(system, index)
         self.frames = system.frames
         self.by_gid: dict[int, MmSlot] = {}
