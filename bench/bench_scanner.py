@@ -21,7 +21,7 @@ ratios are printed.  Sections:
               (all scanners' CPU ÷ pages scanned); targets 2 scanners >= 1.7x
               the pages per wall-second of one and <= 1.15x its CPU per page.
               The serial part — what every scanner repeats for pages it does
-              not own (walking the PTEs, reading the fingerprint), measured as
+              not own (walking their PTEs and checksums), measured as
               the growth of CPU per page from 1 to 2 scanners — gives the
               extension to more cores (Amdahl, each scanner on its own core).
               The load average is printed beside: on a busy machine wall-clock

@@ -67,10 +67,20 @@ def _guest(path: str, ready: Any, done: Any) -> None:
     mem.close()
 
 
+def _wait_while_in_use(timeout: float) -> None:
+    """The kernel's KSM is one per machine: while someone else's run has it (run is not 0), wait."""
+    deadline = time.monotonic() + timeout
+    while read_sysfs("run") != 0:
+        if time.monotonic() > deadline:
+            raise KernelKsmUnavailable(f"the kernel's KSM stayed in use (run != 0) for {timeout} s")
+        time.sleep(1.0)
+
+
 def run(images: list[str], knobs: dict[str, int], stable_scans: int = 3, timeout: float = 600) -> dict[str, Any]:
     """Run ``images`` on the kernel's KSM; return a report with ``ksm`` and ``converged``."""
     if not available():
         raise KernelKsmUnavailable("no writable /sys/kernel/mm/ksm (needs root and CONFIG_KSM)")
+    _wait_while_in_use(timeout)
     saved = {k: read_sysfs(k) for k in KNOBS}
     if saved["run"] != 0 or read_sysfs("pages_shared") or read_sysfs("pages_sharing"):
         write_sysfs("run", 2)

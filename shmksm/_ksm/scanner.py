@@ -56,8 +56,9 @@ What is emulated, and how
 * Parallel scanners (shmksm's own knob ``scanners``, not the kernel's): each
   scanner process runs a whole :class:`Scanner` on the pages it owns
   (:meth:`Scanner._owns`): those of its nodes with merge_across_nodes=0 and
-  enough nodes, else those whose content fingerprint routes to it.  Pages
-  that can merge have one owner, so no tree is shared; the counters of the
+  enough nodes, else those whose checksum at the last visit routes to it
+  (the oldchecksums are in the guest's segment, shared).  Pages that can
+  merge have one owner, so no tree is shared; the counters of the
   scanners are folded into the named words (:class:`ScannerWords`).  See
   docs/architecture.md for the convergence argument and the lock order.
 
@@ -120,12 +121,9 @@ _PFN: Final = np.uint64(PFN_MASK)
 _CHUNK: Final = 1 << 16
 OVER_MAX_SHARING: Final = 8  # item_states: a flag beside the state
 _MERGE_CHUNK: Final = 2048  # pages merged into stable dups per replace_pages call, at most
-# Parallel scanners route a page by a fingerprint of four of its words: the
-# first and last, and two between, on four cache lines.
-_FP_WORDS: Final = np.array([0, 170, 341, 511], np.intp)
-_FP_MULT: Final = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5],
-                           np.uint64)
-_FP_SHIFT: Final = np.uint64(40)
+_PAGE_BY_PAGE: Final = 256  # batches up to this many pages are scanned page by page (_scan_page_by_page)
+_OWNER_MULT: Final = np.uint64(0x9E3779B97F4A7C15)  # spreads checksums (and page numbers) over the scanners
+_OWNER_SHIFT: Final = np.uint64(32)
 
 
 def _skip_age_scalar(age: int) -> int:
@@ -192,12 +190,15 @@ class MmSlot:
         self.partition = partition  # partition_of(gid) when its items were made
         self.trees = trees  # that partition's trees: every item of this slot is on them or on none
         self.state = np.zeros(n, np.uint8)
-        self.checksum = np.zeros(n, np.uint32)  # the kernel's u32 oldchecksum
+        # The kernel's u32 oldchecksum, in the guest's segment: every scanner
+        # reads it to know which pages are its own (Scanner._owns).
+        self.checksum = table.oldchecksums
         self.node = np.full(n, -1, np.int32)
         self.age = np.zeros(n, np.uint8)
         self.skips = np.zeros(n, np.uint8)
         # Scalar access through memoryviews is several times faster than numpy's.
         self.state_v = self.state.data
+        self.checksum_v = self.checksum.data
         self.node_v = self.node.data
         self.cursor = 0
         self.items = 0
@@ -409,8 +410,7 @@ class Scanner:
         self.system = system
         self.index = index
         self.count = 1  # scanners running, as of the last batch
-        self.by_node = False  # ownership by node rather than by fingerprint (see _owns)
-        self.pool64: npt.NDArray[np.uint64] = system.frames.pool.view(np.uint64)  # [nframes, 512]
+        self.by_node = False  # ownership by node rather than by checksum (see _owns)
         self.words = ScannerWords(system, index)
         self.frames = system.frames
         self.by_gid: dict[int, MmSlot] = {}
@@ -494,15 +494,17 @@ class Scanner:
 
     # -- rmap items -----------------------------------------------------------------------------
 
-    def _remove_items(self, slot: MmSlot, pages: npt.NDArray[np.intp]) -> None:
-        """Free the rmap items of ``pages`` (remove_rmap_item_from_tree + free_rmap_item)."""
+    def _remove_items(self, slot: MmSlot, pages: npt.NDArray[np.intp], checksums: bool = True) -> None:
+        """Free the rmap items of ``pages`` (remove_rmap_item_from_tree + free_rmap_item), and
+        their checksums unless ``checksums`` is False (the pages went to another scanner)."""
         if not len(pages):
             return
         self._remove_from_tree(slot, pages)
         had = slot.state[pages] != NONE
         n = int(had.sum())
         slot.state[pages] = NONE
-        slot.checksum[pages] = 0
+        if checksums:
+            slot.checksum[pages] = 0
         slot.age[pages] = 0
         slot.skips[pages] = 0
         slot.items -= n
@@ -623,7 +625,11 @@ class Scanner:
             eligible &= (ptes & _ANON_MASK) == _ANON
             idx = np.flatnonzero(eligible) + pos
             if self.count > 1 and len(idx):
-                idx = idx[self._owns(slot, ptes[idx - pos])]
+                mine = self._owns(slot, idx)
+                theirs = idx[~mine]
+                # Their items leave this scanner's trees; their checksums stay, their owner's.
+                self._remove_items(slot, theirs[slot.state[theirs] != NONE], checksums=False)
+                idx = idx[mine]
             skip: npt.NDArray[np.bool_] | None = None
             counted: npt.NDArray[np.intp]
             if smart and len(idx):
@@ -657,22 +663,26 @@ class Scanner:
         slot.cursor = pos
         return np.concatenate(out) if out else np.zeros(0, np.intp)
 
-    def _owns(self, slot: MmSlot, ptes: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
-        """Which of these present pages of ``slot`` (by their PTEs) this scanner merges.
+    def _owns(self, slot: MmSlot, pages: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
+        """Which of these present pages of ``slot`` this scanner merges.
 
-        Two pages that can merge always have one owner: the owner of the
-        node of their partition with merge_across_nodes=0 and at least as many
-        nodes as scanners, else the owner of their content's fingerprint
-        (four words of the frame, read without a lock like the checksum: a
-        page whose content changes may change owner, and its old owner drops
-        its item when it next passes).
+        Two pages that can merge always have one owner: with
+        merge_across_nodes=0 and at least as many nodes as scanners, the
+        owner of their partition's node; else the owner of their checksum at
+        the last visit (the shared oldchecksum), and a page never hashed
+        (checksum 0) goes by its number.  A page is only merged at a visit
+        that finds its checksum unchanged: then identical pages have one
+        checksum, so one owner.  When a page's content changes, its owner
+        hashes it, records the new checksum, and the page goes to the new
+        checksum's owner from then on.  Ownership reads the checksums, not
+        the frames: what every scanner repeats for the pages of the others
+        is a walk of PTEs and checksums, in numpy.
         """
         if self.by_node:
-            return np.full(len(ptes), slot.partition[0] % self.count == self.index)
-        pfns = (ptes & _PFN).astype(np.intp)
-        words = self.pool64[pfns[:, None], _FP_WORDS]
-        fingerprint = (words * _FP_MULT).sum(axis=1, dtype=np.uint64)
-        owner: npt.NDArray[np.bool_] = (fingerprint >> _FP_SHIFT) % np.uint64(self.count) == self.index
+            return np.full(len(pages), slot.partition[0] % self.count == self.index)
+        sums = slot.checksum[pages].astype(np.uint64)
+        key = np.where(sums != 0, sums, pages.astype(np.uint64))
+        owner: npt.NDArray[np.bool_] = ((key * _OWNER_MULT) >> _OWNER_SHIFT) % np.uint64(self.count) == self.index
         return owner
 
     def _would_skip(self, slot: MmSlot, idx: npt.NDArray[np.intp],
@@ -701,6 +711,9 @@ class Scanner:
     def _scan_pages(self, slot: MmSlot, pages: npt.NDArray[np.intp]) -> None:
         """cmp_and_merge_page for a batch of pages of one guest, vectorized where it can be."""
         mitigation = self.system.get("mitigation")
+        if len(pages) <= _PAGE_BY_PAGE and mitigation != MITIGATION_VUSION:
+            self._scan_page_by_page(slot, pages.tolist(), mitigation)
+            return
         ptes = slot.table.ptes[pages]
         pfns = (ptes & _PFN).astype(np.int64)
         is_ksm = (ptes & _KSM) != 0
@@ -776,6 +789,49 @@ class Scanner:
             self.pages_unshared += len(fast)
         self._merge_slow(slot, pages[steady[slow]].tolist(), pfns[steady[slow]].tolist(),
                          keys[slow].tolist(), use_zero, max_sharing)
+
+    def _scan_page_by_page(self, slot: MmSlot, pages: list[int], mitigation: int) -> None:
+        """_scan_pages for a small batch, one page after the other, in scalar operations.
+
+        The default knobs scan 100 pages every 20 ms.  After each sleep every
+        distinct numpy operation meets cold caches and costs tens of
+        microseconds whatever its size, which made a batch's fixed part the
+        bulk of its cost; a hundred pages of the interpreter's scalar steps
+        cost less.  The same steps as the vectorized path, page by page, as
+        the kernel's cmp_and_merge_page: adopt a KSM page whose item is not on
+        its node, take the item off its tree, gate on the checksum, merge.
+        """
+        pv = slot.table.pv
+        st = slot.trees.stable
+        state, node, old_sums = slot.state_v, slot.node_v, slot.checksum_v
+        flat = self.frames.flat
+        use_zero = max_sharing = -1
+        for page in pages:
+            pte = pv[page]
+            pfn = pte & PFN_MASK
+            s = state[page]
+            if pte & KSM:
+                nid = node[page]
+                if s != STABLE or nid < 0 or st.kpfn_v[nid] != pfn:
+                    self._adopt_ksm_page(slot, page, pfn)
+                continue
+            if s == UNSTABLE:
+                self.pages_unshared -= 1
+                state[page] = ITEM
+            elif s == STABLE:
+                self._leave_node(slot, page)
+            key = _checksum(flat[pfn << 12:(pfn + 1) << 12])
+            low = key & 0xFFFFFFFF
+            old = old_sums[page]
+            if old != low:
+                old_sums[page] = low
+                if old:  # 0: a new item's, as the kernel's oldchecksum
+                    state[page] = VOLATILE
+                continue
+            if use_zero < 0:
+                use_zero = self._use_zero_pages(mitigation)
+                max_sharing = self.system.get("max_page_sharing")
+            self.cmp_and_merge_page(slot, page, pfn, key, use_zero, max_sharing)
 
     def _use_zero_pages(self, mitigation: int) -> int:
         """Whether empty pages go to the zero page: use_zero_pages, or mitigation "domains".

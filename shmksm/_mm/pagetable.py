@@ -7,6 +7,9 @@ A guest's segment is organized as follows::
                          nranges (start, end) page-number pairs of MADV_MERGEABLE ranges, and
                          from H_KSM_STAT each scanner's (ksm_rmap_items, ksm_merging_pages)
     uint64[pages]        PTEs
+    uint32[pages]        each page's checksum at ksmd's last visit (the kernel's rmap_item
+                         oldchecksum), 0 for none: shared by the scanners, written by the
+                         page's owner (scanner.py)
 
 A PTE is one uint64::
 
@@ -102,7 +105,7 @@ _MITIGATION: Final = control.INDEX["mitigation"]
 
 
 def segment_size(pages: int) -> int:
-    return 8 * (HEADER_WORDS + pages)
+    return 8 * (HEADER_WORDS + pages) + 4 * pages
 
 
 def describe(pte: int) -> str:
@@ -124,6 +127,8 @@ class PageTable:
         self.node = int(self.header[H_NODE])
         self.ptes: npt.NDArray[np.uint64] = np.ndarray(self.pages, np.uint64, buf, 8 * HEADER_WORDS)
         self.pv = buf[8 * HEADER_WORDS:8 * (HEADER_WORDS + self.pages)].cast("Q")
+        self.oldchecksums: npt.NDArray[np.uint32] = np.ndarray(self.pages, np.uint32, buf,
+                                                               8 * (HEADER_WORDS + self.pages))
         halves = self.pv.cast("B").cast("I")
         self.pte_low = halves[_LOW_HALF::2]
         self.pte_high = halves[_HIGH_HALF::2]
@@ -149,7 +154,7 @@ class PageTable:
     def release_views(self) -> None:
         for view in (self.pte_low, self.pte_high, self.pv, self._hv):
             view.release()
-        del self.header, self.ptes, self.low_halves, self.high_halves
+        del self.header, self.ptes, self.low_halves, self.high_halves, self.oldchecksums
 
     def ptl(self, page: int) -> Lock:
         """The page-table lock of ``page``."""
