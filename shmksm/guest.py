@@ -716,7 +716,7 @@ class GuestView:
             era = notifier.begin_range(self.gid, start, end) if notifier is not None else -1
             for page in range(start, end):
                 with self.table.ptl(page):
-                    self.table.zap(page, unmap=True, notify=False)
+                    self.table.zap(page, unmap=True)
             if era >= 0:
                 notifier.end_range(self.gid, start, end, era)
             self.table.set_mergeable_ranges(_subtract(self.table.stored_ranges(), start, end))

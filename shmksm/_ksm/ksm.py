@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
@@ -28,7 +28,6 @@ import numpy.typing as npt
 from .._mm import faults
 from .._mm.frames import KSM as FRAME_KSM
 from .._mm.frames import PAGE_SIZE, ZERO_PFN, Frames, with_frames
-from .._mm.mmu_notifier import BRACKETED, CHANGE_PTE, Notifier
 from .._mm.pagetable import (
     DIRTY,
     KSM,
@@ -119,40 +118,25 @@ def ptl_runs(pages: list[int]) -> Iterator[tuple[int, int]]:
 
 
 class _RunNotes:
-    """The notifier records of one run's PTE changes, in the era ``era``.
+    """The PTE changes of one run, for its notifier records (sent when the run ends, its PTL held)."""
 
-    The starts of the run's pages went out before its PTL was taken (as
-    write_protect_page and replace_page call invalidate_range_start for every
-    page they try); :meth:`changed` notes a change (change_pte in 2009 and
-    2012); the records go out with the run's ends, the PTL still held.
-    """
+    __slots__ = ("changes",)
 
-    __slots__ = ("era", "records")
-
-    def __init__(self, era: int) -> None:
-        self.era = era
-        self.records: list[tuple[int, int, int]] = []
+    def __init__(self) -> None:
+        self.changes: list[tuple[int, int]] = []
 
     def changed(self, page: int, pte: int) -> None:
         """``page`` now has PTE ``pte``."""
-        if self.era == 0:
-            self.records.append((CHANGE_PTE, page, pte))
-        elif self.era == 1:
-            self.records.append((CHANGE_PTE | BRACKETED, page, pte))
-
-
-def _send_starts(notifier: Any, gid: int, pages: list[int], era: int) -> None:
-    """invalidate_range_start of each of ``pages`` (none in 2009); with a sync shadow, wait until it has run them."""
-    if era > 0:
-        records = [Notifier.start_records(page, page + 1, era)[0] for page in pages]
-        notifier.wait_synced(notifier.emit_many(records, gid) + len(records) - 1)
+        self.changes.append((page, pte))
 
 
 @contextmanager
 def _run_locked(table: PageTable, pages: list[int], dropped: list[int] | None = None) -> Iterator[_RunNotes | None]:
     """Send the starts of ``pages`` (one run), hold its PTL; yield where its changes are noted.
 
-    None when no notifier watches the guest.  That is asked before the PTL is
+    Every page gets its start, changed or not, as write_protect_page and
+    replace_page call invalidate_range_start for every page they try.  None
+    when no notifier watches the guest.  That is asked before the PTL is
     taken and again under it, as set_pte_at_notify asks at each change: a
     shadow registered meanwhile, which may have filled entries of this run,
     gets the starts then, still before any change.  The change records and
@@ -164,24 +148,20 @@ def _run_locked(table: PageTable, pages: list[int], dropped: list[int] | None = 
     notifier = table.notifier
     gid = table.gid
     era = notifier.era(gid) if notifier is not None else -1
-    _send_starts(notifier, gid, pages, era)
+    if era > 0:
+        notifier.begin_pages(gid, pages, era)
     lock = table.ptl(pages[0])
     lock.acquire()
     notes: _RunNotes | None = None
     try:
-        if era < 0 and notifier is not None and (era := notifier.era(gid)) >= 0:
-            _send_starts(notifier, gid, pages, era)
-        notes = _RunNotes(era) if era >= 0 else None
+        if era < 0 and notifier is not None and (era := notifier.era(gid)) > 0:
+            notifier.begin_pages(gid, pages, era)
+        notes = _RunNotes() if era >= 0 else None
         yield notes
     finally:
         try:
             if notes is not None:
-                if notes.era > 0:
-                    notes.records.extend(r for page in pages for r in Notifier.end_records(page, page + 1, notes.era))
-                if notes.records:
-                    seq = notifier.emit_many(notes.records, gid)
-                    if notes.era == 0:  # 2009: change_pte is the only call; a sync shadow has run it
-                        notifier.wait_synced(seq + len(notes.records) - 1)
+                notifier.end_pages(gid, pages, notes.changes, era)
             if dropped:
                 table.frames.drop_private(dropped)
                 dropped.clear()

@@ -295,6 +295,27 @@ class Notifier:
             return ((RANGE_END, start, end),)
         return ((INVALIDATE_END if era == 3 else RANGE_END, start, end),)
 
+    def begin_pages(self, gid: int, pages: list[int], era: int) -> None:
+        """invalidate_range_start of each of ``pages`` before their PTEs change, in era ``era`` (nothing in
+        2009 or with no notifier, era -1); with a ``sync`` shadow, wait until it has run them."""
+        if era > 0:
+            records = [self.start_records(page, page + 1, era)[0] for page in pages]
+            self.wait_synced(self.emit_many(records, gid) + len(records) - 1)
+
+    def end_pages(self, gid: int, pages: list[int], changes: list[tuple[int, int]], era: int) -> None:
+        """After the changes (their PTL held): change_pte of each (page, pte) of ``changes`` (2009, 2012)
+        and invalidate_range_end of each of ``pages`` (from 2012); a ``sync`` shadow has run a 2009 change_pte."""
+        if era < 0:
+            return
+        kind = CHANGE_PTE if era == 0 else CHANGE_PTE | BRACKETED
+        records = [(kind, page, pte) for page, pte in changes] if era <= 1 else []
+        if era:
+            records.extend(self.end_records(page, page + 1, era)[0] for page in pages)
+        if records:
+            seq = self.emit_many(records, gid)
+            if era == 0:
+                self.wait_synced(seq + len(records) - 1)
+
     def era(self, gid: int) -> int:
         """The era changes of guest ``gid`` are notified in now, or -1 when no notifier watches it."""
         return int(self.cv[self.era_index]) if self.nreg[gid] else -1
@@ -317,31 +338,13 @@ class Notifier:
         poll_until(acked, timeout, lambda: InternalError("a sync shadow did not acknowledge an invalidation"),
                    first=0.00002, most=0.001)
 
-    # -- the same, all at once after the change (callers that send their records in bulk) --
-
-    def change_pte(self, gid: int, page: int, pte: int) -> None:
-        """set_pte_at_notify's records, all after the PTE change (PTL held)."""
-        if self.nreg[gid]:
-            self.emit_many(self.change_records(page, pte), gid)
-
-    def change_records(self, page: int, pte: int) -> tuple[tuple[int, int, int], ...]:
-        """Every record of change_pte(page, pte) in the selected era, for emit_many after the change."""
-        era = int(self.cv[self.era_index])
-        return self.start_records(page, page + 1, era) + self.end_records(page, page + 1, era, pte)
-
-    def invalidate_range(self, gid: int, start: int, end: int) -> None:
-        """invalidate_range_start + end, together, after a zap."""
-        if self.nreg[gid]:
-            era = max(int(self.cv[self.era_index]), 2)
-            self.emit_many(self.start_records(start, end, era) + self.end_records(start, end, era), gid)
+    # -- recovery ---------------------------------------------------------------------------
 
     def invalidate_range_locked(self, gid: int, start: int, end: int) -> None:
-        """invalidate_range for a caller that holds the notify lock (recovery), watched or not."""
-        if self.cv[self.era_index] == 3:
-            self.emit_locked(INVALIDATE, gid, start, end)
-        else:
-            self.emit_locked(RANGE_START, gid, start, end)
-            self.emit_locked(RANGE_END, gid, start, end)
+        """invalidate_range_start and _end together, for a caller that holds the notify lock (recovery)."""
+        era = max(int(self.cv[self.era_index]), 2)
+        for kind, a, b in self.start_records(start, end, era) + self.end_records(start, end, era):
+            self.emit_locked(kind, gid, a, b)
 
     # -- the ring ------------------------------------------------------------------------
 

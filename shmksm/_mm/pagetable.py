@@ -278,15 +278,17 @@ class PageTable:
                 else:
                     frames.zero_frame(pfn)
             frames.mapcount[new_pfns.astype(np.intp)] = 1
+        # The zero page or a copied frame replaced: a secondary MMU may map the old one.
+        replaced = np.flatnonzero(fresh & present)
+        notifier = self.notifier
+        era = notifier.era(self.gid) if notifier is not None and len(replaced) else -1
+        changed = pages[replaced].tolist()
+        if era > 0:
+            notifier.begin_pages(self.gid, changed, era)  # invalidate_range_start before the PTEs change
         ptes[pages] = new
+        if era >= 0:
+            notifier.end_pages(self.gid, changed, list(zip(changed, new[replaced].tolist(), strict=True)), era)
         if nfresh:
-            notifier = self.notifier
-            replaced = fresh & present  # the zero page or a copied frame: a secondary MMU may map the old one
-            if replaced.any() and notifier is not None and notifier.active(self.gid):
-                records: list[tuple[int, int, int]] = []
-                for i in np.flatnonzero(replaced).tolist():
-                    records.extend(notifier.change_records(int(pages[i]), int(new[i])))
-                notifier.emit_many(records, self.gid)
             put = frames.put_alike if vusion else frames.put
             for pfn in old_pfns[cow].tolist():
                 put(pfn)
@@ -349,25 +351,16 @@ class PageTable:
         if era >= 0:
             notifier.end_change(self.gid, page, pte, era)
 
-    def zap(self, page: int, unmap: bool, notify: bool = True) -> None:
+    def zap(self, page: int, unmap: bool) -> None:
         """Drop the mapping of ``page`` (munmap or exit).  PTL held.
 
-        ``notify=False``: the caller brackets a whole range of zaps with
-        invalidate_range_start/end (as munmap does).
+        The caller brackets its range of zaps with invalidate_range_start/end
+        (``Notifier.begin_range``, ``end_range``), as unmap_vmas does.
         """
         pte = self.pv[page]
         self.pv[page] = UNMAPPED if unmap else 0
-        if pte & PRESENT:
-            if notify:
-                self._notify_invalidate(page)
-            if not pte & ZERO:
-                self.frames.put(pte & PFN_MASK)
-
-    # -- secondary MMUs ------------------------------------------------------------
-
-    def _notify_invalidate(self, page: int) -> None:
-        if self.notifier is not None:
-            self.notifier.invalidate_range(self.gid, page, page + 1)
+        if pte & PRESENT and not pte & ZERO:
+            self.frames.put(pte & PFN_MASK)
 
     # -- mergeable ranges (the VMAs' VM_MERGEABLE), under the mm lock -------------
 

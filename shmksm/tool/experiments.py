@@ -52,23 +52,17 @@ def _break_cow(view: GuestView, pages: int) -> tuple[int, float]:
     return pages // 2, time.perf_counter() - t0
 
 
-def _merging_scan(machine: Machine) -> tuple[int, float]:
-    """Run ksmd until its second full scan (the one that merges) ends; (pages merged in it, its seconds)."""
+def _merging_scans(machine: Machine) -> tuple[int, float]:
+    """Run ksmd through the two full scans that merge (checksums, then merges); (pages merged, seconds)."""
     system = machine.system
-
-    def scan_ends(after: int) -> float:
-        while system.get("full_scans") <= after:
-            time.sleep(0.0002)
-        return time.perf_counter()
-
-    base = system.get("full_scans")
+    end = system.get("full_scans") + 2
+    t0 = time.perf_counter()
     machine.ksm.run = 1
-    t1 = scan_ends(base)
-    merged0 = machine.ksm.counters()
-    t2 = scan_ends(base + 1)
+    while system.get("full_scans") < end:
+        time.sleep(0.0002)
+    seconds = time.perf_counter() - t0
     merged = machine.ksm.counters()
-    count = (merged["pages_shared"] + merged["pages_sharing"] - merged0["pages_shared"] - merged0["pages_sharing"])
-    return count, t2 - t1
+    return merged["pages_shared"] + merged["pages_sharing"], seconds
 
 
 def notifier_era_run(era: str, guests: int = 2, pages: int = 1024, shadows: int = 2, seed: int = 3,
@@ -81,7 +75,7 @@ def notifier_era_run(era: str, guests: int = 2, pages: int = 1024, shadows: int 
             machine.spawn(_fill_duplicates, g, pages, seed).join()
         mmus = [machine.add_shadow(handles, sync=sync) for _ in range(shadows)]
         warm = [s.round()["faults"] for s in mmus]
-        merges, merge_seconds = _merging_scan(machine)
+        merges, merge_seconds = _merging_scans(machine)
         machine.wait_converged()
         machine.ksm.run = 0
         merge = [s.round() for s in mmus]
