@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import signal
 import tempfile
+import threading
 from typing import Any
 
 import numpy as np
@@ -248,3 +250,65 @@ def test_a_sync_shadow_never_reads_older_than_the_last_completed_write(era: str,
         assert summary["older"] == 0, f"{summary['older']} reads older than the last completed write"
         assert summary["stale_reads"] == 0
         machine.check()
+
+
+@pytest.mark.parametrize("era", mn.ERAS)
+def test_test_young_came_in_2011(era: str) -> None:
+    with shmksm.Machine(frames=16, ksmd=False, notifier_era=era) as machine:
+        guest = machine.add_guest(pages=2)
+        guest.view().write(0, b"x")
+        assert machine.clear_flush_young(guest)[0], "clear_flush_young is there in every era"
+        if era == "2009":
+            with pytest.raises(shmksm.UsageError, match="2011"):
+                machine.clear_flush_young(guest, clear=False)
+        else:
+            assert not machine.clear_flush_young(guest, clear=False)[0]
+
+
+def test_unregister_after_the_guest_exited_returns_once_release_ran() -> None:
+    """mmu_notifier_unregister after exit_mmap: release has run when it returns."""
+    with shmksm.Machine(frames=32, ksmd=False) as machine:
+        guest = machine.add_guest(pages=2)
+        guest.view().write(0, b"x")
+        shadow = machine.add_shadow([guest])
+        shadow.round()
+        broker = machine.broker
+        assert broker is not None
+        os.kill(broker.pid, signal.SIGSTOP)  # the release is produced, not delivered
+        try:
+            machine.remove_guest(guest)
+            returned = threading.Event()
+            waiter = threading.Thread(target=lambda: (shadow.unregister(guest), returned.set()))
+            waiter.start()
+            assert not returned.wait(0.5), "unregister returned before the shadow ran release"
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        waiter.join(10)
+        assert returned.is_set()
+        assert shadow.stats()["releases"] == 1
+        shadow.stop()
+        machine.check()
+
+
+def test_interval_invalidations_are_per_interval_and_read_begin_waits() -> None:
+    """invalidate(range, cur_seq) sets the sequence of the intervals it covers and holds them until its end."""
+    with shmksm.Machine(frames=64, ksmd=False, overcommit=True) as machine:
+        guest = machine.add_guest(pages=2 * mn.INTERVAL_PAGES)
+        view = guest.view()
+        for page in (0, mn.INTERVAL_PAGES):
+            view.write(page * PAGE_SIZE, b"x")
+        shadow = Shadow(machine.system, 0)
+        shadow._table(guest.id)
+        seq = 77
+        shadow.callback([mn.INVALIDATE | guest.id << 8 | seq << 24, 0, 1, 0])
+        assert shadow.iseq[guest.id].tolist() == [seq, 0], "mmu_interval_set_seq: the invalidated interval only"
+        # Another interval faults in at once: its sequence did not move.
+        assert shadow.fault(guest.id, mn.INTERVAL_PAGES) & VALID
+        faulted: list[int] = []
+        reader = threading.Thread(target=lambda: faulted.append(shadow.fault(guest.id, 0)))
+        reader.start()
+        reader.join(0.3)
+        assert reader.is_alive() and not faulted, "read_begin should wait while the invalidation is in progress"
+        shadow.callback([mn.INVALIDATE_END | guest.id << 8, 0, 1, 0])
+        reader.join(10)
+        assert faulted and faulted[0] & VALID

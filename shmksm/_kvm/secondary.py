@@ -218,8 +218,11 @@ def clear_flush_young(system: System, shadows: list[ShadowMMU], guest: GuestHand
 
     Clears the primary YOUNG bits (under each run's page-table lock) and asks
     every shadow of ``shadows`` registered for the guest (clear_flush_young; test_young with
-    ``clear=False``), in chunks of mn.YOUNG_PAGES pages.
+    ``clear=False``), in chunks of mn.YOUNG_PAGES pages.  test_young came in
+    2011 (Linux 2.6.38, for transparent huge pages): the 2009 era refuses it.
     """
+    if not clear and system.get("notifier_era") == mn.era_number("2009"):
+        raise UsageError("test_young came with Linux 2.6.38 (2011): the 2009 notifier has clear_flush_young only")
     table = system.table(guest.id)
     young = np.zeros(table.pages, np.bool_)
     young_bit = np.uint64(YOUNG)

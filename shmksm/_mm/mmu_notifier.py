@@ -72,8 +72,9 @@ The segment is organized as follows (int64 words)::
 
 Left out: the RCU (SRCU from 2012) that protects the notifier list, sleeping
 and non-sleeping variants, and the secondary TLB flush of arch hooks: a
-shadow is a process reading frames.  ``test_young`` (2011, for transparent
-huge pages) is offered in every era.
+shadow is a process reading frames.  ``test_young`` came in 2011 (Linux
+2.6.38, for transparent huge pages): the 2009 era has ``clear_flush_young``
+only.
 """
 
 from __future__ import annotations
