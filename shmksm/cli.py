@@ -775,6 +775,119 @@ def experiment_sidechannel(trials: int, candidates: int, seed: int, mitigations:
                    f"{r['success_rate']:>9.2f}{r['faults']:>8}{r['ksmd_cpu_seconds']:>12.3f}{r['pages_saved']:>13}")
 
 
+def _int_list_or_none(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    return [] if value.strip().lower() in ("", "none") else _int_list(ctx, param, value)
+
+
+@experiment.command("tune")
+@click.option("--scenario", default=None, metavar="NAME", help="A built-in scenario (default: default).")
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
+              help="Memory images instead (repeatable): e.g. the processes shmksm capture wrote.")
+@_FORMAT_OPTION
+@click.option("--guests", type=int, default=2, show_default=True, callback=_positive, help="Guests of a --scenario.")
+@click.option("--target", type=float, default=0.9, show_default=True,
+              help="The share of the ideal saving to reach, in (0, 1].")
+@click.option("--cpu-budget", type=float, default=None, callback=_positive, metavar="SECONDS",
+              help="ksmd CPU seconds allowed to reach the target (default: no limit, the least wins).")
+@click.option("--pages-to-scan", "pages_values", default="100,1000,10000", show_default=True, callback=_int_list,
+              help="pages_to_scan values to try.")
+@click.option("--sleep-millisecs", "sleep_values", default="0,20", show_default=True, callback=_int_list,
+              help="sleep_millisecs values to try.")
+@click.option("--smart-scan", "smart_values", default="1", show_default=True, callback=_int_list,
+              help="smart_scan values to try (0,1 for both).")
+@click.option("--advisor-target-scan-time", "advisor_values", default="1", show_default=True,
+              callback=_int_list_or_none,
+              help="Also try the scan-time advisor with these advisor_target_scan_time seconds ('none': not).")
+@click.option("--max-page-sharing", type=click.IntRange(min=2), default=256, show_default=True,
+              help="max_page_sharing of every run.")
+@click.option("--use-zero-pages", is_flag=True, help="Count empty pages mapped to the zero page as saved.")
+@click.option("--timeout", type=float, default=60, show_default=True, callback=_positive,
+              help="Seconds a run may take at most.")
+@click.option("--json", "json_out", default=None, metavar="FILE", help="Write the result as JSON ('-' for stdout).")
+@click.option("--plot", default=None, metavar="FILE.png", help="Plot saving against ksmd CPU (needs matplotlib).")
+@friendly
+def experiment_tune(scenario: str | None, images: tuple[str, ...], image_format: str, guests: int, target: float,
+                    cpu_budget: float | None, pages_values: list[int], sleep_values: list[int],
+                    smart_values: list[int], advisor_values: list[int], max_page_sharing: int,
+                    use_zero_pages: bool, timeout: float, json_out: str | None, plot: str | None) -> None:
+    """Find the knobs that reach a share of the ideal saving within a budget of ksmd CPU.
+
+    Runs the workload once per setting (every combination of the values
+    given, and the scan-time advisor), follows each run's saving against
+    ksmd's CPU seconds, and prints the settings, the best one (the least CPU
+    to the target, within the budget) and the curve of saving against CPU:
+    for each share of the ideal, the least CPU any setting needed.  Exit 1
+    if no setting reached the target within the budget.
+
+    \b
+        shmksm experiment tune --scenario default --target 0.9 --cpu-budget 0.5
+        shmksm capture --pid 1234 --pid 5678 -o snap
+        shmksm experiment tune --image snap/1234.img --image snap/5678.img --json -
+    """
+    import tempfile
+
+    from .tool.images import MIXES, image_pages, write_mix
+    from .tool.tune import candidates, tune
+
+    if images and scenario:
+        raise click.UsageError("give --scenario NAME or --image FILE (repeatable), not both")
+    scenario = scenario or ("default" if not images else None)
+    if scenario is not None and scenario not in MIXES:
+        raise click.UsageError(f"unknown scenario {scenario!r}; scenarios: {', '.join(MIXES)}")
+    if not 0 < target <= 1:
+        raise click.BadParameter(f"a share of the ideal saving in (0, 1], not {target}", param_hint="--target")
+    for name, values, low, high in (("--pages-to-scan", pages_values, 1, None), ("--sleep-millisecs", sleep_values,
+                                    0, None), ("--smart-scan", smart_values, 0, 1),
+                                    ("--advisor-target-scan-time", advisor_values, 1, None)):
+        for v in values:
+            if v < low or (high is not None and v > high):
+                raise click.BadParameter(f"{v} is out of range", param_hint=name)
+    for path in images:
+        image_pages(path, image_format)
+    if scenario is not None:
+        _check_size(guests, MIXES[scenario].pages)
+    out = _open_output(json_out) if json_out else None
+    if plot:
+        _check_plot_path(plot)
+    settings = candidates(pages_values, sleep_values, smart_values, advisor_values)
+
+    def progress(setting: Any, run: dict[str, Any]) -> None:
+        if out is not sys.stdout:
+            cpu = run["cpu_seconds_to_target"]
+            click.echo(f"  {run['label']:<58} {'-' if cpu is None else f'{cpu:.3f}':>8} ksmd CPU-s to target, "
+                       f"final {100 * run['final_share']:.1f}%", err=out is not None)
+
+    with tempfile.TemporaryDirectory(prefix="shmksm-tune-") as tmp:
+        paths = list(images) if images else write_mix(tmp, guests, MIXES[str(scenario)])
+        result = tune(paths, target, cpu_budget, settings, max_page_sharing, use_zero_pages, timeout, progress)
+    result["workload"] = {"scenario": scenario, "guests": guests} if scenario else {"images": list(images)}
+    if plot:
+        from .tool.plots import plot_tune
+
+        plot_tune(result, plot)
+    if out is not None:
+        _write_json(out, result)
+    else:
+        _echo_tune(result)
+    if result["best"] is None:
+        budget = "" if cpu_budget is None else f" within {cpu_budget:g} ksmd CPU-s"
+        raise click.ClickException(f"no setting reached {100 * target:g}% of the ideal saving{budget}")
+
+
+def _echo_tune(result: dict[str, Any]) -> None:
+    best, target = result["best"], result["target"]
+    click.echo(f"ideal saving {result['ideal_pages_saved']} pages ({_mib(result['ideal_pages_saved'])}); "
+               f"target {100 * target:g}%"
+               + ("" if result["cpu_budget"] is None else f" within {result['cpu_budget']:g} ksmd CPU-s"))
+    if best is not None:
+        click.echo(f"best: {best['label']}: {100 * target:g}% at {best['cpu_seconds_to_target']:.3f} ksmd CPU-s, "
+                   f"{best['seconds_to_target']:.2f} s")
+    click.echo("saving against ksmd CPU (the least CPU any setting needed):")
+    for point in result["frontier"]:
+        cpu = "never" if point["cpu_seconds"] is None else f"{point['cpu_seconds']:.3f} s"
+        click.echo(f"  {100 * point['share']:5.0f}%  {cpu:>9}  {point['setting'] or ''}")
+
+
 @main.command()
 @friendly
 def cleanup() -> None:

@@ -592,8 +592,7 @@ class Machine:
         with self._lock:
             self._require_open()
             tables = {gid: (self.system.table(gid).ptes, self.system.table(gid).header) for gid in self._guests}
-        return explaining.explain(self.system.spec.prefix, tables, self.system.get, self.system.set,
-                                  self.ksm.counters)
+        return explaining.explain(self.system.spec.prefix, tables, self.system.ctl, self.ksm.counters)
 
     def _require_open(self) -> None:
         if self._closed:

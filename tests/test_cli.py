@@ -62,7 +62,7 @@ def test_the_commands_are_the_documented_ones() -> None:
     """A new command gets its --help and bad-input cases here."""
     assert {" ".join(p) for p in COMMANDS} == {
         "", "capture", "chaos", "cleanup", "demo", "estimate", "explain", "experiment", "experiment notifier",
-        "experiment sidechannel", "experiment sweep", "knobs", "run", "stats", "stress"}
+        "experiment sidechannel", "experiment sweep", "experiment tune", "knobs", "run", "stats", "stress"}
 
 
 @pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "shmksm")

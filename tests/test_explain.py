@@ -134,9 +134,11 @@ def test_smart_scan_skips_pages_that_keep_failing(machine: shmksm.Machine) -> No
     assert scanner.pages_skipped == 8
 
 
-def test_machine_explain_asks_the_running_ksmd() -> None:
+@pytest.mark.parametrize("scanners", [1, 2])
+def test_machine_explain_asks_the_running_ksmd(scanners: int) -> None:
+    """With parallel scanners each answers for the pages it owns: the same reasons."""
     with shmksm.Machine(frames=2048, pages_to_scan=10_000, sleep_millisecs=5, smart_scan=0,
-                        max_page_sharing=2) as m:
+                        max_page_sharing=2, scanners=scanners) as m:
         a, b, c = (m.add_guest(pages=16) for _ in range(3))
         write_pages(a, [1, 2, 3, 4])
         write_pages(b, [1, 2, 3, 4, 5, 5, 5])

@@ -79,9 +79,9 @@ def ksmd(system: System, started_ns: int = 0, index: int = 0) -> dict[str, int]:
     batches = 0
     settle = _settle_key(scanner)
     while not get("scanner_stop") and index < get("scanners"):
-        if index == 0 and (requester := get("explain_request")) != get("explain_answer"):
-            explain.answer(scanner, system.spec.prefix, requester)
-            system.set("explain_answer", requester)
+        if (request := get("explain_request")) != own.get("explain_answer"):
+            explain.answer(scanner, system.spec.prefix, request)
+            own.set("explain_answer", request)
         run = get("run")
         if run == 1:
             if cpu0 is None:

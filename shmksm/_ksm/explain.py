@@ -15,10 +15,12 @@ scanning pays nothing for it but one word read per batch:
 
    and writes its request (pid << 20 | a sequence number) into the control
    word ``explain_request``;
-2. ksmd, between batches (and while idle), attaches it, writes each guest's
-   item states, detaches, and writes the request into ``explain_answer``;
-3. the requester reads the states, then the PTEs, classifies, and unlinks
-   the segment.
+2. each scanner process, between batches (and while idle), attaches it,
+   writes the item states of the pages it owns (the rest stay 0: no item),
+   detaches, and writes the request into ``explain_answer`` of its own
+   entry of the control segment;
+3. once every scanner answered, the requester reads the states, then the
+   PTEs, classifies, and unlinks the segment.
 
 Two requesters at once take turns: one whose request was overwritten asks
 again once the other's was answered.  With no ksmd running every page counts
@@ -90,8 +92,9 @@ def answer(scanner: Scanner, prefix: str, request: int) -> None:
         for gid in scanner.system.live_guests():
             offset, pages = int(header[2 * gid]), int(header[2 * gid + 1])
             if pages:
-                states = scanner.item_states(gid)
-                np.ndarray(pages, np.uint8, seg.buf, offset)[:] = states[:pages]
+                states = scanner.item_states(gid)[:pages]
+                mine = np.flatnonzero(states)  # the pages this scanner has items for: another owns the rest
+                np.ndarray(pages, np.uint8, seg.buf, offset)[mine] = states[mine]
         del header
     finally:
         seg.close()
@@ -116,16 +119,25 @@ def _answer_segment(prefix: str, pages: dict[int, int]) -> Iterator[memoryview]:
         segments.unlink(seg)
 
 
-def request_states(prefix: str, pages: dict[int, int], get: Callable[[str], int],
-                   put: Callable[[str, int], None]) -> dict[int, npt.NDArray[np.uint8]]:
+def _answered(ctl: npt.NDArray[np.int64], request: int) -> bool:
+    """Has every scanner answered ``request`` (each in its own entry's explain_answer)?"""
+    n = max(1, int(ctl[control.INDEX["scanners"]]))
+    first = control.SCANNER_BASE + control.SCANNER_INDEX["explain_answer"]
+    return bool((ctl[first:first + n * control.SCANNER_WORDS:control.SCANNER_WORDS] == request).all())
+
+
+def request_states(prefix: str, pages: dict[int, int], ctl: npt.NDArray[np.int64]
+                   ) -> dict[int, npt.NDArray[np.uint8]]:
     """Ask ksmd for the item states of the guests of ``pages`` (gid → pages); zeros if no ksmd runs.
 
-    ``get`` and ``put`` read and write the machine's control words.  ProcessDied
-    if ksmd runs but does not answer within ANSWER_SECONDS.
+    ``ctl`` is the machine's control words.  Each of several scanners writes
+    the states of the pages it owns.  ProcessDied if ksmd runs but does not
+    answer within ANSWER_SECONDS.
     """
+    request_word = control.INDEX["explain_request"]
 
     def scanner_alive() -> bool:
-        pid = get("scanner_pid")
+        pid = int(ctl[control.INDEX["scanner_pid"]])
         return bool(pid) and segments.pid_alive(pid)
 
     me = os.getpid() << _SEQ_BITS | next(_requests) % (1 << _SEQ_BITS)
@@ -133,11 +145,12 @@ def request_states(prefix: str, pages: dict[int, int], get: Callable[[str], int]
     if not scanner_alive():
         return states
     with _one_at_a_time, _answer_segment(prefix, pages) as buf:
-        put("explain_request", me)
+        ctl[request_word] = me
         deadline = time.monotonic() + ANSWER_SECONDS
-        while get("explain_answer") != me:
-            if get("explain_request") != me and get("explain_answer") == get("explain_request"):
-                put("explain_request", me)  # another requester's turn is over
+        while not _answered(ctl, me):
+            other = int(ctl[request_word])
+            if other != me and _answered(ctl, other):
+                ctl[request_word] = me  # another requester's turn is over
             if not scanner_alive():
                 return states
             if time.monotonic() > deadline:
@@ -198,10 +211,9 @@ class Explanation:
 
 
 def explain(prefix: str, tables: dict[int, tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]],
-            get: Callable[[str], int], put: Callable[[str, int], None],
-            counters: Callable[[], dict[str, int]]) -> Explanation:
+            ctl: npt.NDArray[np.int64], counters: Callable[[], dict[str, int]]) -> Explanation:
     """The explanation of the guests of ``tables`` (gid → (PTEs, header)): ksmd's states, then the PTEs."""
-    states = request_states(prefix, {gid: len(ptes) for gid, (ptes, _) in tables.items()}, get, put)
+    states = request_states(prefix, {gid: len(ptes) for gid, (ptes, _) in tables.items()}, ctl)
     rows = {gid: classify(ptes, header, states[gid]) for gid, (ptes, header) in tables.items()}
     return Explanation(rows, {reason: sum(row[reason] for row in rows.values()) for reason in REASONS},
                        counters())

@@ -94,7 +94,7 @@ _INTERNAL: Final = (
     "scanner_settled_scan",
     "nodes",  # emulated NUMA nodes the frame pool is split into (fixed at creation)
     "explain_request",  # a request for ksmd's rmap items' states: requester pid << 20 | number (_ksm.explain)
-    "explain_answer",  # the request ksmd answered last
+    "explain_answer",  # scanner 0's last answer; a request is answered when every scanner's entry says so
     "faults_armed",  # fault-injection points armed (shmksm._mm.faults): 0 costs one test per point
 )
 
@@ -134,6 +134,7 @@ SCANNER_FIELDS: Final = (
     "scanner_pid", "scanner_batches", "scanner_cpu_ns", "scanner_startup_ns", "scanner_rss_kb",
     "scanner_unmerges", "scanner_settled_scan", "full_scans", "pages_shared", "pages_sharing",
     "pages_unshared", "pages_scanned", "pages_skipped", "stable_node_chains", "stable_node_dups", "rmap_items",
+    "explain_answer",  # the explain request this scanner answered last (its own entry's word is the answer)
 )
 SCANNER_WORDS: Final = len(SCANNER_FIELDS)
 SCANNER_INDEX: Final = {name: i for i, name in enumerate(SCANNER_FIELDS)}
@@ -143,6 +144,7 @@ SCANNER_FOLD: Final = {
     "scanner_unmerges": "min",  # a run=2 is done once every scanner has unmerged
     "scanner_settled_scan": "max",  # the counters settle when the last scanner's do
     "full_scans": "min",  # a full scan is done once every scanner has done it
+    "explain_answer": "first",
 }
 FAULT_BASE: Final = SCANNER_BASE + SCANNER_WORDS * MAX_SCANNERS
 FAULT_SLOTS: Final = 8

@@ -12,17 +12,12 @@ from typing import Any
 
 from .._ksm.explain import DESCRIPTIONS, REASONS, Explanation, attached_guests, explain
 from .._ksm.sysfs import AttachedKsm
-from .._mm import control
 
 
 def explain_machine(prefix: str) -> Explanation:
     """The explanation of the running machine whose segments are named ``prefix``."""
     with AttachedKsm(prefix) as ksm, attached_guests(prefix, ksm.ctl) as tables:
-
-        def put(name: str, value: int) -> None:  # the request words, one word each, as knobs are written
-            ksm.ctl[control.INDEX[name]] = value
-
-        return explain(prefix, tables, ksm.get, put, ksm.counters)
+        return explain(prefix, tables, ksm.ctl, ksm.counters)
 
 
 def explanation_lines(explained: dict[str, Any]) -> list[str]:

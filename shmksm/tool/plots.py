@@ -91,6 +91,25 @@ def plot_sweep(result: dict[str, Any], path: str) -> None:
     _save(plt, fig, path)
 
 
+def plot_tune(result: dict[str, Any], path: str) -> None:
+    """Each setting's curve of saving (share of the ideal) against ksmd CPU, the target and the budget."""
+    plt = require_matplotlib()
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
+    for run in result["runs"]:
+        cpu = [c for c, _ in run["curve"]]
+        share = [100 * s for _, s in run["curve"]]
+        ax.step(cpu, share, where="post", lw=2.2 if run is result["best"] or run == result["best"] else 1,
+                label=run["label"])
+    ax.axhline(100 * result["target"], color="grey", ls="--", lw=0.8)
+    if result["cpu_budget"] is not None:
+        ax.axvline(result["cpu_budget"], color="grey", ls=":", lw=0.8)
+    ax.set_xlabel("ksmd CPU seconds")
+    ax.set_ylabel("% of the ideal saving")
+    ax.set_title("shmksm tune: saving against scanner CPU (dashed: target, dotted: budget)", fontsize=9)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    _save(plt, fig, path)
+
+
 def _save(plt: Any, fig: Any, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -22,6 +22,7 @@ from .memmap import MapRecorder
 RUN_COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned",
                 "full_scans", "stable_node_chains", "stable_node_dups", "ksm_zero_pages", "general_profit")
 _SETTLE_KEYS = ("pages_shared", "pages_sharing", "ksm_zero_pages")
+_UNTRACKED = ("pages_scanned", "scanner_cpu_ns")  # they change at every look: a timeline entry is a change of the rest
 
 
 def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, stable_scans: int = 3,
@@ -39,7 +40,8 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
     Stops when pages_shared, pages_sharing and ksm_zero_pages have not changed
     for ``stable_scans`` full scans (or after ``max_scans`` full scans, or
     ``max_seconds``), or at ``timeout``.  ``timeline_extra``: further
-    counters the timeline's entries hold (the report's keys stay the kernel-side runner's).
+    counters (or control words, such as scanner_cpu_ns) the timeline's entries
+    hold (the report's keys stay the kernel-side runner's).
     """
     if not images:
         raise UsageError("no image given")
@@ -70,7 +72,7 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
             if machine.ksmd is None or not machine.ksmd.is_alive():
                 raise OutOfFrames("ksmd died during the run") if machine.deaths else UsageError("ksmd stopped")
             now = counters(system)
-            snap = {k: now[k] for k in (*RUN_COUNTERS, *timeline_extra)}
+            snap = {k: now[k] if k in now else system.get(k) for k in (*RUN_COUNTERS, *timeline_extra)}
             snap["pages_scanned"] -= base_scanned
             key = tuple(snap[k] for k in _SETTLE_KEYS)
             elapsed = time.perf_counter() - t0
@@ -79,7 +81,7 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
             if key != last:
                 last, last_change_scan = key, snap["full_scans"]
                 converged_at = (elapsed, snap["full_scans"], system.get("scanner_cpu_ns"))
-            if not timeline or any(timeline[-1][k] != v for k, v in snap.items() if k != "pages_scanned"):
+            if not timeline or any(timeline[-1][k] != v for k, v in snap.items() if k not in _UNTRACKED):
                 timeline.append({"t": round(elapsed, 4), **snap})
                 if progress is not None:
                     progress(snap)
