@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -175,3 +176,12 @@ def test_help_shows_an_example() -> None:
         proc = run_cli(command, "--help")
         assert proc.returncode == 0
         assert f"shmksm {command} --pid" in proc.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_a_process_of_another_user_is_a_one_line_permission_error(children: list[Child]) -> None:
+    """Run as nobody, the command may not read a root process's memory: it says so, naming the process."""
+    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "shmksm.cli",
+           "estimate", "--pid", str(children[0].pid)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert_one_line_error(proc, 1, f"process {children[0].pid}: permission denied reading its memory")
