@@ -175,6 +175,12 @@ class Worker:
                 self._outcome = ("died", f"worker {self.name} (pid {self.pid}) {how}")
         return self._outcome
 
+    def outcome(self) -> str:
+        """How the worker ended, in a line: its error, its death, or that it returned."""
+        self.process.join(0)
+        outcome = self._collect()
+        return {"ok": "it returned", "error": str(outcome[1])}.get(outcome[0], str(outcome[-1]))
+
     @property
     def died(self) -> bool:
         """Did the worker end without reporting a result (killed, or lost by its parent)?"""
@@ -384,8 +390,10 @@ class Machine:
         start = self.system.get("full_scans")
 
         def ksmd_runs() -> None:
-            if not any(w.is_alive() for w in self.scanner_workers()):
-                raise ProcessDied("ksmd is not running")
+            workers = self.scanner_workers()
+            if not any(w.is_alive() for w in workers):
+                why = f": {workers[0].outcome()}" if workers else ""
+                raise ProcessDied(f"ksmd is not running{why}")
 
         poll_until(lambda: self.system.get("full_scans") >= start + n, timeout,
                    lambda: ProcessDied(f"ksmd made {self.system.get('full_scans') - start} of {n} full scans "
