@@ -148,7 +148,6 @@ def skip_age(age: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
 # A partition of the trees: pages of two different partitions are never merged.
 Partition = tuple[int, ...]
 ALL_NODES: Final = -1  # the node component with merge_across_nodes=1
-ALL_DOMAINS: Final = -1  # the domain component unless mitigation is "domains"
 
 
 def partition_of(system: System, gid: int) -> Partition:
@@ -161,10 +160,10 @@ def partition_of(system: System, gid: int) -> Partition:
     0. the NUMA node: with ``merge_across_nodes=0`` the guest's node (one
        stable and one unstable tree per node, as the kernel's); with 1,
        ALL_NODES, the same for every guest.
-    1. the security domain: with ``mitigation = "domains"`` the guest's
-       (``add_guest(domain=)``), so that guests of two domains never share a
-       tree; else ALL_DOMAINS.  Empty pages are the one content merged across
-       domains: under that mitigation they go to the zero page, as with
+    1. the security domain, only with ``mitigation = "domains"``: the
+       guest's (``add_guest(domain=)``), so that guests of two domains never
+       share a tree.  Empty pages are the one content merged across domains:
+       under that mitigation they go to the zero page, as with
        ``use_zero_pages`` (:meth:`Scanner._use_zero_pages`), outside any tree.
 
     A further reason to keep guests apart appends its component to the tuple; the trees, the scanners' ownership and the
@@ -175,9 +174,9 @@ def partition_of(system: System, gid: int) -> Partition:
     page-table header; takes no lock.
     """
     node = ALL_NODES if system.get("merge_across_nodes") else system.table(gid).node
-    domains = system.get("mitigation") == MITIGATION_DOMAINS
-    domain = int(system.table(gid).header[H_DOMAIN]) if domains else ALL_DOMAINS
-    return (node, domain)
+    if system.get("mitigation") == MITIGATION_DOMAINS:
+        return (node, int(system.table(gid).header[H_DOMAIN]))
+    return (node,)
 
 
 class MmSlot:
