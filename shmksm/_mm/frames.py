@@ -214,14 +214,14 @@ class Frames:
         finally:
             lock.release()
 
-    def alloc_many(self, k: int, count: int = -1, counted: int = 0, node: int = 0) -> list[int]:
+    def alloc_many(self, k: int, counts: dict[int, int] | None = None, node: int = 0) -> list[int]:
         """Take ``k`` free frames of NUMA ``node`` in one critical section; their pfns, each INUSE with mapcount 0.
 
         All or nothing: raises FramesPending, having taken none, when the node
         has fewer than ``k`` free after a reclaim pass (the caller falls back
         to :meth:`alloc` frame by frame, which tells waiting frames from none
-        and falls back to the other nodes).  ``count``, a control word index,
-        grows by ``counted`` under the same lock.  Takes the allocator lock.
+        and falls back to the other nodes).  ``counts``: control word index →
+        how much it grows, under the same lock.  Takes the allocator lock.
         """
         cv, nx = self.cv, self.nx
         home = _NODE_BASE + _NODE_WORDS * node
@@ -249,8 +249,8 @@ class Frames:
             idx = np.array(pfns, np.intp)
             self.flags[idx] = INUSE
             self.mapcount[idx] = 0
-            if count >= 0:
-                cv[count] += counted
+            for word, grow in (counts or {}).items():
+                cv[word] += grow
             return pfns
         finally:
             lock.release()
