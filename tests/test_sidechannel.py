@@ -159,6 +159,27 @@ def test_vusion_write_protects_every_page_ksmd_considers() -> None:
         m.check()
 
 
+@pytest.mark.parametrize("era", ["2009", "2024"])
+def test_vusion_keeps_a_shadow_mmu_coherent(era: str) -> None:
+    content = unique_pages(16, seed=4)
+    with shmksm.Machine(frames=256, mitigation="vusion", notifier_era=era, **FAST) as m:
+        g = m.add_guest(pages=16)
+        m.spawn(_fill, g, content).join()
+        shadow = m.add_shadow([g])
+        shadow.round()
+        m.ksm.run = 1
+        m.wait_full_scans(2)  # every page write-protected, none merged
+        m.ksm.run = 0
+        shadow.round()
+        view = g.view()
+        for p in range(16):
+            view.write(p * PAGE, b"\xff")
+        shadow.round()
+        shadow.sync()
+        assert shadow.stop()["stale_reads"] == 0
+        m.check()
+
+
 # -- the attack --------------------------------------------------------------------------------------
 
 TRIALS, CANDIDATES = 40, 8
