@@ -141,21 +141,45 @@ def test_a_write_protected_private_page_is_copied_under_vusion_only(machine: shm
     assert view.read(0, 4 * PAGE) == expected
 
 
-def test_vusion_write_protects_every_page_ksmd_considers() -> None:
-    with shmksm.Machine(frames=256, mitigation="vusion", **FAST) as m:
+def test_vusion_write_protects_and_moves_every_page_ksmd_considers() -> None:
+    content = unique_pages(16, seed=3)
+    with shmksm.Machine(frames=1024, mitigation="vusion", **FAST) as m:
         g = m.add_guest(pages=16)
-        m.spawn(_fill, g, unique_pages(16, seed=3)).join()
+        m.spawn(_fill, g, content).join()
         assert all(pte_of(m, g, p) & WRITE for p in range(16))
+        before = {pfn_of(m, g, p) for p in range(16)}
         m.ksm.run = 1
         m.wait_full_scans(1)
         ptes = [pte_of(m, g, p) for p in range(16)]
         assert all(pte & PRESENT and not pte & WRITE and not pte & KSM for pte in ptes), "unmerged, yet read-only"
+        after = {pfn_of(m, g, p) for p in range(16)}
+        assert len(after) == 16 and not after & before, "each page moved to a frame of its own"
+        assert sorted(after) != list(range(min(after), min(after) + 16)), "placed at random, not in a row"
         m.ksm.run = 0
         view = g.view()
+        assert view.read(0, 16 * PAGE) == content
         for p in range(16):
             view.write(p * PAGE, b"\xff")  # each faults and copies; none is lost
         assert m.system.get("cow_faults") >= 16
         assert [view.read(p * PAGE, 1) for p in range(16)] == [b"\xff"] * 16
+        m.check()
+
+
+def test_vusion_merges_into_a_frame_neither_page_had() -> None:
+    content = unique_pages(8, seed=6)
+    with shmksm.Machine(frames=1024, mitigation="vusion", **FAST) as m:
+        a, b = m.add_guest(pages=8), m.add_guest(pages=8)
+        for g in (a, b):
+            m.spawn(_fill, g, content).join()
+        planted = {pfn_of(m, g, p) for g in (a, b) for p in range(8)}
+        m.ksm.run = 1
+        m.wait_converged()
+        assert m.ksm.pages_shared == 8 and m.ksm.pages_sharing == 8
+        kpfns = {pfn_of(m, a, p) for p in range(8)}
+        assert kpfns == {pfn_of(m, b, p) for p in range(8)}
+        assert not kpfns & planted
+        for g in (a, b):
+            assert g.view().read(0, 8 * PAGE) == content
         m.check()
 
 

@@ -49,9 +49,9 @@ What is emulated, and how
   guest, whose frames come from that node first.  With shmksm's
   ``mitigation = "domains"``, its security domain too; empty pages, the one
   content shared across domains, then go to the zero page.
-* ``mitigation = "vusion"``: every page considered loses write access
-  (:func:`ksm.write_protect_pages`), merged or not, and KSM pages are read at
-  each visit like the others.
+* ``mitigation = "vusion"``: every page considered loses write access and
+  moves to a frame taken at random (:func:`ksm.write_protect_pages`), merged
+  or not, and KSM pages are read at each visit like the others.
 
 * Parallel scanners (shmksm's own knob ``scanners``, not the kernel's): each
   scanner process runs a whole :class:`Scanner` on the pages it owns
@@ -72,6 +72,7 @@ freed and reused frame is never taken for the page it was.
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Final
 
@@ -414,6 +415,7 @@ class Scanner:
         self.frames = system.frames
         self.by_gid: dict[int, MmSlot] = {}
         self.trees: dict[Partition, Trees] = {}  # by partition_of
+        self.rng = random.Random()  # where mitigation "vusion" places the pages it considers
         self.seqnr = 0
         self.pages_shared = 0
         self.pages_sharing = 0
@@ -713,9 +715,15 @@ class Scanner:
         if len(pages) <= _PAGE_BY_PAGE and mitigation != MITIGATION_VUSION:
             self._scan_page_by_page(slot, pages.tolist(), mitigation)
             return
+        vusion = mitigation == MITIGATION_VUSION
         ptes = slot.table.ptes[pages]
-        pfns = (ptes & _PFN).astype(np.int64)
         is_ksm = (ptes & _KSM) != 0
+        if vusion:
+            # Every page considered loses write access, merged or not (KSM pages
+            # have none), and moves to a frame taken at random.
+            ksm.write_protect_pages(slot.table, pages[~is_ksm], self.rng)
+            ptes = slot.table.ptes[pages]
+        pfns = (ptes & _PFN).astype(np.int64)
         st = slot.trees.stable
         # A KSM page whose item already hangs on its node: nothing to do.
         nodes = slot.node[pages]
@@ -726,7 +734,6 @@ class Scanner:
         for i in np.flatnonzero(is_ksm & ~settled).tolist():
             self._adopt_ksm_page(slot, int(pages[i]), int(pfns[i]))
         plain = ~is_ksm
-        vusion = mitigation == MITIGATION_VUSION
         # Under vusion, KSM pages are read in their place in the batch as every
         # other page is (their checksums are not needed): not even what the
         # caches hold may tell merged pages from the others.
@@ -738,9 +745,6 @@ class Scanner:
         pages, pfns = pages[plain], pfns[plain]
         if not len(pages):
             return
-        if vusion:
-            # Every page considered loses write access, merged or not (KSM pages have none).
-            ksm.write_protect_pages(slot.table, pages)
         self._remove_from_tree(slot, pages)
         low = sums.astype(np.uint32)
         old = slot.checksum[pages]

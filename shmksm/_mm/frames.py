@@ -174,13 +174,15 @@ class Frames:
 
     # -- the allocator -------------------------------------------------------
 
-    def alloc(self, count: int = -1, node: int = 0) -> int:
+    def alloc(self, count: int = -1, node: int = 0, depth: int = 0) -> int:
         """Take a free frame for a guest of NUMA ``node``; return its pfn, flagged INUSE with mapcount 0.
 
         Takes the allocator lock (callers may hold a page-table or frame lock).
         ``count``, a control word index, is incremented under the same lock
         (the copy-on-write path counts cow_ksm there: one lock, not two).
-        The frame is the node's, else another node's (see the module's text).
+        The frame is the node's, else another node's (see the module's text):
+        its list's first, or with ``depth`` the one that many further down
+        (as far as the list goes), for a caller that places pages at random.
         Raises FramesPending when only waiting frames remain, OutOfFrames when
         none remain at all.
         """
@@ -196,7 +198,17 @@ class Frames:
             if pfn < 0:
                 at = self._fallback_locked(node)
                 pfn = cv[at + _N_FREE_HEAD]
-            cv[at + _N_FREE_HEAD] = self.nx[pfn]
+            if depth:
+                nx = self.nx
+                before = pfn
+                for _ in range(min(depth, cv[at + _N_FREE_COUNT] - 1)):
+                    before, pfn = pfn, nx[pfn]
+                if before != pfn:
+                    nx[before] = nx[pfn]  # unlinked from the middle of the list
+                else:
+                    cv[at + _N_FREE_HEAD] = nx[pfn]
+            else:
+                cv[at + _N_FREE_HEAD] = self.nx[pfn]
             cv[at + _N_FREE_COUNT] -= 1
             cv[_FREE_COUNT] -= 1
             if at == home:
