@@ -18,6 +18,7 @@ is freed, so a stale name is refused instead of merged into a reused frame.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final
@@ -27,7 +28,7 @@ import numpy.typing as npt
 
 from .._mm import faults
 from .._mm.frames import KSM as FRAME_KSM
-from .._mm.frames import PAGE_SIZE, ZERO_PFN, Frames, with_frames
+from .._mm.frames import PAGE_SIZE, ZERO_PFN, Frames, FramesPending, with_frames
 from .._mm.pagetable import (
     DIRTY,
     KSM,
@@ -42,6 +43,7 @@ from .._mm.pagetable import (
     PageTable,
     is_private,
 )
+from ..errors import OutOfFrames
 
 ZERO_BYTES: Final = bytes(PAGE_SIZE)
 _NOT_WRITE: Final = ~WRITE
@@ -50,6 +52,10 @@ _DIRTY_YOUNG: Final = DIRTY | YOUNG
 _WP_MASK: Final = np.uint64(PRIVATE_MASK | WRITE)
 _PRIVATE_WRITABLE: Final = np.uint64(PRESENT | WRITE)
 _NOT_WRITE_U64: Final = ~np.uint64(WRITE)
+
+# How far down its free list a page considered under mitigation "vusion" may
+# be placed: a random frame among that many (walked, so not the whole list).
+PLACEMENT_SPREAD: Final = 256
 
 # Bytes per rmap item: checksum 4, stable node 4, state 1, age 1, skips 1, plus
 # the trees' share (a key table slot of 12 bytes, at a load of at most 0.7, per
@@ -198,32 +204,60 @@ def make_ksm_pages(table: PageTable, pages: list[int], pfns: list[int]) -> list[
     return gens
 
 
-def write_protect_pages(table: PageTable, pages: npt.NDArray[np.intp]) -> int:
+def write_protect_pages(table: PageTable, pages: npt.NDArray[np.intp], rng: random.Random | None = None) -> int:
     """Clear WRITE on every private page of ``pages`` (ascending) that has it; return how many.
 
     Mitigation "vusion": every page the scanner considers for merging loses
     write access, merged or not, so that the next write to any of them faults
-    and copies alike.  Takes each run's PTL; the notifier hears a change_pte
-    for each page, as from write_protect_page.
+    and copies alike.  With ``rng``, each also moves to a frame taken at a
+    random place of the free list (up to PLACEMENT_SPREAD frames down), as
+    VUsion places the pages it considers at random frames: a KSM page, made
+    later in place from one of them, lands where nobody chose.  A page stays
+    where it is when no frame is free now.
+
+    Takes each run's PTL (and the allocator lock); the notifier hears a
+    change_pte for each page, as from write_protect_page and replace_page.
     """
-    ptes = table.ptes
+    ptes, pv = table.ptes, table.pv
     protected = 0
+    moved: list[int] = []  # a run's frames left behind, dropped before its PTL goes (_run_locked)
     for run in np.split(pages, np.flatnonzero(np.diff(pages >> 9)) + 1):
         # Looked at unlocked, so that the notifier hears only of pages about
         # to change; under the PTL, those that changed meanwhile drop out.
         candidates = run[(ptes[run] & _WP_MASK) == _PRIVATE_WRITABLE]
         if not len(candidates):
             continue
-        with _run_locked(table, candidates.tolist()) as notes:
+        with _run_locked(table, candidates.tolist(), moved) as notes:
             writable = candidates[(ptes[candidates] & _WP_MASK) == _PRIVATE_WRITABLE]
-            if not len(writable):
-                continue
             ptes[writable] &= _NOT_WRITE_U64
             protected += len(writable)
-            if notes is not None:
-                for page, pte in zip(writable.tolist(), ptes[writable].tolist(), strict=True):
+            if rng is None and notes is None:
+                continue
+            for page in writable.tolist():
+                pte = pv[page]
+                if rng is not None:
+                    pte = _move_page(table, page, pte, rng.randrange(PLACEMENT_SPREAD), moved)
+                if notes is not None:
                     notes.changed(page, pte)
     return protected
+
+
+def _move_page(table: PageTable, page: int, pte: int, depth: int, moved: list[int]) -> int:
+    """Copy ``page`` (PTE ``pte``, private) to the free frame ``depth`` down the list and map it
+    there; return the new PTE (``pte`` if no frame is free now).  PTL held; takes the allocator
+    lock.  The old frame is appended to ``moved``, for the caller to drop."""
+    frames = table.frames
+    try:
+        pfn = frames.alloc(node=table.node, depth=depth)
+    except (FramesPending, OutOfFrames):
+        return pte
+    old = pte & PFN_MASK
+    frames.copy_frame(pfn, old)
+    frames.mc[pfn] = 1
+    pte = pte & ~PFN_MASK | pfn
+    table.pv[page] = pte
+    moved.append(old)
+    return pte
 
 
 def replace_page(table: PageTable, page: int, pfn: int, kpfn: int, kgen: int) -> bool:

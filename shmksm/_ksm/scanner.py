@@ -49,9 +49,9 @@ What is emulated, and how
   guest, whose frames come from that node first.  With shmksm's
   ``mitigation = "domains"``, its security domain too; empty pages, the one
   content shared across domains, then go to the zero page.
-* ``mitigation = "vusion"``: every page considered loses write access
-  (:func:`ksm.write_protect_pages`), merged or not, and KSM pages are read at
-  each visit like the others.
+* ``mitigation = "vusion"``: every page considered loses write access and
+  moves to a frame taken at random (:func:`ksm.write_protect_pages`), merged
+  or not, and KSM pages are read at each visit like the others.
 
 * Parallel scanners (shmksm's own knob ``scanners``, not the kernel's): each
   scanner process runs a whole :class:`Scanner` on the pages it owns
@@ -72,6 +72,7 @@ freed and reused frame is never taken for the page it was.
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Final
 
@@ -148,7 +149,6 @@ def skip_age(age: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
 # A partition of the trees: pages of two different partitions are never merged.
 Partition = tuple[int, ...]
 ALL_NODES: Final = -1  # the node component with merge_across_nodes=1
-ALL_DOMAINS: Final = -1  # the domain component unless mitigation is "domains"
 
 
 def partition_of(system: System, gid: int) -> Partition:
@@ -161,10 +161,10 @@ def partition_of(system: System, gid: int) -> Partition:
     0. the NUMA node: with ``merge_across_nodes=0`` the guest's node (one
        stable and one unstable tree per node, as the kernel's); with 1,
        ALL_NODES, the same for every guest.
-    1. the security domain: with ``mitigation = "domains"`` the guest's
-       (``add_guest(domain=)``), so that guests of two domains never share a
-       tree; else ALL_DOMAINS.  Empty pages are the one content merged across
-       domains: under that mitigation they go to the zero page, as with
+    1. the security domain, only with ``mitigation = "domains"``: the
+       guest's (``add_guest(domain=)``), so that guests of two domains never
+       share a tree.  Empty pages are the one content merged across domains:
+       under that mitigation they go to the zero page, as with
        ``use_zero_pages`` (:meth:`Scanner._use_zero_pages`), outside any tree.
 
     A further reason to keep guests apart appends its component to the tuple; the trees, the scanners' ownership and the
@@ -175,9 +175,9 @@ def partition_of(system: System, gid: int) -> Partition:
     page-table header; takes no lock.
     """
     node = ALL_NODES if system.get("merge_across_nodes") else system.table(gid).node
-    domains = system.get("mitigation") == MITIGATION_DOMAINS
-    domain = int(system.table(gid).header[H_DOMAIN]) if domains else ALL_DOMAINS
-    return (node, domain)
+    if system.get("mitigation") == MITIGATION_DOMAINS:
+        return (node, int(system.table(gid).header[H_DOMAIN]))
+    return (node,)
 
 
 class MmSlot:
@@ -415,6 +415,7 @@ class Scanner:
         self.frames = system.frames
         self.by_gid: dict[int, MmSlot] = {}
         self.trees: dict[Partition, Trees] = {}  # by partition_of
+        self.rng = random.Random()  # where mitigation "vusion" places the pages it considers
         self.seqnr = 0
         self.pages_shared = 0
         self.pages_sharing = 0
@@ -714,9 +715,15 @@ class Scanner:
         if len(pages) <= _PAGE_BY_PAGE and mitigation != MITIGATION_VUSION:
             self._scan_page_by_page(slot, pages.tolist(), mitigation)
             return
+        vusion = mitigation == MITIGATION_VUSION
         ptes = slot.table.ptes[pages]
-        pfns = (ptes & _PFN).astype(np.int64)
         is_ksm = (ptes & _KSM) != 0
+        if vusion:
+            # Every page considered loses write access, merged or not (KSM pages
+            # have none), and moves to a frame taken at random.
+            ksm.write_protect_pages(slot.table, pages[~is_ksm], self.rng)
+            ptes = slot.table.ptes[pages]
+        pfns = (ptes & _PFN).astype(np.int64)
         st = slot.trees.stable
         # A KSM page whose item already hangs on its node: nothing to do.
         nodes = slot.node[pages]
@@ -727,7 +734,6 @@ class Scanner:
         for i in np.flatnonzero(is_ksm & ~settled).tolist():
             self._adopt_ksm_page(slot, int(pages[i]), int(pfns[i]))
         plain = ~is_ksm
-        vusion = mitigation == MITIGATION_VUSION
         # Under vusion, KSM pages are read in their place in the batch as every
         # other page is (their checksums are not needed): not even what the
         # caches hold may tell merged pages from the others.
@@ -739,9 +745,6 @@ class Scanner:
         pages, pfns = pages[plain], pfns[plain]
         if not len(pages):
             return
-        if vusion:
-            # Every page considered loses write access, merged or not (KSM pages have none).
-            ksm.write_protect_pages(slot.table, pages)
         self._remove_from_tree(slot, pages)
         low = sums.astype(np.uint32)
         old = slot.checksum[pages]

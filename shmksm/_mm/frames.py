@@ -174,13 +174,15 @@ class Frames:
 
     # -- the allocator -------------------------------------------------------
 
-    def alloc(self, count: int = -1, node: int = 0) -> int:
+    def alloc(self, count: int = -1, node: int = 0, depth: int = 0) -> int:
         """Take a free frame for a guest of NUMA ``node``; return its pfn, flagged INUSE with mapcount 0.
 
         Takes the allocator lock (callers may hold a page-table or frame lock).
         ``count``, a control word index, is incremented under the same lock
         (the copy-on-write path counts cow_ksm there: one lock, not two).
-        The frame is the node's, else another node's (see the module's text).
+        The frame is the node's, else another node's (see the module's text):
+        its list's first, or with ``depth`` the one that many further down
+        (as far as the list goes), for a caller that places pages at random.
         Raises FramesPending when only waiting frames remain, OutOfFrames when
         none remain at all.
         """
@@ -196,7 +198,17 @@ class Frames:
             if pfn < 0:
                 at = self._fallback_locked(node)
                 pfn = cv[at + _N_FREE_HEAD]
-            cv[at + _N_FREE_HEAD] = self.nx[pfn]
+            if depth:
+                nx = self.nx
+                before = pfn
+                for _ in range(min(depth, cv[at + _N_FREE_COUNT] - 1)):
+                    before, pfn = pfn, nx[pfn]
+                if before != pfn:
+                    nx[before] = nx[pfn]  # unlinked from the middle of the list
+                else:
+                    cv[at + _N_FREE_HEAD] = nx[pfn]
+            else:
+                cv[at + _N_FREE_HEAD] = self.nx[pfn]
             cv[at + _N_FREE_COUNT] -= 1
             cv[_FREE_COUNT] -= 1
             if at == home:
@@ -214,14 +226,14 @@ class Frames:
         finally:
             lock.release()
 
-    def alloc_many(self, k: int, count: int = -1, counted: int = 0, node: int = 0) -> list[int]:
+    def alloc_many(self, k: int, counts: dict[int, int] | None = None, node: int = 0) -> list[int]:
         """Take ``k`` free frames of NUMA ``node`` in one critical section; their pfns, each INUSE with mapcount 0.
 
         All or nothing: raises FramesPending, having taken none, when the node
         has fewer than ``k`` free after a reclaim pass (the caller falls back
         to :meth:`alloc` frame by frame, which tells waiting frames from none
-        and falls back to the other nodes).  ``count``, a control word index,
-        grows by ``counted`` under the same lock.  Takes the allocator lock.
+        and falls back to the other nodes).  ``counts``: control word index →
+        how much it grows, under the same lock.  Takes the allocator lock.
         """
         cv, nx = self.cv, self.nx
         home = _NODE_BASE + _NODE_WORDS * node
@@ -249,8 +261,8 @@ class Frames:
             idx = np.array(pfns, np.intp)
             self.flags[idx] = INUSE
             self.mapcount[idx] = 0
-            if count >= 0:
-                cv[count] += counted
+            for word, grow in (counts or {}).items():
+                cv[word] += grow
             return pfns
         finally:
             lock.release()

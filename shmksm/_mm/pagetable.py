@@ -259,8 +259,10 @@ class PageTable:
         fresh = new_frame | cow
         nfresh = int(np.count_nonzero(fresh))
         try:
-            pfns = (frames.alloc_many(nfresh, _COW_KSM, int(np.count_nonzero(cow & ksm_frame)), self.node)
-                    if nfresh else [])
+            copies = int(np.count_nonzero(cow))
+            into_ksm = int(np.count_nonzero(cow & ksm_frame))
+            counts = {_COW_KSM: into_ksm, _COW_FAULTS: copies - into_ksm}
+            pfns = frames.alloc_many(nfresh, counts, self.node) if nfresh else []
         except FramesPending:
             return self._write_faults_in_order(pages, whole)
         # Everything below changes state and cannot fail.
