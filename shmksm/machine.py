@@ -673,6 +673,10 @@ class Machine:
                     if worker is not None:
                         worker.process.join(0)
                         self._reap(worker)
+                # A worker joined by another thread before this one saw it exit.
+                for worker in self._workers:
+                    if not worker.reaped and worker.process.exitcode is not None:
+                        self._reap(worker)
             with contextlib.suppress(LockTimeout):
                 self._recover_deaths(_RECOVERY_ATTEMPT_SECONDS)
 

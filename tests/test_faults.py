@@ -58,7 +58,7 @@ def _alloc_fails_once(view: shmksm.GuestView) -> tuple[str, bytes]:
 
 
 def _death_of(machine: shmksm.Machine, worker: shmksm.Worker) -> shmksm.Death:
-    wait_until(lambda: any(d.pid == worker.pid for d in machine.deaths), 20.0, f"the host to recover pid {worker.pid}")
+    wait_until(lambda: any(d.pid == worker.pid for d in machine.deaths), 60.0, f"the host to recover pid {worker.pid}")
     return next(d for d in machine.deaths if d.pid == worker.pid)
 
 
