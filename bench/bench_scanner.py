@@ -152,6 +152,8 @@ def parallel(total_pages: int, guests: int = 8, scanner_counts: tuple[int, ...] 
                 "pages_per_wall_second": round(scanned / r["wall_seconds"]),
                 "cpu_seconds": r["ksmd_cpu_seconds"],
                 "cpu_us_per_page": round(r["ksmd_cpu_seconds"] / scanned * 1e6, 4),
+                # the cores the scanners got: on a loaded machine far below their number
+                "cpu_per_wall_second": round(r["ksmd_cpu_seconds"] / r["wall_seconds"], 3),
                 "counters_equal_ideal": (r["ksm"]["pages_shared"], r["ksm"]["pages_sharing"])
                 == (best.pages_shared, best.pages_sharing),
                 "load_after": _load()}
@@ -243,7 +245,8 @@ def main() -> int:
             s = r[key]
             print(f"  {key.replace('_', ' ')}: converged in {s['wall_seconds_to_converge']} wall-s "
                   f"(full scan {s['converged_full_scans']}), {s['pages_per_wall_second']:,} pages/wall-s, "
-                  f"{s['cpu_us_per_page']} CPU-us/page, ideal reached: {s['counters_equal_ideal']}; {s['load_after']}")
+                  f"{s['cpu_us_per_page']} CPU-us/page, {s['cpu_per_wall_second']} CPU-s per wall-s, "
+                  f"ideal reached: {s['counters_equal_ideal']}; {s['load_after']}")
         print(f"  2 vs 1: {r['rate_ratio']}x pages/wall-s (target >= 1.7), {r['cpu_per_page_ratio']}x CPU/page "
               f"(target <= 1.15)")
         print(f"  serial part {r['serial_us_per_page']} CPU-us/page (repeated by every scanner); per-scanner "

@@ -481,6 +481,11 @@ class Scanner:
         self.trees = {p: t for p, t in self.trees.items() if p in used}
         for trees in self.trees.values():
             trees.unstable.clear()
+        if self.count > 1:
+            # Parallel scanners start their passes at different guests: two
+            # scanners in one guest would wait on each other's mm lock.
+            k = len(self.slots) * self.index // self.count
+            self.slots = self.slots[k:] + self.slots[:k]
         self.slot_index = 0
         self.pass_pending = not self.slots
         self.scan_started = time.monotonic()
@@ -778,7 +783,8 @@ class Scanner:
         if len(into):
             nids = heads[into]
             kpfns = st.kpfn[nids]
-            into_ok = ((st.count[nids] + repeats[into] <= max_sharing) & (self.frames.gen[kpfns] == st.kgen[nids])
+            mappings = np.maximum(st.count[nids], self.frames.mapcount[kpfns])  # as _stable_dup counts them
+            into_ok = ((mappings + repeats[into] <= max_sharing) & (self.frames.gen[kpfns] == st.kgen[nids])
                        & (self.frames.flags[kpfns] & FRAME_KSM != 0))
             into, nids = into[into_ok], nids[into_ok]
             slow[into] = False
@@ -879,7 +885,7 @@ class Scanner:
                 else:
                     self.cmp_and_merge_page(slot, pages[i], pfns[i], key, use_zero, max_sharing)
                 continue
-            group = indices[at:at + max_sharing - st.count_v[nid]]
+            group = indices[at:at + max_sharing - max(st.count_v[nid], self.frames.mc[st.kpfn_v[nid]])]
             cursor[key] = at + len(group)
             if cursor[key] == len(indices):
                 end_index += group
@@ -1039,17 +1045,20 @@ class Scanner:
 
         Walks the chain newest first (dups fill one at a time, so the newest is
         the one likely to have room) and prunes dups whose KSM page was freed.
+        Room counts the KSM page's mappings too: after a restart, those not yet
+        adopted into the node are mappings all the same.
         """
-        gn, fl = self.frames.gn, self.frames.fl
+        gn, fl, mc = self.frames.gn, self.frames.fl, self.frames.mc
         kpfn_of, kgen_of, count, nxt = st.kpfn_v, st.kgen_v, st.count_v, st.next_v
         nid = st.heads.get(key)
         while nid >= 0:
             after = nxt[nid]
             if count[nid] < max_sharing:
                 kpfn = kpfn_of[nid]
-                if gn[kpfn] == kgen_of[nid] and fl[kpfn] & FRAME_KSM:
+                if not (gn[kpfn] == kgen_of[nid] and fl[kpfn] & FRAME_KSM):
+                    st.unlink(nid)  # its KSM page was freed; items leave when visited
+                elif mc[kpfn] < max_sharing:
                     return nid
-                st.unlink(nid)  # its KSM page was freed; items leave when visited
             nid = after
         return -1
 
