@@ -9,6 +9,7 @@ KSM page on this machine kind (3.0 us).
 Sections::
 
     a  4 KiB page-aligned write into a faulted writable page  vs  pool[i] = data   (<= 1.5x)
+       one page-table lock acquire+release  vs  a multiprocessing.Lock's          (<= 1.5x)
     b  8-byte write                                           vs  flat[o:o+8] = d8 (<= 4x)
     c  copy-on-write break of a merged page, median per break                     (<= 3.0 us)
     d  aggregate write throughput, 2 guest processes vs 1                         (>= 1.8x)
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import os
 import platform
 import statistics
@@ -118,6 +120,7 @@ def bench_writes(s: Settings) -> list[Row]:
     r4, r4b = net["emu4k"] / base4, net["emu4k_bytes"] / base4
     r8, r8b = net["emu8"] / base8, net["emu8_bytes"] / base8
     floor = net["lock"] + net["copy4k"]
+    rl = net["lock"] / net["mplock"]
     return [
         Row("a", "4 KiB write, same uint8 ndarray as baseline", r4, "x", base4, "<= 1.5x", r4 <= 1.5,
             f"emulated {net['emu4k']:.0f} ns vs numpy pool[i] = data {base4:.0f} ns"),
@@ -125,6 +128,8 @@ def bench_writes(s: Settings) -> list[Row]:
         Row("a.floor", "4 KiB: PTL acquire+release and the mmap copy alone", floor / base4, "x", base4, "", None,
             f"lock {net['lock']:.0f} ns + copy {net['copy4k']:.0f} ns; the rest of the emulated write is "
             f"Python: call, checks, PTE test ({net['emu4k'] - floor:.0f} ns)"),
+        Row("a.lock", "one PTL acquire+release vs a multiprocessing.Lock's", rl, "x", net["mplock"], "<= 1.5x",
+            rl <= 1.5, f"robust mutex {net['lock']:.0f} ns vs multiprocessing.Lock {net['mplock']:.0f} ns"),
         Row("b", "8-byte write, same uint8 ndarray as baseline", r8, "x", base8, "<= 4x", r8 <= 4.0,
             f"emulated {net['emu8']:.0f} ns vs numpy flat[o:o+8] = d8 {base8:.0f} ns"),
         Row("b.bytes", "8-byte write, bytes data", r8b, "x", base8, "", None, f"emulated {net['emu8_bytes']:.0f} ns"),
@@ -152,6 +157,8 @@ def _time_writes(s: Settings, shm: shared_memory.SharedMemory) -> dict[str, floa
         table = machine.system.table(view.gid)
         lock: Any = table.ptl(0)
         acquire, release = lock.acquire, lock.release
+        mp_lock = multiprocessing.Lock()  # the baseline of a.lock: a POSIX semaphore, what the locks once were
+        mp_acquire, mp_release = mp_lock.acquire, mp_lock.release
         mm: Any = machine.system.frames.mm  # Any: numpy's stubs do not count an ndarray as a buffer
         frame_addrs = [(table.pv[r] & PFN_MASK) << 12 for r in rows]  # where the guest's writes land
 
@@ -188,14 +195,19 @@ def _time_writes(s: Settings, shm: shared_memory.SharedMemory) -> dict[str, floa
                 acquire()
                 release()
 
+        def mp_lock_pair() -> None:
+            for _a in addrs:
+                mp_acquire()
+                mp_release()
+
         def copy4k() -> None:
             for a in frame_addrs:
                 mm[a:a + PAGE] = data4k
 
         # In this order, the last pass of each kind leaves its mark to check below.
-        t = interleaved({"empty": empty, "lock": lock_pair, "copy4k": copy4k, "np4k": np4k, "emu4k": emu4k,
-                         "emu4k_bytes": emu4k_bytes, "np8": np8, "emu8": emu8, "emu8_bytes": emu8_bytes},
-                        n, s.reps)
+        t = interleaved({"empty": empty, "lock": lock_pair, "mplock": mp_lock_pair, "copy4k": copy4k,
+                         "np4k": np4k, "emu4k": emu4k, "emu4k_bytes": emu4k_bytes,
+                         "np8": np8, "emu8": emu8, "emu8_bytes": emu8_bytes}, n, s.reps)
         machine.check()
         if view.read(addrs8[-1], 8) != bytes8 or view.read(PAGE + 4088, 8) != bytes4k[4088:]:
             raise AssertionError("emulated writes did not land")

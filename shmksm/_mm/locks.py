@@ -2,8 +2,11 @@
 
 Every lock of the machine (but the doorbells) is a *robust*, process-shared
 POSIX mutex (``pthread_mutex_t`` with ``PTHREAD_MUTEX_ROBUST`` and
-``PTHREAD_PROCESS_SHARED``), called through ctypes, in one block of shared
-memory that the host allocates and that workers inherit at spawn time.
+``PTHREAD_PROCESS_SHARED``), in one block of shared memory that the host
+allocates and that workers inherit at spawn time.  An uncontended acquire or
+release runs wholly in a small C extension (``shmksm._mm._robust``); waits,
+timeouts and repairs call back into the Python here; without the extension
+(no compiler at install time) the same calls go through ctypes, slower.
 
 * **Page-table locks** (the kernel's split PTL): one lock covers a run of 512
   PTEs of one guest.  Runs are striped over ``NPTL`` locks, so two guests (or
@@ -62,7 +65,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing import util
 from multiprocessing.context import BaseContext
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ..errors import InternalError, LockTimeout
 
@@ -83,7 +86,7 @@ _unlock = _nogil.pthread_mutex_unlock
 _consistent = _nogil.pthread_mutex_consistent
 _lock = _libc.pthread_mutex_lock
 _clocklock = _libc.pthread_mutex_clocklock
-# No argtypes on the hot two: a c_void_p argument passes as it is, without a
+# No argtypes on the hot two (the ctypes fallback's): a c_void_p passes as it is, without a
 # conversion per call (a third of an uncontended acquire and release).
 for _fn in (_consistent, _lock):
     _fn.argtypes = [ctypes.c_void_p]
@@ -110,22 +113,19 @@ class Lock(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
-class RobustLock:
-    """One robust, process-shared mutex of the lock table (see the module text)."""
+class CtypesMutex:
+    """The C extension's ``Mutex`` in ctypes alone: the same methods, several times slower.
 
-    __slots__ = ("_deaths", "_m", "address", "name", "on_owner_dead", "table")
+    What :class:`RobustLock` is built on where ``shmksm._mm._robust`` could
+    not be built (no C compiler).  The uncontended acquire and release end
+    here; everything else calls the subclass's ``_contended`` and
+    ``_release_failed``, as the extension does.
+    """
 
-    def __init__(self, table: LockTable, index: int, name: str) -> None:
-        self.name = name
-        self.table = table
-        self.address = table.base + index * SLOT_BYTES
-        self._m = ctypes.c_void_p(self.address)
-        self._deaths = ctypes.c_int64.from_address(self.address + _DEATHS_OFFSET)
-        # The repair to run when the lock is taken from a dead holder, lock held.
-        self.on_owner_dead: Callable[[], None] | None = None
+    __slots__ = ("_m",)
 
-    def __repr__(self) -> str:
-        return f"<RobustLock {self.name} holder={self.holder()}>"
+    def __init__(self, address: int) -> None:
+        self._m = ctypes.c_void_p(address)
 
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
         """Take the lock; False if not had (``block`` False, or ``timeout`` passed).
@@ -134,9 +134,71 @@ class RobustLock:
         having the lock by then raises LockTimeout.
         """
         rc = _trylock(self._m)
-        if not rc:
-            return True
-        return self._contended(rc, block, timeout)
+        return True if rc == 0 else self._contended(rc, block, timeout)
+
+    def release(self) -> None:
+        rc = _unlock(self._m)
+        if rc:
+            self._release_failed(rc)
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _lock(self) -> int:
+        """pthread_mutex_lock's result, waiting without the GIL."""
+        return int(_lock(self._m))
+
+    def _clocklock(self, deadline: float) -> int:
+        """pthread_mutex_clocklock's result against a CLOCK_MONOTONIC ``deadline``, waiting without the GIL."""
+        sec = int(deadline)
+        return int(_clocklock(self._m, _CLOCK_MONOTONIC, _Timespec(sec, int((deadline - sec) * 1e9))))
+
+    def _consistent(self) -> int:
+        return int(_consistent(self._m))
+
+    def _contended(self, rc: int, block: bool, timeout: float | None) -> bool:
+        raise NotImplementedError
+
+    def _release_failed(self, rc: int) -> None:
+        raise NotImplementedError
+
+
+try:  # the fast path in C, chosen once for the process
+    from ._robust import Mutex as _Mutex
+except ImportError:  # pragma: no cover - a machine that built no extension
+    _Mutex = CtypesMutex  # type: ignore[assignment,misc]
+
+if TYPE_CHECKING:  # the methods _Robust finds on the mutex it is mixed with
+    _MutexAPI = _Mutex
+else:
+    _MutexAPI = object
+
+
+class _Robust(_MutexAPI):
+    """What a robust lock adds to its mutex: its name, its repair, the slow paths of acquire and release."""
+
+    __slots__ = ()
+    name: str
+    table: LockTable
+    address: int
+    _deaths: ctypes.c_int64
+    on_owner_dead: Callable[[], None] | None
+
+    def __init__(self, table: LockTable, index: int, name: str) -> None:
+        address = table.base + index * SLOT_BYTES
+        super().__init__(address)
+        self.name = name
+        self.table = table
+        self.address = address
+        self._deaths = ctypes.c_int64.from_address(address + _DEATHS_OFFSET)
+        # The repair to run when the lock is taken from a dead holder, lock held.
+        self.on_owner_dead = None
+
+    def __repr__(self) -> str:
+        return f"<RobustLock {self.name} holder={self.holder()}>"
 
     def _contended(self, rc: int, block: bool, timeout: float | None) -> bool:
         """acquire() past a trylock that did not get the lock at once: wait, or repair a dead holder's."""
@@ -149,7 +211,7 @@ class RobustLock:
                 if rc == errno.ETIMEDOUT:
                     raise LockTimeout(f"lock {self.name} not had in {host_timeout:g} s: {self.describe_holder()}")
             elif timeout is None:
-                rc = _lock(self._m)
+                rc = self._lock()
             else:
                 rc = self._timed(timeout)
                 if rc == errno.ETIMEDOUT:
@@ -159,9 +221,7 @@ class RobustLock:
         return True
 
     def _timed(self, timeout: float) -> int:
-        now = time.clock_gettime(time.CLOCK_MONOTONIC) + max(timeout, 0.0)
-        sec = int(now)
-        return int(_clocklock(self._m, _CLOCK_MONOTONIC, _Timespec(sec, int((now - sec) * 1e9))))
+        return self._clocklock(time.clock_gettime(time.CLOCK_MONOTONIC) + max(timeout, 0.0))
 
     def _taken_with(self, rc: int) -> None:
         """The lock was had with ``rc`` != 0: a dead holder's (repair it), or an error."""
@@ -170,18 +230,10 @@ class RobustLock:
         self._deaths.value += 1
         if self.on_owner_dead is not None:
             self.on_owner_dead()
-        _consistent(self._m)
+        self._consistent()
 
-    def release(self) -> None:
-        rc = _unlock(self._m)
-        if rc:
-            raise InternalError(f"lock {self.name} released by a thread that does not hold it: {os.strerror(rc)}")
-
-    def __enter__(self) -> bool:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def _release_failed(self, rc: int) -> None:
+        raise InternalError(f"lock {self.name} released by a thread that does not hold it: {os.strerror(rc)}")
 
     @property
     def owner_deaths(self) -> int:
@@ -197,6 +249,26 @@ class RobustLock:
         if not tid:
             return "now free"
         return f"held by {process_state(tid)}"
+
+
+_ROBUST_SLOTS: Final = ("_deaths", "address", "name", "on_owner_dead", "table")
+
+
+class RobustLock(_Robust, _Mutex):
+    """One robust, process-shared mutex of the lock table (see the module text).
+
+    ``acquire``, ``release``, ``__enter__`` and ``__exit__`` are ``Mutex``'s:
+    the uncontended path runs in C (in ctypes where the extension is not
+    built), the rest in the methods here.
+    """
+
+    __slots__ = _ROBUST_SLOTS
+
+
+class CtypesRobustLock(_Robust, CtypesMutex):
+    """RobustLock on the ctypes fallback, whichever base this process chose: to compare the two."""
+
+    __slots__ = _ROBUST_SLOTS
 
 
 def process_state(tid: int) -> str:
