@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from helpers import merge_pages, pfn_of, pte_of
+from helpers import merge_pages, pfn_of, pte_of, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from shmksm.workers.guest_random import NPATTERNS, pattern
@@ -88,7 +88,13 @@ def test_bulk_io_matches_a_bytearray_while_ksmd_merges_and_cow_breaks() -> None:
         writer = machine.spawn(cow_writer, other, stop, 5)
         model = bytearray(SIZE)
         table = machine.system.table(guest.id)
-        merged_seen = []
+        # Pages ksmd merges before the model starts, so that the model runs
+        # against KSM pages whatever the pace of ksmd and of the examples.
+        view.write_pages(np.arange(4), PATTERN_ROWS[[0, 0, 1, 1]])
+        for page, k in enumerate([0, 0, 1, 1]):
+            model[page * PAGE_SIZE:(page + 1) * PAGE_SIZE] = PATTERN_ROWS[k].tobytes()
+        wait_until(lambda: np.count_nonzero(table.ptes & np.uint64(KSM)), 120, "ksmd merging the first pages")
+        merged_seen = [int(np.count_nonzero(table.ptes & np.uint64(KSM)))]
 
         @settings(max_examples=60, deadline=None, database=None)
         @given(st.lists(ops, min_size=1, max_size=6))
