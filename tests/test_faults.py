@@ -34,6 +34,10 @@ def _hold(view: shmksm.GuestView, seconds: float) -> None:
         lock.release()
 
 
+def _sleep(view: shmksm.GuestView, seconds: float) -> None:
+    time.sleep(seconds)
+
+
 def _write_forever(view: shmksm.GuestView, seed: int) -> None:
     rng = np.random.default_rng(seed)
     while True:
@@ -135,13 +139,17 @@ def test_a_stopped_guest_delays_the_recovery_of_a_dead_one_but_nothing_hangs() -
         machine.inject("frames.alloc", "stop")
         stopped = machine.spawn(_write_pages, stopped_guest, b"x" * PAGE_SIZE)
         wait_until(lambda: machine.injected("frames.alloc") == 1, 10.0, "the guest to stop in the allocator")
-        victim = machine.spawn(time.sleep, dead_guest, 600)
+        victim = machine.spawn(_sleep, dead_guest, 600.0)
         time.sleep(0.3)
         victim.kill(signal.SIGKILL)
         victim.process.join(10)
         with pytest.raises(shmksm.LockTimeout):
             machine.check()
-        assert dead_guest.alive is False  # being torn down: refused to users meanwhile
+        # Reaped, its teardown waiting for the stopped guest's lock: not alive to users meanwhile.
+        wait_until(lambda: not dead_guest.alive, 20.0, "the host to reap the killed guest")
+        assert not any(d.pid == victim.pid for d in machine.deaths), "recovered while a lock it needs is held"
+        with pytest.raises(shmksm.LockTimeout):
+            machine.check()
         os.kill(stopped.pid, signal.SIGCONT)
         assert stopped.join(20) is True
         death = _death_of(machine, victim)
