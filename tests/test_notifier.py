@@ -58,6 +58,13 @@ def fill_pairs(a: shmksm.Guest, b: shmksm.Guest, pages: int) -> None:
         vb.write(i * PAGE_SIZE, page_of(i))
 
 
+def paired_guests(machine: shmksm.Machine, pages: int) -> tuple[shmksm.Guest, shmksm.Guest]:
+    """Two guests of ``pages`` pages whose page i holds the same content (fill_pairs): every page a pair to merge."""
+    a, b = machine.add_guest(pages=pages), machine.add_guest(pages=pages)
+    fill_pairs(a, b, pages)
+    return a, b
+
+
 def merge_all_pairs(machine: shmksm.Machine, a: shmksm.Guest, b: shmksm.Guest, pages: int) -> None:
     for i in range(pages):
         kpfn, _ = merge_pages(machine, a, i, b, i)
@@ -318,8 +325,7 @@ _RECORDS_PER_CHANGE = {"2009": 1, "2012": 3, "2024": 2, "interval": 2}
 def test_callbacks_arrive_in_production_order(era: str) -> None:
     pages, rounds = 48, 6
     with shmksm.Machine(frames=2 * pages * (rounds + 2) + 64, ksmd=False, notifier_era=era) as machine:
-        a, b = machine.add_guest(pages=pages), machine.add_guest(pages=pages)
-        fill_pairs(a, b, pages)
+        a, b = paired_guests(machine, pages)
         shadow = machine.add_shadow([a, b])
         checking = add_checking_shadow(machine, [a, b])
         for s in (shadow, checking):
@@ -368,8 +374,7 @@ def test_callbacks_arrive_in_production_order(era: str) -> None:
 def test_a_notifier_without_change_pte_is_invalidated(era: str) -> None:
     pages = 24
     with shmksm.Machine(frames=256, ksmd=False, notifier_era=era) as machine:
-        a, b = machine.add_guest(pages=pages), machine.add_guest(pages=pages)
-        fill_pairs(a, b, pages)
+        a, b = paired_guests(machine, pages)
         with_cp = machine.add_shadow([a, b])
         without = machine.add_shadow([a, b], change_pte=False)
         assert slot_row(machine, without)[mn.S_CHANGE_PTE] == 0
@@ -637,8 +642,7 @@ def _wait_shadow_reaped(machine: shmksm.Machine, shadow: Any) -> None:
 def test_a_killed_shadow_is_unregistered_and_reclamation_goes_on() -> None:
     pages = 16
     with shmksm.Machine(frames=256, ksmd=False) as machine:
-        a, b = machine.add_guest(pages=pages), machine.add_guest(pages=pages)
-        fill_pairs(a, b, pages)
+        a, b = paired_guests(machine, pages)
         victim, survivor = machine.add_shadow([a, b]), machine.add_shadow([a, b])
         for s in (victim, survivor):
             s.round()
@@ -670,8 +674,7 @@ def test_a_killed_shadow_is_unregistered_and_reclamation_goes_on() -> None:
 def test_killing_a_stalled_shadow_frees_what_waited_for_it() -> None:
     pages = 16
     with shmksm.Machine(frames=256, ksmd=False) as machine:
-        a, b = machine.add_guest(pages=pages), machine.add_guest(pages=pages)
-        fill_pairs(a, b, pages)
+        a, b = paired_guests(machine, pages)
         shadow = machine.add_shadow([a, b])
         shadow.round()
         os.kill(shadow.worker.pid, signal.SIGSTOP)
@@ -698,8 +701,7 @@ def test_killing_a_stalled_shadow_frees_what_waited_for_it() -> None:
 def test_reclamation_waits_for_a_stopped_shadow() -> None:
     pages = 16
     with shmksm.Machine(frames=256, ksmd=False) as machine:
-        a, b = machine.add_guest(pages=pages), machine.add_guest(pages=pages)
-        fill_pairs(a, b, pages)
+        a, b = paired_guests(machine, pages)
         shadow = machine.add_shadow([a, b])
         shadow.round()
         shadow.sync()
