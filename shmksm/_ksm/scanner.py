@@ -934,8 +934,8 @@ class Scanner:
             kgens[k] = gen
         merged = [False] * len(pairs)
         by_tree: dict[int, list[int]] = {}
-        for k, (_, _, _, tree_slot, _, _) in enumerate(pairs):
-            if kgens[k] >= 0:
+        for k, (_, pfn, key, tree_slot, _, _) in enumerate(pairs):
+            if kgens[k] >= 0 and self._holds(pfn, key):
                 by_tree.setdefault(tree_slot.gid, []).append(k)
         for group in by_tree.values():
             tree_table = pairs[group[0]][3].table
@@ -1027,6 +1027,11 @@ class Scanner:
                     return
                 kpfn, kgen = ksm.try_to_merge_two_pages(table, page, pfn, tree_slot.table, tree_page, tree_pfn,
                                                         check_vma=True)
+                if kpfn >= 0 and not self._holds(kpfn, key):
+                    for t, p in ((table, page), (tree_slot.table, tree_page)):
+                        with t.mm_lock:
+                            with_frames(break_ksm, t, p)
+                    return
                 if kpfn >= 0:
                     # The tree's entry stays: its item is not UNSTABLE any more, so a
                     # lookup takes it for stale, and the content is on the stable tree now.
@@ -1039,6 +1044,17 @@ class Scanner:
         trees.unstable.set(key, slot.gid << REF_SHIFT | page)
         slot.state_v[page] = UNSTABLE
         self.pages_unshared += 1
+
+    def _holds(self, kpfn: int, key: int) -> bool:
+        """Does the new KSM page ``kpfn`` (write-protected now) hold the content of ``key``?
+
+        Its pages were hashed to ``key`` before they were write-protected: a
+        guest may have written both to another content in between, equal
+        still.  The kernel inserts a new KSM page by what it holds; here its
+        node's key, and its mappings' owner (their checksums), would say
+        ``key``, so such a pair is not merged: its pages go on as changed.
+        """
+        return _checksum(self.frames.flat[kpfn << 12:(kpfn + 1) << 12]) == key
 
     def _stable_dup(self, st: StableTree, key: int, max_sharing: int) -> int:
         """A live dup of content ``key`` with room for one more mapping, or -1.
