@@ -312,3 +312,42 @@ def test_interval_invalidations_are_per_interval_and_read_begin_waits() -> None:
         shadow.callback([mn.INVALIDATE_END | guest.id << 8, 0, 1, 0])
         reader.join(10)
         assert faulted and faulted[0] & VALID
+
+
+# -- read_retry: the end of an invalidation moves the sequence -------------------------------------
+
+
+@pytest.mark.parametrize("path", ["callback", "batch"])
+def test_a_fault_that_read_its_pte_before_a_change_ended_meanwhile_retries(
+        machine: shmksm.Machine, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """The start of a merge's invalidation runs before the fault's read_begin (it dropped the
+    entry: that is why the page faults), the fault reads the PTE before the merge changes it,
+    and the end has run when the fault checks: the entry must not be filled from the old PTE."""
+    guest = machine.add_guest(pages=4)
+    view = guest.view()
+    view.write(PAGE_SIZE, b"a")
+    table = machine.system.table(guest.id)
+    shadow = Shadow(machine.system, 0)
+    shadow._table(guest.id)
+    word = guest.id << 8
+    shadow.callback([mn.RANGE_START | word, 1, 2, 0])  # ksmd sends the start before it takes the PTL
+    old_pte = int(table.pv[1])
+    real_catch_up = shadow.catch_up
+    changed: list[int] = []
+
+    def catch_up(seq: int, timeout: float = 10.0) -> None:
+        if not changed:  # the merge, once the fault has let go of the PTL: the PTE changes, then its end
+            with table.ptl(1):
+                changed.append(table.cow(1, int(table.pv[1]), dirty=True))  # a new frame; the old one dropped
+            end = np.array([[mn.RANGE_END | word, 1, 2, 0]], np.int64)
+            if path == "callback":
+                shadow.callback(end[0].tolist())
+            else:
+                shadow._run_points(end, end[:, 0] & 0xFF)
+        real_catch_up(seq, timeout)
+
+    monkeypatch.setattr(shadow, "catch_up", catch_up)
+    entry = shadow.fault(guest.id, 1)
+    assert changed and changed[0] & PFN_MASK != old_pte & PFN_MASK
+    assert entry & PFN_MASK == int(table.pv[1]) & PFN_MASK, "the entry maps the frame the PTE maps now"
+    assert shadow.summary()["retries"] >= 1

@@ -14,8 +14,9 @@ page fault handler does:
     fault             lock the primary PTL, read (or fault in) the PTE, note the
                       notifier head; unlock
     catch up          process every event produced before that point
-    read_retry        a callback touched the guest (or the interval) since
-                      read_begin, or an invalidation is in progress → retry
+    read_retry        a callback touched the guest (or the interval) or ended an
+                      invalidation of it since read_begin, or an invalidation is
+                      in progress → retry
     install           the entry, with the frame's generation
 
 The PTL is taken with a try, running callbacks between tries: a producer may
@@ -140,7 +141,8 @@ def apply_points(spte: npt.NDArray[np.uint64], sgen: npt.NDArray[np.uint32], gen
     """Apply one guest's run of one-page records to its tables, as one by one in order.
 
     Returns (change_pte that updated an entry, invalidate_range_start minus
-    _end, records that touched entries: every change_pte and invalidation).
+    _end, records that move the guest's sequence: every change_pte,
+    invalidation and invalidate_range_end).
     A change_pte repoints a valid entry if its PTE is read-only, and drops
     it if the PTE is writable (kvm_set_pte_rmapp).
     """
@@ -168,10 +170,15 @@ def apply_points(spte: npt.NDArray[np.uint64], sgen: npt.NDArray[np.uint32], gen
             sgen[upages] = gen[ptes & PFN_MASK]
     if len(ipos):
         spte[pages[ipos]] = 0
-    return updated, in_progress, len(cpos) + len(ipos) - int(np.count_nonzero(kind == mn.INVALIDATE))
+    ends = int(np.count_nonzero(kind == mn.RANGE_END))
+    return updated, in_progress, len(cpos) + len(ipos) - int(np.count_nonzero(kind == mn.INVALIDATE)) + ends
 
 
-_TOUCHING = frozenset((mn.CHANGE_PTE, mn.INVALIDATE_PAGE, mn.RANGE_START))  # the interval's go per interval
+# Records that move a guest's sequence (KVM's mmu_invalidate_seq); the interval's go per interval.
+# The end of a range invalidation too, as kvm_mmu_invalidate_end: a fault whose read_begin came
+# after the start may have read the PTE before the change, and sees no invalidation in progress
+# once the end has run.
+_TOUCHING = frozenset((mn.CHANGE_PTE, mn.INVALIDATE_PAGE, mn.RANGE_START, mn.RANGE_END))
 _INTERVAL_SHIFT = mn.INTERVAL_PAGES.bit_length() - 1
 
 

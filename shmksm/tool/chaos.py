@@ -354,6 +354,10 @@ class _Campaign:
             report.verified_bytes += view.size
         report.ideal = ideal_counters(cfg.guests, cfg.pages, m.ksm.max_page_sharing)
         dog.begin("waiting for ksmd to converge on the final content")
+        # smart_scan skips a page that kept failing to merge (as the writers'
+        # pages did) for up to 8 scans at a time: counters that stay the same
+        # for a few scans would not mean that every page was looked at.
+        m.ksm.smart_scan = 0
         if m.ksmd is None or not m.ksmd.is_alive():
             m.start_ksmd()
         c = m.wait_converged(timeout=cfg.hang_seconds * 2)
