@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -74,13 +75,19 @@ def _frames_all_back(machine: shmksm.Machine, mapped: int) -> None:
 # -- robust locks ---------------------------------------------------------------------------------------
 
 
+def _guest_holding_its_lock(machine: shmksm.Machine, seconds: float) -> tuple[Any, shmksm.Worker]:
+    """A guest process that holds the page-table lock of its first run for ``seconds``; (that lock, the worker)."""
+    guest = machine.add_guest(pages=1024)
+    lock = machine.system.locks.ptl[machine.system.locks.ptl_index(guest.id, 0)]
+    worker = machine.spawn(_hold, guest, seconds)
+    view = guest.view()
+    wait_until(lambda: view.read(512 * PAGE_SIZE, 4) == b"held", 10.0, "the guest to take the lock")
+    return lock, worker
+
+
 def test_a_dead_holders_lock_is_had_at_once_and_counted() -> None:
     with shmksm.Machine(frames=64, overcommit=True, ksmd=False) as machine:
-        guest = machine.add_guest(pages=1024)
-        lock = machine.system.locks.ptl[machine.system.locks.ptl_index(guest.id, 0)]
-        worker = machine.spawn(_hold, guest, 600.0)
-        view = guest.view()
-        wait_until(lambda: view.read(512 * PAGE_SIZE, 4) == b"held", 10.0, "the guest to take the lock")
+        lock, worker = _guest_holding_its_lock(machine, 600.0)
         assert lock.holder() == worker.pid, "the lock does not record its holder"
         worker.kill(signal.SIGKILL)
         _death_of(machine, worker)
@@ -92,11 +99,7 @@ def test_a_dead_holders_lock_is_had_at_once_and_counted() -> None:
 
 def test_a_live_holder_keeps_its_lock_however_long_it_holds_it() -> None:
     with shmksm.Machine(frames=64, overcommit=True, ksmd=False) as machine:
-        guest = machine.add_guest(pages=1024)
-        lock = machine.system.locks.ptl[machine.system.locks.ptl_index(guest.id, 0)]
-        worker = machine.spawn(_hold, guest, 3.0)
-        view = guest.view()
-        wait_until(lambda: view.read(512 * PAGE_SIZE, 4) == b"held", 10.0, "the guest to take the lock")
+        lock, worker = _guest_holding_its_lock(machine, 3.0)
         assert not lock.acquire(timeout=1.5), "a live holder's lock was taken over"
         assert worker.join(20) is None
         assert lock.acquire(timeout=1)
