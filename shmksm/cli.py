@@ -939,7 +939,7 @@ def chaos(kills: int, seconds: float, seed: int, roles: str, guests: int, pages:
             click.echo("\nstacks at the hang:\n" + report.stacks, err=True)
     if not report.ok:
         raise click.ClickException("the campaign failed: " + (report.errors[0] if report.errors else
-                                                              "ksmd did not converge to the ideal counters"))
+                                                              ", ".join(report.failures())))
 
 
 if __name__ == "__main__":

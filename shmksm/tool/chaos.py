@@ -96,10 +96,18 @@ class ChaosReport:
     errors: list[str] = field(default_factory=list)
     stacks: str = ""
 
+    def failures(self) -> list[str]:
+        """What went wrong, one phrase each; empty when the campaign passed."""
+        found = [f"{getattr(self, name)} {name.replace('_', ' ')}" for name in
+                 ("hangs", "failed_checks", "bytes_lost", "segments_left", "stale_reads", "unexpected_exits")
+                 if getattr(self, name)]
+        if not self.converged:
+            found.append("ksmd did not converge to the ideal counters")
+        return found
+
     @property
     def ok(self) -> bool:
-        return not (self.hangs or self.failed_checks or self.bytes_lost or self.segments_left or self.stale_reads
-                    or self.unexpected_exits) and self.converged
+        return not self.failures()
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
