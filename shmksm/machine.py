@@ -63,6 +63,7 @@ from .guest import GuestView
 
 DEFAULT_FRAMES = 65536
 DEFAULT_LOCK_TIMEOUT = 10.0
+_STATUS_WAIT_SECONDS = 5.0  # how long an ended worker's exit status may lag its pipe's end
 _RECOVERY_ATTEMPT_SECONDS = 1.0  # the reaper's bound per recovery attempt; it retries
 
 
@@ -162,8 +163,13 @@ class Worker:
             except (EOFError, OSError):
                 self._outcome = None
             if self._outcome is None:
+                # No result: it died.  Its exit status may lag its pipe's end
+                # (the forkserver reports it); wait for it before saying how.
+                self.process.join(_STATUS_WAIT_SECONDS)
                 code = self.process.exitcode
-                if code is not None and code < 0:
+                if code is None:
+                    return ("died", f"worker {self.name} (pid {self.pid}) ended without its exit status")
+                if code < 0:
                     how = f"was killed by signal {-code}"
                 elif code == REIMPORTED_MAIN_EXIT:
                     how = f"exited at start: {reimported_main_message('the main script')}"

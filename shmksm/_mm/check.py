@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from ..errors import CheckError
 from . import control, faults
-from .frames import INUSE, WAITING, ZERO_PFN, link_free_lists, link_waiting_list, node_of
+from .frames import INUSE, WAITING, ZERO_PFN, epoch_tag, link_free_lists, link_waiting_list, node_of, oldest_first
 from .frames import KSM as FRAME_KSM
 from .locks import stop_the_world
 from .mmu_notifier import RELEASE
@@ -193,9 +193,13 @@ def rebuild_locked(system: System) -> int:
     epoch = system.get("epoch")
     # Old waiting frames keep their order (by the epoch they were dropped in);
     # frames this recovery drops follow, tagged with the current epoch.
-    waiting = waiting[np.argsort(mapcount[waiting], kind="stable")]
+    waiting = oldest_first(waiting, mapcount, epoch)
+    # Tag, flag, then the new generation, in free_locked's order: shadows read
+    # on while the world is stopped, and a vCPU that sees the new generation of
+    # a frame must see it waiting, not taken for reused.
+    mapcount[dropped] = epoch_tag(epoch)
+    flags[dropped] = WAITING
     frames.gen[dropped] += np.uint32(1)
-    mapcount[dropped] = epoch
     wait_all = np.concatenate([waiting, dropped])
     free = np.flatnonzero(~mapped & ~was_inuse & ((flags & WAITING) == 0))
     keep_ksm = ksm | ((flags & FRAME_KSM) != 0)

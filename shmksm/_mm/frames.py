@@ -74,6 +74,18 @@ _EPOCH: Final = control.INDEX["epoch"]
 _FRAME_WAIT_SECONDS: Final = 5.0  # how long with_frames waits for shadows to acknowledge
 
 
+def epoch_tag(epoch: int) -> int:
+    """The tag a frame dropped in ``epoch`` carries in its mapcount word: the epoch's low 32 bits, signed."""
+    epoch &= 0xFFFFFFFF
+    return epoch - ((epoch & 0x80000000) << 1)
+
+
+def oldest_first(waiting: npt.NDArray[np.intp], mapcount: npt.NDArray[np.int32], epoch: int) -> npt.NDArray[np.intp]:
+    """Waiting frames in reclamation order: by the epoch each was dropped in, oldest first (mod 2**32)."""
+    age = (epoch - mapcount[waiting].astype(np.int64)) & 0xFFFFFFFF
+    return waiting[np.argsort(-age, kind="stable")]
+
+
 def meta_size(nframes: int) -> int:
     return META_BYTES_PER_FRAME * nframes
 
@@ -297,12 +309,16 @@ class Frames:
         """free() for a caller that holds the allocator lock."""
         cv = self.cv
         nx = self.nx
-        # WAITING before the new generation: a reader without locks (a shadow's
-        # vCPU) that sees the new generation sees the frame waiting, not reused.
+        # The order of the three stores matters twice.  The tag before the flag:
+        # a process killed between them leaves the frame INUSE and unmapped,
+        # which recovery drops with a current tag -- never WAITING with its old
+        # mapcount read as a tag so old that the next pass reuses the frame
+        # while a shadow still maps it.  The flag before the new generation: a
+        # reader without locks (a shadow's vCPU) that sees the new generation
+        # sees the frame waiting, not reused.
+        self.mc[pfn] = epoch_tag(cv[_EPOCH])
         self.fl[pfn] = WAITING
         self.gn[pfn] = (self.gn[pfn] + 1) & 0xFFFFFFFF
-        epoch = cv[_EPOCH] & 0xFFFFFFFF
-        self.mc[pfn] = epoch - ((epoch & 0x80000000) << 1)
         nx[pfn] = -1
         tail = cv[_WAIT_TAIL]
         if tail < 0:
@@ -359,10 +375,12 @@ class Frames:
         flags = self.flags
         free = np.flatnonzero(flags == 0)
         free = free[free != ZERO_PFN]
-        waiting = np.flatnonzero(flags == WAITING)
-        epoch = self.cv[_EPOCH] & 0xFFFFFFFF
-        age = (epoch - self.mapcount[waiting].astype(np.int64)) & 0xFFFFFFFF  # older first
-        waiting = waiting[np.argsort(-age, kind="stable")]
+        waiting = oldest_first(np.flatnonzero(flags == WAITING), self.mapcount, int(self.cv[_EPOCH]))
+        # A holder killed between a waiting frame's flag and its new generation
+        # left the old one: bump it, so that no stable node takes the frame for
+        # the page it was once it is reused.  No PTE maps a waiting frame, and a
+        # shadow's vCPU does not count a read of one that is waiting.
+        self.gen[waiting] += np.uint32(1)
         self.mapcount[free] = 0
         nxt = self.next
         link_free_lists(nxt, self.ctl, free)
@@ -439,9 +457,9 @@ class Frames:
             tail = cv[_WAIT_TAIL]
             at_tail = tail >= 0
             link = (cv[_WAIT_HEAD], nx[tail])[at_tail]
+            mc[pfn] = (left, epoch - ((epoch & 0x80000000) << 1))[free]  # in free_locked's order
             fl[pfn] = (fl[pfn], WAITING)[free]
             gn[pfn] = (gn[pfn] + free) & 0xFFFFFFFF
-            mc[pfn] = (left, epoch - ((epoch & 0x80000000) << 1))[free]
             nx[pfn] = (nx[pfn], -1)[free]
             link = (link, pfn)[free]
             if at_tail:
@@ -498,10 +516,9 @@ class Frames:
             if len(bad):
                 self._check_private(pfns[bad[0]])
             cv = self.cv
-            epoch = cv[_EPOCH] & 0xFFFFFFFF
-            self.flags[idx] = WAITING  # before the new generation, as in free_locked
+            self.mapcount[idx] = epoch_tag(cv[_EPOCH])  # tag, flag, generation: free_locked's order
+            self.flags[idx] = WAITING
             self.gen[idx] += np.uint32(1)  # wraps, as free_locked's & 0xFFFFFFFF
-            self.mapcount[idx] = epoch - ((epoch & 0x80000000) << 1)
             self.next[idx[:-1]] = idx[1:]  # linked in order, then onto the waiting list's tail
             self.next[idx[-1]] = -1
             tail = cv[_WAIT_TAIL]
