@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import signal
 import time
 
 import numpy as np
@@ -275,4 +278,40 @@ def test_merging_under_concurrent_guests(seconds: float) -> None:
         assert merger.merged > 20, f"too few merges to mean anything ({merger.merged})"
         assert merger.unmerged > 0
         assert machine.system.get("cow_ksm") > cow_before, "no guest ever wrote into a merged page"
+        machine.check()
+
+
+def test_out_of_frames_the_last_mapping_keeps_its_ksm_page_once_the_shadows_ran_the_others() -> None:
+    """Out of frames, a write to the last mapping of a KSM page makes the page itself private again
+    (no copy) -- but only once every shadow has run the invalidations of the page's other mappings:
+    a shadow that still maps the page through another guest's old entry would read the writer's bytes."""
+    with shmksm.Machine(frames=8, overcommit=True, ksmd=False) as machine:
+        a, b = machine.add_guest(pages=8), machine.add_guest(pages=8)
+        va, vb = a.view(), b.view()
+        va.write(0, page_of(1))
+        vb.write(0, page_of(1))
+        kpfn, _ = merge_pages(machine, a, 0, b, 0)
+        assert kpfn > 0
+        shadow = machine.add_shadow([b])
+        assert shadow.round()["faults"] >= 1  # b's page 0 is mapped through the KSM page
+        os.kill(shadow.worker.pid, signal.SIGSTOP)  # it runs no invalidation from here on
+        try:
+            vb.write(0, b"B")  # copy-on-write: b leaves the KSM page, a is its last mapping
+            page = 1
+            with contextlib.suppress(shmksm.OutOfFrames):
+                while True:  # take every frame there is
+                    va.write(page * PAGE_SIZE, b"x")
+                    page += 1
+            assert machine.system.frames.mc[kpfn] == 1
+            with pytest.raises(shmksm.OutOfFrames, match="did not acknowledge"):
+                va.write(0, b"A")  # waits its bound for the stopped shadow, then gives up
+            assert va.read(0, PAGE_SIZE) == page_of(1)
+            assert pfn_of(machine, a, 0) == kpfn and not pte_of(machine, a, 0) & WRITE
+        finally:
+            os.kill(shadow.worker.pid, signal.SIGCONT)
+        va.write(0, b"A")
+        assert va.read(0, PAGE_SIZE) == b"A" + page_of(1)[1:PAGE_SIZE]
+        assert pfn_of(machine, a, 0) == kpfn, "no frame was free: the KSM page itself became a's"
+        assert not machine.system.frames.fl[kpfn] & FRAME_KSM
+        assert shadow.round()["stale_reads"] == 0
         machine.check()

@@ -46,6 +46,7 @@ import numpy.typing as npt
 from ..errors import InternalError, OutOfFrames
 from . import control, faults
 from .locks import Lock, LockTable
+from .waiting import poll_until
 
 PAGE_SIZE: Final = 4096
 PAGE_SHIFT: Final = 12
@@ -333,9 +334,14 @@ class Frames:
         with self.alloc_lock:
             return self._reclaim_locked()
 
+    def oldest_acknowledgment(self) -> int:
+        """The epoch every participant has processed up to (NO_EPOCH_ACK with none)."""
+        cv = self.cv
+        return int(min(cv[control.PART_BASE + 2 * p + 1] for p in range(control.MAX_PARTICIPANTS)))
+
     def _reclaim_locked(self) -> int:
         cv, mc, nx, fl = self.cv, self.mc, self.nx, self.fl
-        safe = min(cv[control.PART_BASE + 2 * p + 1] for p in range(control.MAX_PARTICIPANTS))
+        safe = self.oldest_acknowledgment()
         nodes, n = self.nodes, self.nframes
         moved = [0] * nodes
         heads = [cv[_NODE_BASE + _NODE_WORDS * k + _N_FREE_HEAD] for k in range(nodes)]
@@ -475,10 +481,22 @@ class Frames:
     def take_last_mapping(self, pfn: int) -> bool:
         """Make KSM page ``pfn`` private again if one PTE maps it; return whether it did.
 
-        The caller holds the PTL of that one mapping.  Takes the frame lock:
+        Waits first (at most _FRAME_WAIT_SECONDS, else OutOfFrames) until
+        every shadow has run the events produced so far, which include the
+        invalidations of the page's other mappings.  The caller holds the PTL
+        of that one mapping.  Takes the frame lock:
         once the KSM flag is gone, no merge can add a mapping (replace_page
         checks it under the same lock) and the scanner finds its node stale.
         """
+        if self.mc[pfn] != 1 or not self.fl[pfn] & KSM:
+            return False
+        # The page's other mappings are gone, but a shadow may still read it
+        # through an entry whose invalidation it has not run: the page's new
+        # life (its writer's bytes) must wait for that, as a frame's reuse does.
+        epoch = int(self.cv[_EPOCH])
+        poll_until(lambda: self.oldest_acknowledgment() >= epoch, _FRAME_WAIT_SECONDS,
+                   lambda: OutOfFrames("out of frames: the shadow workers did not acknowledge the invalidations "
+                                       f"of KSM page {pfn}'s other mappings in {_FRAME_WAIT_SECONDS:g} s"))
         lock = self.frame_locks[pfn % self._nframe_locks]
         lock.acquire()
         try:
