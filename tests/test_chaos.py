@@ -30,8 +30,6 @@ def test_ideal_counters_of_the_final_content() -> None:
     assert ideal_counters(2, 32, 2) == {"pages_shared": 32, "pages_sharing": 32}
 
 
-# A rare stale shadow read under kills is an open race (docs/architecture.md).
-@pytest.mark.flaky
 def test_a_short_campaign_of_every_role_loses_nothing() -> None:
     report = run_chaos(ChaosConfig(kills=24, seconds=20, seed=11, hang_seconds=30))
     assert sum(report.kills.values()) >= 8, report.kills
@@ -41,8 +39,6 @@ def test_a_short_campaign_of_every_role_loses_nothing() -> None:
     _assert_clean(report.as_dict())
 
 
-# A rare stale shadow read under kills is an open race (docs/architecture.md).
-@pytest.mark.flaky
 def test_the_command_reports_json_and_a_table() -> None:
     result = CliRunner().invoke(main, ["chaos", "--kills", "6", "--seconds", "15", "--seed", "3", "--roles",
                                        "guest,ksmd", "--json"], prog_name="shmksm")

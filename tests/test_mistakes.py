@@ -89,8 +89,6 @@ def test_a_machine_at_the_top_level_of_a_script_is_refused_with_the_fix(tmp_path
     assert len(error_lines) == 1  # one line: the host's, before any worker ran
 
 
-# Now and then the host's line naming the worker's early exit is missing: cause open.
-@pytest.mark.flaky
 def test_a_worker_that_imports_the_unguarded_script_says_the_same_line(tmp_path: Path) -> None:
     """Without a .py source to read, the host cannot tell in advance: the workers say it, and the host too."""
     proc = run_script(tmp_path, UNGUARDED, name="first")
