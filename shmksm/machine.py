@@ -772,15 +772,23 @@ class Machine:
             checker.check(self.system, max(0.0, deadline - time.monotonic()))
 
     def reclaim(self) -> int:
-        """Run a reclaim pass; return how many waiting frames became free."""
-        return self.system.frames.reclaim()
+        """Do the puts that write faults deferred (mitigation "vusion"), then run a
+        reclaim pass; return how many waiting frames became free."""
+        frames = self.system.frames
+        frames.drain_deferred()
+        return frames.reclaim()
 
     def free_frames(self) -> int:
         """Frames on the free list now (not counting those waiting for reclamation)."""
         return self.system.get("free_count")
 
     def vmstat(self) -> dict[str, int]:
-        """The /proc/vmstat counters the emulation keeps, by the kernel's names (``cow_ksm``)."""
+        """The /proc/vmstat counters the emulation keeps, by the kernel's names (``cow_ksm``).
+
+        A copy whose put a write fault deferred (mitigation "vusion") is
+        counted once the put is done: those still queued are done first.
+        """
+        self.system.frames.drain_deferred()
         return {name: self.system.get(name) for name in control.VMSTAT}
 
     # -- shutdown ----------------------------------------------------------------------------------

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import pfn_of, pte_of
+from helpers import merge_pages, pfn_of, pte_of, wait_until
 
 import shmksm
 from shmksm._ksm import ksm
+from shmksm._mm import control
+from shmksm._mm.frames import INUSE
+from shmksm._mm.frames import KSM as FRAME_KSM
 from shmksm._mm.pagetable import KSM, PRESENT, WRITE
 from shmksm.cli import main
 from shmksm.tool.sidechannel import PolicyResult, run_policy
@@ -133,7 +138,16 @@ def test_a_write_protected_private_page_is_copied_under_vusion_only(machine: shm
     view.write(2 * PAGE + 7, b"y" * PAGE)  # two pages at once: handle_write_faults
     vusion = mitigation == "vusion"
     assert [pfn_of(machine, g, p) != before[p] for p in range(4)] == [False, vusion, vusion, vusion]
+    frames = machine.system.frames
+    # Under vusion the old frames' puts wait, out of the faults: the frames
+    # are still in use, the copies not yet counted, and the machine checks clean.
+    assert sorted(frames.deferred().tolist()) == (before[1:] if vusion else [])
+    assert all(frames.mapcount[before[p]] == 1 for p in range(4))
+    machine.check()
+    assert frames.drain_deferred() == (3 if vusion else 0)
     assert machine.system.get("cow_faults") == (3 if vusion else 0)
+    assert [frames.mapcount[before[p]] == 1 for p in range(4)] == [True, not vusion, not vusion, not vusion]
+    machine.check()
     assert all(pte_of(machine, g, p) & WRITE for p in (1, 2, 3))
     expected = bytearray(content)
     expected[PAGE + 5] = ord("x")
@@ -160,6 +174,7 @@ def test_vusion_write_protects_and_moves_every_page_ksmd_considers() -> None:
         assert view.read(0, 16 * PAGE) == content
         for p in range(16):
             view.write(p * PAGE, b"\xff")  # each faults and copies; none is lost
+        m.reclaim()  # does the puts the faults deferred, which count their copies
         assert m.system.get("cow_faults") >= 16
         assert [view.read(p * PAGE, 1) for p in range(16)] == [b"\xff"] * 16
         m.check()
@@ -180,6 +195,103 @@ def test_vusion_merges_into_a_frame_neither_page_had() -> None:
         assert not kpfns & planted
         for g in (a, b):
             assert g.view().read(0, 8 * PAGE) == content
+        m.check()
+
+
+def test_vusion_faults_on_a_ksm_page_and_a_private_page_alike_and_defer_what_differs(
+        machine: shmksm.Machine) -> None:
+    machine.ksm.mitigation = "vusion"
+    a, b = machine.add_guest(pages=2), machine.add_guest(pages=1)
+    content = unique_pages(2, seed=7)
+    a.view().write(0, content)
+    b.view().write(0, content[:PAGE])
+    kpfn, _ = merge_pages(machine, a, 0, b, 0)
+    assert kpfn > 0
+    assert ksm.write_protect_pages(machine.system.table(a.id), np.arange(2)) == 1
+    private = pfn_of(machine, a, 1)
+    frames = machine.system.frames
+    machine.reclaim()
+    free = machine.free_frames()
+    a.view().write(0, b"\x01")  # into the KSM page
+    a.view().write(PAGE, b"\x02")  # into the private page
+    # Each took a new frame and queued its old one; neither old frame changed yet.
+    assert machine.free_frames() == free - 2
+    assert frames.deferred().tolist() == [kpfn, private]
+    assert (frames.mapcount[kpfn], frames.mapcount[private]) == (2, 1)
+    assert machine.system.get("cow_ksm") == machine.system.get("cow_faults") == 0
+    machine.check()
+    # The deferred puts: the KSM page keeps b's mapping, the private frame goes.
+    assert machine.vmstat()["cow_ksm"] == 1
+    assert machine.system.get("cow_faults") == 1
+    assert len(frames.deferred()) == 0
+    assert frames.mapcount[kpfn] == 1 and frames.flags[kpfn] & FRAME_KSM
+    assert not frames.flags[private] & INUSE, "freed"
+    machine.check()
+    machine.reclaim()
+    assert machine.free_frames() == free - 1, "the private frame came back"
+    assert a.view().read(0, 1) + a.view().read(PAGE, 1) == b"\x01\x02"
+    assert b.view().read(0, PAGE) == content[:PAGE]
+
+
+def _write_protected(machine: shmksm.Machine, pages: int) -> shmksm.Guest:
+    """A guest of ``pages`` unique pages, every one write-protected as vusion's ksmd leaves them."""
+    g = machine.add_guest(pages=pages)
+    g.view().write(0, unique_pages(pages, seed=8))
+    assert ksm.write_protect_pages(machine.system.table(g.id), np.arange(pages)) == pages
+    return g
+
+
+def _write_each_page(view: shmksm.GuestView, pages: int) -> None:
+    for p in range(pages):
+        view.write(p * PAGE, b"\xee")
+
+
+def test_vusion_faults_do_the_deferred_puts_when_frames_or_the_ring_run_out() -> None:
+    pages = control.DEFERRED_SLOTS + 100
+    with shmksm.Machine(frames=pages + 200, ksmd=False, mitigation="vusion") as m:
+        g = _write_protected(m, pages)
+        # More faults than the ring holds, and than free frames: the faults
+        # themselves do the puts queued, and no write fails for want of a frame.
+        m.spawn(_write_each_page, g, pages).join(60)
+        assert len(m.system.frames.deferred()) <= control.DEFERRED_SLOTS
+        m.check()
+        assert m.reclaim() >= 0 and len(m.system.frames.deferred()) == 0
+        assert m.system.get("cow_faults") == pages
+        assert m.free_frames() == m.frames - 1 - pages, "every old frame came back"
+        view = g.view()
+        assert all(view.read(p * PAGE, 1) == b"\xee" for p in range(pages))
+        m.check()
+
+
+def _write_then_sleep(view: shmksm.GuestView, pages: int) -> None:
+    _write_each_page(view, pages)
+    time.sleep(600)
+
+
+def test_a_guest_killed_with_deferred_puts_pending_leaks_no_frame() -> None:
+    with shmksm.Machine(frames=256, ksmd=False, mitigation="vusion") as m:
+        g = _write_protected(m, 64)
+        frames = m.system.frames
+        writer = m.spawn(_write_then_sleep, g, 64)
+        wait_until(lambda: len(frames.deferred()) == 64, 10.0, "the writer's faults to queue their puts")
+        writer.kill(signal.SIGKILL)
+        wait_until(lambda: any(d.pid == writer.pid for d in m.deaths), 10.0, "the host to reap the writer")
+        # The guest went with its one process; the recovery counted the copies
+        # behind the queued puts and emptied the ring.
+        assert not g.alive
+        assert len(frames.deferred()) == 0
+        assert m.system.get("cow_faults") == 64
+        m.check()
+        m.reclaim()
+        assert m.free_frames() == m.frames - 1, "no frame leaked"
+
+
+def test_ksmd_does_the_deferred_puts_while_it_idles() -> None:
+    with shmksm.Machine(frames=256, mitigation="vusion", **FAST) as m:
+        g = _write_protected(m, 32)
+        m.spawn(_write_each_page, g, 32).join()
+        wait_until(lambda: len(m.system.frames.deferred()) == 0, 10.0, "ksmd (run = 0) to do the puts")
+        assert m.system.get("cow_faults") == 32
         m.check()
 
 

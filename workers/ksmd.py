@@ -2,7 +2,8 @@
 
 The host starts it with ``machine.start_ksmd()``, one process per scanner
 (the ``scanners`` knob).  It scans while the ``run`` knob is 1, unmerges
-everything once when it becomes 2, idles at 0, and exits when the host sets
+everything once when it becomes 2, idles at 0 (still doing the puts that
+write faults deferred, see frames.Frames.defer_put), and exits when the host sets
 ``scanner_stop`` or dies, or when ``scanners`` drops to its index or below.
 Small batches with a sleep between them are run a few back to back per
 wake-up, with their sleeps taken together (:func:`batches_per_wake`).
@@ -78,7 +79,9 @@ def ksmd(system: System, started_ns: int = 0, index: int = 0) -> dict[str, int]:
     host = os.getppid()
     batches = 0
     settle = _settle_key(scanner)
+    drain_deferred = system.frames.drain_deferred
     while not get("scanner_stop") and index < get("scanners"):
+        drain_deferred()  # the puts mitigation "vusion"'s write faults left, out of the faults' time
         if (request := get("explain_request")) != own.get("explain_answer"):
             explain.answer(scanner, system.spec.prefix, request)
             own.set("explain_answer", request)

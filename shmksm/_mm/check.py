@@ -3,16 +3,17 @@
 Invariants (DESIGN.md, "Accounting"):
 
 * every frame but the zero page is free, waiting, or mapped by exactly
-  ``mapcount`` PTEs, and is on the free list, on the waiting list, or flagged
-  in use accordingly;
+  ``mapcount`` PTEs (plus its puts still deferred, frames.Frames.defer_put),
+  and is on the free list, on the waiting list, or flagged in use accordingly;
 * the zero page is all zeros;
 * no PTE maps a free or waiting frame, nor a frame outside the pool;
 * a writable PTE maps a frame nobody else maps and that is not a KSM page;
 * a KSM PTE maps a KSM page (or, with ZERO, the zero page).
 
 :func:`check` reports the first violation.  :func:`recover` rebuilds the
-metadata from the page tables — the truth — after a process died in the
-middle of an update, and tears down the address spaces of dead guests.
+metadata from the page tables — the truth, which deferred puts only
+anticipate — after a process died in the middle of an update, and tears
+down the address spaces of dead guests.
 Both run with every page-table, frame, allocator and notify lock held
 (:func:`locks.stop_the_world`), never the mm locks: neither reads what they
 guard, and a lock of a dead holder is had at once (robust mutexes), so
@@ -93,6 +94,16 @@ def check_locked(system: System) -> None:
     mapcount = frames.mapcount
     inuse = (flags & INUSE) != 0
     inuse[ZERO_PFN] = False
+    # A frame whose put is deferred keeps that mapping in its mapcount until it is done.
+    deferred = frames.deferred()
+    if len(deferred):
+        outside = deferred[(deferred <= ZERO_PFN) | (deferred >= n)]
+        if len(outside):
+            raise CheckError(f"a put of frame {int(outside[0])} is deferred: the zero page or outside the pool")
+        stray = deferred[~inuse[deferred]]
+        if len(stray):
+            raise CheckError(f"frame {int(stray[0])} has a deferred put but is not in use")
+        counts = counts + np.bincount(deferred, minlength=n)
     unmapped_inuse = np.flatnonzero(inuse & (counts == 0))
     unmapped_inuse = unmapped_inuse[unmapped_inuse != ZERO_PFN]
     if len(unmapped_inuse):
@@ -181,8 +192,17 @@ def recover(system: System, dead_guests: list[int], timeout: float | None = None
 
 
 def rebuild_locked(system: System) -> int:
-    """Recompute mapcounts and both frame lists from the PTEs; return frames newly dropped."""
+    """Recompute mapcounts and both frame lists from the PTEs; return frames newly dropped.
+
+    Deferred puts are subsumed: the copies they stand for are counted, the ring emptied.
+    """
     frames = system.frames
+    deferred = frames.deferred()
+    if len(deferred):
+        into_ksm = int(np.count_nonzero(frames.flags[deferred] & FRAME_KSM))
+        system.ctl[control.INDEX["cow_ksm"]] += into_ksm
+        system.ctl[control.INDEX["cow_faults"]] += len(deferred) - into_ksm
+    system.ctl[control.INDEX["deferred_head"]] = system.ctl[control.INDEX["deferred_tail"]]
     counts, ksm = _mapcounts(system)
     flags, mapcount, nxt = frames.flags, frames.mapcount, frames.next
     was_inuse = (flags & INUSE) != 0

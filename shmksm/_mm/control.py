@@ -9,6 +9,7 @@ It is organized as follows (word offsets)::
     [NODE_BASE, +8*MAX_NODES)         NUMA nodes: free list head and count, numastat counters
     [SCANNER_BASE, +16*MAX_SCANNERS)  each scanner's own words (SCANNER_FIELDS), summed into the named ones
     [FAULT_BASE, +8*FAULT_SLOTS)      fault-injection points (shmksm._mm.faults)
+    [DEFERRED_BASE, +DEFERRED_SLOTS)  deferred puts: a ring of pfns (frames.Frames.defer_put)
 
 A knob has exactly one writer at a time (the host, under the stat lock) and
 is read without a lock: a word-sized store is atomic on every platform numpy
@@ -96,6 +97,10 @@ _INTERNAL: Final = (
     "explain_request",  # a request for ksmd's rmap items' states: requester pid << 20 | number (_ksm.explain)
     "explain_answer",  # scanner 0's last answer; a request is answered when every scanner's entry says so
     "faults_armed",  # fault-injection points armed (shmksm._mm.faults): 0 costs one test per point
+    # The ring of deferred puts: positions ever queued and ever done (the
+    # entries between them are pending), under the allocator lock.
+    "deferred_head",
+    "deferred_tail",
 )
 
 FIELDS: Final[tuple[str, ...]] = tuple(KNOB_DEFAULTS) + COUNTERS + _INTERNAL
@@ -149,7 +154,10 @@ SCANNER_FOLD: Final = {
 FAULT_BASE: Final = SCANNER_BASE + SCANNER_WORDS * MAX_SCANNERS
 FAULT_SLOTS: Final = 8
 FAULT_WORDS: Final = 8
-WORDS: Final = FAULT_BASE + FAULT_SLOTS * FAULT_WORDS
+DEFERRED_BASE: Final = FAULT_BASE + FAULT_SLOTS * FAULT_WORDS
+DEFERRED_SLOTS: Final = 4096  # a power of two: positions wrap with DEFERRED_MASK
+DEFERRED_MASK: Final = DEFERRED_SLOTS - 1
+WORDS: Final = DEFERRED_BASE + DEFERRED_SLOTS
 
 # Guest table states.
 GUEST_FREE: Final = 0

@@ -31,6 +31,22 @@ is counted as the kernel's zone_statistics counts it (numa_hit, numa_miss,
 numa_foreign, local_node, other_node: the allocating process runs on its
 guest's node).  The waiting list is one for every node; a reclaim pass puts
 each frame back on its own node's list.
+
+**Deferred puts.**  Under mitigation "vusion" a write fault on a
+write-protected page does not drop the old frame's mapping itself: what that
+costs differs between a KSM page (its mapcount goes down, the frame stays)
+and a private page (the frame is freed), and the attacker times the fault.
+The fault queues the old frame on a ring in the control segment
+(:meth:`Frames.defer_put`, the same steps for either), and the put — the
+mapcount, the free, the ``cow_ksm`` or ``cow_faults`` count — is done later
+by :meth:`Frames.drain_deferred`: by ksmd at every turn of its loop, by an
+allocation that found no free frame, by a fault that found the ring full.
+A queued frame counts one mapping more than its PTEs: the checker adds the
+ring to its count, and recovery, which rebuilds mapcounts from the PTEs,
+counts the ring's copies and empties it.  Every step writes the ring's
+position word last on queueing and first on draining, so a death between
+leaves a frame with a mapping too many (a leak until recovery), never one
+put twice.
 """
 
 from __future__ import annotations
@@ -72,6 +88,13 @@ _WAIT_HEAD: Final = control.INDEX["wait_head"]
 _WAIT_TAIL: Final = control.INDEX["wait_tail"]
 _WAIT_COUNT: Final = control.INDEX["wait_count"]
 _EPOCH: Final = control.INDEX["epoch"]
+_DEFERRED_HEAD: Final = control.INDEX["deferred_head"]
+_DEFERRED_TAIL: Final = control.INDEX["deferred_tail"]
+_DEFERRED_BASE: Final = control.DEFERRED_BASE
+_DEFERRED_MASK: Final = control.DEFERRED_MASK
+_DEFERRED_SLOTS: Final = control.DEFERRED_SLOTS
+_COW_KSM: Final = control.INDEX["cow_ksm"]
+_COW_FAULTS: Final = control.INDEX["cow_faults"]
 _FRAME_WAIT_SECONDS: Final = 5.0  # how long with_frames waits for shadows to acknowledge
 
 
@@ -197,7 +220,9 @@ class Frames:
         its list's first, or with ``depth`` the one that many further down
         (as far as the list goes), for a caller that places pages at random.
         Raises FramesPending when only waiting frames remain, OutOfFrames when
-        none remain at all.
+        none remain at all.  With no free frame on the node, the deferred puts
+        are done first (:meth:`drain_deferred`): the caller may hold a
+        page-table lock, not a frame lock.
         """
         cv = self.cv
         lock = self.alloc_lock
@@ -208,6 +233,15 @@ class Frames:
             home = _NODE_BASE + _NODE_WORDS * node
             at = home
             pfn = cv[home + _N_FREE_HEAD]
+            if pfn < 0 and cv[_DEFERRED_TAIL] != cv[_DEFERRED_HEAD]:
+                # Puts deferred may free frames: do them (their frame locks
+                # come before this lock), then look again.
+                lock.release()
+                try:
+                    self.drain_deferred()
+                finally:
+                    lock.acquire()
+                pfn = cv[home + _N_FREE_HEAD]
             if pfn < 0:
                 at = self._fallback_locked(node)
                 pfn = cv[at + _N_FREE_HEAD]
@@ -437,46 +471,100 @@ class Frames:
         finally:
             lock.release()
 
-    def put_alike(self, pfn: int) -> None:
-        """put(), doing the same work whether the frame is freed or keeps other mappings.
+    def defer_put(self, pfn: int) -> None:
+        """Queue a put of ``pfn``, done later by :meth:`drain_deferred` (see the module's text).
 
-        Mitigation "vusion": a write fault drops either a KSM page's mapping
-        or a private frame, and its cost must not tell which.  As
-        constant-time code hides a branch, both outcomes take the frame lock
-        and the allocator lock and store to the same words: free_locked's
-        values when the frame goes, the words' own values when it stays.
+        Mitigation "vusion"'s write fault: the same steps whether ``pfn`` is a
+        KSM page or a private frame; nothing of the frame is read.  The caller
+        holds a page-table lock and has remapped the page; takes the allocator
+        lock.  A full ring is drained here first (its frame locks after the
+        page-table lock, in order).
         """
-        if pfn == ZERO_PFN:
-            return
-        lock = self.frame_locks[pfn % self._nframe_locks]
+        cv = self.cv
+        lock = self.alloc_lock
         lock.acquire()
-        alloc_lock = self.alloc_lock
-        alloc_lock.acquire()
         try:
-            mc, fl, gn, nx, cv = self.mc, self.fl, self.gn, self.nx, self.cv
-            left = mc[pfn] - 1
-            if left < 0:
-                raise InternalError(f"frame {pfn}: mapcount below zero")
-            free = int(left == 0)
-            # Every word is read, then written with (kept, freed)[free]: no branch on free.
-            epoch = cv[_EPOCH] & 0xFFFFFFFF
-            tail = cv[_WAIT_TAIL]
-            at_tail = tail >= 0
-            link = (cv[_WAIT_HEAD], nx[tail])[at_tail]
-            mc[pfn] = (left, epoch - ((epoch & 0x80000000) << 1))[free]  # in free_locked's order
-            fl[pfn] = (fl[pfn], WAITING)[free]
-            gn[pfn] = (gn[pfn] + free) & 0xFFFFFFFF
-            nx[pfn] = (nx[pfn], -1)[free]
-            link = (link, pfn)[free]
-            if at_tail:
-                nx[tail] = link
-            else:
-                cv[_WAIT_HEAD] = link
-            cv[_WAIT_TAIL] = (tail, pfn)[free]
-            cv[_WAIT_COUNT] += free
+            tail = cv[_DEFERRED_TAIL]
+            if tail - cv[_DEFERRED_HEAD] < _DEFERRED_SLOTS:
+                cv[_DEFERRED_BASE + (tail & _DEFERRED_MASK)] = pfn
+                cv[_DEFERRED_TAIL] = tail + 1  # last: a death before it leaks the frame, nothing worse
+                return
         finally:
-            alloc_lock.release()
             lock.release()
+        self.drain_deferred()
+        self.defer_put(pfn)
+
+    def defer_puts(self, pfns: list[int]) -> None:
+        """defer_put for several frames, under one allocator lock while the ring has room."""
+        cv = self.cv
+        lock = self.alloc_lock
+        at = 0
+        while at < len(pfns):
+            lock.acquire()
+            try:
+                tail = cv[_DEFERRED_TAIL]
+                room = min(len(pfns) - at, _DEFERRED_SLOTS - (tail - cv[_DEFERRED_HEAD]))
+                for k in range(room):
+                    cv[_DEFERRED_BASE + ((tail + k) & _DEFERRED_MASK)] = pfns[at + k]
+                cv[_DEFERRED_TAIL] = tail + room
+                at += room
+            finally:
+                lock.release()
+            if at < len(pfns):
+                self.drain_deferred()
+
+    def drain_deferred(self) -> int:
+        """Do every put queued by :meth:`defer_put`, oldest first; return how many this call did.
+
+        Each is put(): the mapcount goes down and the frame is freed at 0,
+        and the copy the fault made is counted, ``cow_ksm`` for a KSM page,
+        ``cow_faults`` for a private one.  Takes each frame's lock, then the
+        allocator lock (the caller holds neither; it may hold a page-table
+        lock).  Returns once the ring was seen empty under the allocator
+        lock: every put queued before the call, whoever did it, is counted.
+        """
+        cv, mc, fl = self.cv, self.mc, self.fl
+        alloc_lock = self.alloc_lock
+        done = 0
+        while True:
+            head = cv[_DEFERRED_HEAD]
+            if head == cv[_DEFERRED_TAIL]:
+                with alloc_lock:
+                    if cv[_DEFERRED_HEAD] == cv[_DEFERRED_TAIL]:
+                        return done
+                continue
+            pfn = cv[_DEFERRED_BASE + (head & _DEFERRED_MASK)]  # stays while head does: pushes stop at a full ring
+            lock = self.frame_locks[pfn % self._nframe_locks]
+            lock.acquire()
+            alloc_lock.acquire()
+            try:
+                if cv[_DEFERRED_HEAD] != head:
+                    continue  # another drainer did it
+                cv[_DEFERRED_HEAD] = head + 1  # first: a death after it leaks the frame, never puts it twice
+                cv[_COW_KSM if fl[pfn] & KSM else _COW_FAULTS] += 1
+                # put()'s steps (kept inline there: it is on every copy-on-write's path).
+                left = mc[pfn] - 1
+                mc[pfn] = left
+                if left == 0:
+                    self.free_locked(pfn)
+                elif left < 0:
+                    raise InternalError(f"frame {pfn}: mapcount below zero (a deferred put)")
+                done += 1
+            finally:
+                alloc_lock.release()
+                lock.release()
+
+    def deferred(self) -> npt.NDArray[np.intp]:
+        """The frames whose puts are queued, oldest first (a frame once per put).
+
+        The caller holds the allocator lock, or every lock (the checker).
+        """
+        head, tail = self.cv[_DEFERRED_HEAD], self.cv[_DEFERRED_TAIL]
+        if not 0 <= tail - head <= _DEFERRED_SLOTS:
+            raise InternalError(f"the deferred puts' ring runs from {head} to {tail}: not 0 to {_DEFERRED_SLOTS} long")
+        at = np.arange(head, tail, dtype=np.intp) & _DEFERRED_MASK
+        pfns: npt.NDArray[np.intp] = self.ctl[_DEFERRED_BASE + at].astype(np.intp)
+        return pfns
 
     def take_last_mapping(self, pfn: int) -> bool:
         """Make KSM page ``pfn`` private again if one PTE maps it; return whether it did.

@@ -194,7 +194,8 @@ class PageTable:
         a write-protected private page nobody else maps → reuse in place,
         except under mitigation "vusion": the scanner write-protected it when
         it considered it for merging, and it is copied exactly as a KSM page
-        would be, so that a write's cost does not tell whether it was merged.
+        is (wp_page_copy_alike), so that a write's cost does not tell whether
+        it was merged.
         Raises FramesPending / OutOfFrames before changing anything.
         """
         pv = self.pv
@@ -214,13 +215,45 @@ class PageTable:
             else:
                 pv[page] = new
             return new
+        if frames.cv[_MITIGATION] == MITIGATION_VUSION:
+            return self.wp_page_copy_alike(page, pte)
         old = pte & PFN_MASK
-        if frames.cv[_MITIGATION] != MITIGATION_VUSION and not frames.fl[old] & FRAME_KSM and frames.mc[old] == 1:
+        if not frames.fl[old] & FRAME_KSM and frames.mc[old] == 1:
             # do_wp_page reuse: write-protected by a merge that did not happen.
             new = pte | WRITE | DIRTY | YOUNG
             pv[page] = new
             return new
         return self.cow(page, pte, dirty=True)
+
+    def wp_page_copy_alike(self, page: int, pte: int) -> int:
+        """The write fault on write-protected ``page`` (PTE ``pte``) under mitigation "vusion"; the new PTE.
+
+        A KSM page and a private page take the same steps, and none reads
+        the old frame's metadata: a new frame, the copy, the remap, and the
+        old frame queued for its put (Frames.defer_put).  The put itself —
+        a mapcount that goes down for a KSM page, a frame freed for a private
+        one, and which of cow_ksm and cow_faults counts the copy — differs
+        between the two, and is done out of the fault (Frames.drain_deferred).
+        With no frame left at all, the fault is the kernel's (reuse in place,
+        or a KSM page's last mapping): out of memory, the time of a write
+        tells more than this anyway.  PTL held; takes the allocator lock.
+        """
+        frames = self.frames
+        old = pte & PFN_MASK
+        try:
+            pfn = frames.alloc(-1, self.node)
+        except OutOfFrames:
+            if not frames.fl[old] & FRAME_KSM and frames.mc[old] == 1:
+                new = pte | WRITE | DIRTY | YOUNG
+                self.pv[page] = new
+                return new
+            return self.cow(page, pte, dirty=True)
+        frames.copy_frame(pfn, old)
+        frames.mc[pfn] = 1
+        new = pfn | WRITABLE_PTE
+        self.set_pte_at_notify(page, new)
+        frames.defer_put(old)
+        return new
 
     def handle_write_faults(self, pages: npt.NDArray[np.intp], whole: npt.NDArray[np.bool_]
                             ) -> tuple[int, Exception | None]:
@@ -252,16 +285,18 @@ class PageTable:
         frames = self.frames
         old_pfns = (old & _PFN64).astype(np.intp)
         ksm_frame = (frames.flags[old_pfns] & FRAME_KSM) != 0
-        # Under mitigation "vusion" every write-protected page is copied, as
-        # handle_write_fault does; otherwise a private one is reused in place.
+        # Under mitigation "vusion" every write-protected page is copied and its
+        # old frame's put deferred, as handle_write_fault does; otherwise a
+        # private one is reused in place.
         vusion = frames.cv[_MITIGATION] == MITIGATION_VUSION
         cow = protected if vusion else protected & (ksm_frame | (frames.mapcount[old_pfns] != 1))
         fresh = new_frame | cow
         nfresh = int(np.count_nonzero(fresh))
         try:
-            copies = int(np.count_nonzero(cow))
-            into_ksm = int(np.count_nonzero(cow & ksm_frame))
-            counts = {_COW_KSM: into_ksm, _COW_FAULTS: copies - into_ksm}
+            counts = None  # vusion: counted as the deferred puts are done
+            if not vusion:
+                into_ksm = int(np.count_nonzero(cow & ksm_frame))
+                counts = {_COW_KSM: into_ksm, _COW_FAULTS: int(np.count_nonzero(cow)) - into_ksm}
             pfns = frames.alloc_many(nfresh, counts, self.node) if nfresh else []
         except FramesPending:
             return self._write_faults_in_order(pages, whole)
@@ -291,9 +326,11 @@ class PageTable:
         if era >= 0:
             notifier.end_pages(self.gid, changed, list(zip(changed, new[replaced].tolist(), strict=True)), era)
         if nfresh:
-            put = frames.put_alike if vusion else frames.put
-            for pfn in old_pfns[cow].tolist():
-                put(pfn)
+            if vusion:
+                frames.defer_puts(old_pfns[cow].tolist())
+            else:
+                for pfn in old_pfns[cow].tolist():
+                    frames.put(pfn)
         return len(pages), None
 
     def _write_faults_in_order(self, pages: npt.NDArray[np.intp], whole: npt.NDArray[np.bool_]
@@ -334,10 +371,7 @@ class PageTable:
         frames.mc[pfn] = 1
         new = pfn | PRESENT | WRITE | YOUNG | (DIRTY if dirty else pte & DIRTY)
         self.set_pte_at_notify(page, new)
-        if frames.cv[_MITIGATION] == MITIGATION_VUSION:
-            frames.put_alike(old)  # whether it was shared must not show in the time taken
-        else:
-            frames.put(old)
+        frames.put(old)
         return new
 
     def set_pte_at_notify(self, page: int, pte: int) -> None:

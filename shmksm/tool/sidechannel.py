@@ -85,7 +85,12 @@ def _plant_candidates(view: GuestView, seed: int, trials: int, candidates: int) 
 
 
 def _copies(view: GuestView) -> int:
-    """Copies made by write faults so far, machine-wide: into KSM pages, and into private pages under vusion."""
+    """Copies made by write faults so far, machine-wide: into KSM pages, and into private pages under vusion.
+
+    Under vusion a fault's copy is counted when its deferred put is done:
+    those still queued are done first.
+    """
+    view.system.frames.drain_deferred()
     return view.system.get("cow_ksm") + view.system.get("cow_faults")
 
 
