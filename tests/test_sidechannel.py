@@ -318,7 +318,7 @@ def test_vusion_keeps_a_shadow_mmu_coherent(era: str) -> None:
 
 # -- the attack --------------------------------------------------------------------------------------
 
-TRIALS, CANDIDATES = 40, 8
+TRIALS, CANDIDATES = 100, 16  # the command's defaults
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +344,7 @@ def test_vusion_makes_merged_and_unmerged_writes_alike(attacks: dict[str, Policy
     assert 0.8 < r.merged.median_us / r.unmerged.median_us < 1.25
     assert r.ks_pvalue > 1e-3
     assert r.success_pvalue > 1e-3, f"{r.hits}/{r.trials} found: better than chance ({r.chance})"
-    assert r.hits <= TRIALS // 3
+    assert r.hits <= TRIALS // 5
 
 
 def test_domains_keep_the_tenants_apart(attacks: dict[str, PolicyResult]) -> None:
