@@ -246,13 +246,18 @@ def _write_each_page(view: shmksm.GuestView, pages: int) -> None:
         view.write(p * PAGE, b"\xee")
 
 
-def test_vusion_faults_do_the_deferred_puts_when_frames_or_the_ring_run_out() -> None:
+@pytest.mark.parametrize("short_of", ["frames", "ring"])
+def test_vusion_faults_do_the_deferred_puts_when_frames_or_the_ring_run_out(short_of: str) -> None:
     pages = control.DEFERRED_SLOTS + 100
-    with shmksm.Machine(frames=pages + 200, ksmd=False, mitigation="vusion") as m:
+    spare = 200 if short_of == "frames" else pages + 200
+    with shmksm.Machine(frames=pages + spare, ksmd=False, mitigation="vusion") as m:
         g = _write_protected(m, pages)
-        # More faults than the ring holds, and than free frames: the faults
-        # themselves do the puts queued, and no write fails for want of a frame.
+        # More faults than free frames (an allocation finds none), or than
+        # the ring holds (a fault finds it full): the faults themselves do
+        # the puts queued, and no write fails for want of a frame.
         m.spawn(_write_each_page, g, pages).join(60)
+        if short_of == "ring":
+            assert len(m.system.frames.deferred()) == pages - control.DEFERRED_SLOTS
         assert len(m.system.frames.deferred()) <= control.DEFERRED_SLOTS
         m.check()
         assert m.reclaim() >= 0 and len(m.system.frames.deferred()) == 0
