@@ -33,6 +33,16 @@ from ._mm.pagetable import (
 from ._mm.system import System
 from .errors import AddressError, DataTypeError, OutOfFrames, SegmentationFault, UsageError
 
+# The bulk copies in C (shmksm._mm._robust), chosen once for the process: one
+# memcpy per page or run of adjacent frames, straight into a new bytes object
+# for read(), the GIL released.  Where the extension is not built, numpy does
+# the same copies, with the same results, under the same locks.
+try:
+    from ._mm._robust import gather as _gather
+    from ._mm._robust import scatter_pages as _scatter_pages
+except ImportError:  # pragma: no cover - a machine that built no extension
+    _gather = _scatter_pages = None  # type: ignore[assignment]
+
 MADV_MERGEABLE: Final = 12
 MADV_UNMERGEABLE: Final = 13
 _ADVICE_NAMES: Final = {MADV_MERGEABLE: "MADV_MERGEABLE", MADV_UNMERGEABLE: "MADV_UNMERGEABLE"}
@@ -420,8 +430,10 @@ class GuestView:
         highs = self._hi[pages]
         if len(highs) and highs.max() >= HIGH_UNMAPPED:
             k = int(np.argmax(highs >= HIGH_UNMAPPED))
-            page = pages.start + k if isinstance(pages, slice) else int(pages[k])
-            raise SegmentationFault(f"guest {self.gid}: {what} unmapped page {page:#x}")
+            raise self._unmapped(pages.start + k if isinstance(pages, slice) else int(pages[k]), what)
+
+    def _unmapped(self, page: int, what: str) -> SegmentationFault:
+        return SegmentationFault(f"guest {self.gid}: {what} unmapped page {page:#x}")
 
     def _copy_in(self, src: npt.NDArray[np.uint8], addr: int, a: int, b: int) -> None:
         """Copy the bytes of ``src`` (written at ``addr``) that fall in pages ``[a, b)``.  PTL held, pages writable."""
@@ -469,9 +481,14 @@ class GuestView:
         return p0 << 12 if low[a:b].tobytes() == np.arange(p0, b - a + p0, dtype=np.uint32).tobytes() else -1
 
     def _read_range(self, addr: int, dst: npt.NDArray[np.uint8]) -> None:
-        """Fill ``dst`` with the bytes at ``addr``: run by run, each under its PTL, gathered by numpy."""
+        """Fill ``dst`` with the bytes at ``addr``: run by run, each under its PTL, gathered in C (or numpy)."""
         n = len(dst)
         if not n:
+            return
+        if _gather is not None:
+            got = _gather(self._pv, self._mm, self._run_locks, self.table.handle_read_faults, addr, n, dst)
+            if got is not None:
+                raise self._unmapped(got, "read of")
             return
         first, last = addr >> 12, (addr + n - 1) >> 12
         if first >> 9 != last >> 9:
@@ -489,11 +506,18 @@ class GuestView:
             page = stop
 
     def _read_bytes(self, addr: int, n: int) -> bytes:
-        """read() across pages: each run's bytes, joined.
+        """read() across pages: run by run, each under its PTL.
 
-        A run whose frames are consecutive is one slice of the pool, straight
-        into bytes; another is gathered by numpy first.
+        In C, every frame copied once, straight into the bytes returned.
+        Without: a run whose frames are consecutive is one slice of the pool,
+        straight into bytes; another is gathered by numpy first; the runs'
+        bytes are joined.
         """
+        if _gather is not None:
+            got = _gather(self._pv, self._mm, self._run_locks, self.table.handle_read_faults, addr, n, None)
+            if isinstance(got, bytes):
+                return got
+            raise self._unmapped(got, "read of")
         end = addr + n
         first, last = addr >> 12, (end - 1) >> 12
         if first >> 9 != last >> 9:
@@ -593,10 +617,16 @@ class GuestView:
         array or bytes-like of ``len(pages)`` * 4096 bytes (``uint8[len(pages), 4096]``,
         or any dtype and shape whose first axis is ``len(pages)``).  The pages are
         sorted into runs of 512 PTEs, each run's PTL taken once in address order,
-        its faults resolved together and its rows scattered with one numpy call.
+        its faults resolved together and its rows scattered in one call (C's
+        memcpy per row where every page is writable already, else numpy's).
         Out of frames part way, OutOfFrames says in ``written`` how many bytes
         landed: the rows of every page below the one that failed, no other.
         """
+        start = 0  # the rows of the pages below it have landed
+        if _scatter_pages is not None:
+            start = _scatter_pages(self._pv, self._mm, self._run_locks, pages, rows)
+            if start == self.pages:
+                return
         given = where = _page_numbers(pages, self.pages)
         count = len(where)
         src = _byte_array(rows, "write_pages: rows", copy=False)
@@ -609,7 +639,7 @@ class GuestView:
             return
         self._check_mapped(where, "write to")
         if count <= _FEW_PAGES:
-            self._write_few_pages(where, src)
+            self._write_few_pages(where, src, start)
             return
         srcv = src.view(FRAME_DTYPE)
         if count > 1 and not (where[1:] > where[:-1]).all():
@@ -621,6 +651,9 @@ class GuestView:
             # The rows in address order, in one gather (into a buffer that stays put, see _scratch).
             srcv = (np.take(srcv, order, mode="clip", out=self._scratch(len(order) << 12).view(FRAME_DTYPE))
                     if len(order) <= _SCRATCH_PAGES else srcv[order])
+        if start:
+            k = int(np.searchsorted(where, start))
+            where, srcv = where[k:], srcv[k:]
         runs = where >> 9
         bounds = [0, *(np.flatnonzero(runs[1:] != runs[:-1]) + 1).tolist(), len(where)]
         hi, lo, rows_pool = self._hi, self._lo, self._rows
@@ -651,13 +684,13 @@ class GuestView:
                 continue
             r += 1
 
-    def _write_few_pages(self, where: npt.NDArray[np.intp], src: npt.NDArray[np.uint8]) -> None:
-        """write_pages of a few pages: each by write()'s one-page path, in address order.
+    def _write_few_pages(self, where: npt.NDArray[np.intp], src: npt.NDArray[np.uint8], start: int) -> None:
+        """write_pages of a few pages, from page ``start`` on: each by write()'s one-page path, in address order.
 
         Sorting and grouping them in numpy costs more than a lock per page.
         """
         latest = dict(zip(where.tolist(), range(len(where)), strict=True))  # a repeated page: its last row
-        for page in sorted(latest):
+        for page in sorted(p for p in latest if p >= start):
             i = latest[page]
             try:
                 self.write(page << 12, src[i << 12:(i + 1) << 12])

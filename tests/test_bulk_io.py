@@ -5,11 +5,15 @@ resolves the run's faults together; these tests drive it over ranges that
 cross pages and runs, with any dtype and shape, while ksmd merges and another
 process writes (and so breaks copy-on-write) at the same time, and check that
 every byte reads back as a bytearray model says.
+
+Every test runs twice: with the copies in C (the extension's gather and
+scatter_pages) and in numpy, as where the extension is not built.
 """
 
 from __future__ import annotations
 
 import tracemalloc
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -21,14 +25,29 @@ from hypothesis import strategies as st
 from shmksm.workers.guest_random import NPATTERNS, pattern
 
 import shmksm
+import shmksm.guest
 from shmksm import PAGE_SIZE
-from shmksm._mm.pagetable import DIRTY, KSM, PRESENT, WRITE, YOUNG, ZERO
+from shmksm._mm.locks import Lock
+from shmksm._mm.pagetable import DIRTY, KSM, PRESENT, WRITE, YOUNG, ZERO, PageTable
+from shmksm.errors import LockTimeout
 
 RUN = 512  # PTEs per page-table lock
 PAGES = 2 * RUN + 76  # three runs, the last one short
 SIZE = PAGES * PAGE_SIZE
 DTYPES = [np.uint8, np.int16, np.uint32, np.float64, np.complex64, np.bool_]
 PATTERN_ROWS = np.stack([np.frombuffer(pattern(k), np.uint8) for k in range(NPATTERNS)])
+
+
+@pytest.fixture(autouse=True, params=["c", "numpy"])
+def copies(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The bulk copies in C, or in numpy (this process only: a spawned worker keeps C)."""
+    if request.param == "c":
+        if shmksm.guest._gather is None:
+            pytest.skip("the C extension is not built")
+    else:
+        monkeypatch.setattr(shmksm.guest, "_gather", None)
+        monkeypatch.setattr(shmksm.guest, "_scatter_pages", None)
+    yield request.param
 
 
 def _payload(seed: int, nbytes: int, patterned: bool) -> npt.NDArray[np.uint8]:
@@ -221,6 +240,11 @@ def test_write_pages_scatters_rows_in_any_order() -> None:
         view.write_pages([5, 5, 7], np.stack([np.full(PAGE_SIZE, v, np.uint8) for v in (1, 2, 3)]))
         assert view.read(5 * PAGE_SIZE, 1) == b"\x02" and view.read(7 * PAGE_SIZE, 1) == b"\x03"
         view.write_pages(np.array([], np.int64), np.zeros((0, PAGE_SIZE), np.uint8))
+        # Page numbers of any integer dtype or a list, rows of any bytes-like.
+        for where in (np.array([9, 8], np.uint64), np.array([9, 8], np.int16), [9, 8]):
+            rows = rng.integers(0, 256, (2, PAGE_SIZE), dtype=np.uint8)
+            view.write_pages(where, rows.tobytes())
+            assert view.read(8 * PAGE_SIZE, 2 * PAGE_SIZE) == rows[::-1].tobytes()
         machine.check()
 
 
@@ -345,3 +369,117 @@ def test_a_bulk_write_waits_for_frames_pending_reclamation(machine: shmksm.Machi
     view.write_pages(pages, rows)
     assert pending == {"alloc": 0, "alloc_many": 0}
     assert view.read_array((2 * RUN - 48) * PAGE_SIZE, (40, PAGE_SIZE), np.uint8).tobytes() == rows[::-1].tobytes()
+
+
+# -- the look under the lock, and a lock or a fault that fails mid-way --------------------------------
+
+
+class _Wrapped:
+    """A page-table lock whose ``acquire`` runs ``then(run)`` once it has the lock (or raises instead)."""
+
+    def __init__(self, lock: Lock, run: int, then: Any) -> None:
+        self.lock, self.run, self.then = lock, run, then
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        got = self.lock.acquire(block, timeout)
+        try:
+            self.then(self.run)
+        except BaseException:
+            self.lock.release()
+            raise
+        return got
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _two_runs(machine: shmksm.Machine) -> tuple[shmksm.Guest, shmksm.GuestView]:
+    guest = machine.add_guest(pages=RUN + 64)
+    view = guest.view()
+    view.write(0, np.ones(view.size, np.uint8))  # every page writable, dirty and young
+    return guest, view
+
+
+def _wrap_locks(view: shmksm.GuestView, then: Any) -> list[Lock]:
+    real: list[Lock] = view._run_locks
+    view._run_locks = [_Wrapped(lock, run, then) for run, lock in enumerate(real)]
+    return real
+
+
+def test_write_pages_looks_at_each_run_again_under_its_lock(machine: shmksm.Machine) -> None:
+    """A page write-protected (as ksmd's write_protect_page does) between the first look at the
+    PTEs and its run's lock is faulted, not written through its old PTE."""
+    guest, view = _two_runs(machine)
+    table = machine.system.table(guest.id)
+    protected = RUN + 10
+    done: list[int] = []
+
+    def write_protect(run: int) -> None:
+        if run == 1 and not done:  # once: the reads below take the lock too
+            table.pv[protected] &= ~WRITE
+            done.append(run)
+
+    _wrap_locks(view, write_protect)
+    pages = np.array([RUN + 20, 3, protected, RUN + 5, 100] * 4)
+    rows = np.random.default_rng(7).integers(0, 256, (len(pages), PAGE_SIZE), dtype=np.uint8)
+    view.write_pages(pages, rows)
+    for page, row in zip(pages[-5:].tolist(), rows[-5:], strict=True):
+        assert view.read(page * PAGE_SIZE, PAGE_SIZE) == row.tobytes()
+    assert pte_of(machine, guest, protected) & WRITE, "written through a write-protected PTE, without a fault"
+    machine.check()
+
+
+def test_a_lock_refused_mid_way_leaves_no_lock_held(machine: shmksm.Machine) -> None:
+    """The second run's lock is not had: the error goes out, the first run's lock is free again."""
+    _guest, view = _two_runs(machine)
+
+    def refuse(run: int) -> None:
+        if run == 1:
+            raise LockTimeout("lock not had")
+
+    real = _wrap_locks(view, refuse)
+    rows = np.full((2, PAGE_SIZE), 5, np.uint8)
+    with pytest.raises(LockTimeout):
+        view.write_pages(np.array([RUN + 1, 1]), rows)
+    with pytest.raises(LockTimeout):
+        view.read(0, view.size)
+    with pytest.raises(LockTimeout):
+        view.readinto(0, np.empty(view.size, np.uint8))
+    for lock in real:
+        assert lock.acquire(block=False), "a page-table lock was left held"
+        lock.release()
+    assert view.read(PAGE_SIZE, PAGE_SIZE) == rows[1].tobytes(), "the run before the refused lock was not written"
+
+
+def test_a_read_fault_that_fails_releases_the_lock(machine: shmksm.Machine, monkeypatch: pytest.MonkeyPatch) -> None:
+    guest, view = _two_runs(machine)
+    table = machine.system.table(guest.id)
+    table.pv[1] &= ~YOUNG  # as clear_flush_young leaves it: a read marks it young, through the fault handler
+
+    def fails(self: PageTable, start: int, end: int) -> None:
+        raise RuntimeError("the fault handler failed")
+
+    monkeypatch.setattr(PageTable, "handle_read_faults", fails)
+    with pytest.raises(RuntimeError, match="fault handler"):
+        view.read(0, 2 * PAGE_SIZE + 1)
+    lock = table.run_locks[0]
+    assert lock.acquire(block=False), "the page-table lock was left held"
+    lock.release()
+
+
+def test_a_read_across_an_unmapped_page_reads_nothing(machine: shmksm.Machine) -> None:
+    _guest, view = _two_runs(machine)
+    view.munmap((RUN + 5) * PAGE_SIZE, PAGE_SIZE)
+    buffer = np.full(view.size, 7, np.uint8)
+    with pytest.raises(shmksm.SegmentationFault, match=f"read of unmapped page {RUN + 5:#x}"):
+        view.readinto(0, buffer)
+    assert (buffer == 7).all(), "a read that failed filled part of the buffer"
+    with pytest.raises(shmksm.SegmentationFault, match=f"read of unmapped page {RUN + 5:#x}"):
+        view.read(100, view.size - 200)
+    assert view.read(0, (RUN + 5) * PAGE_SIZE) == bytes([1]) * ((RUN + 5) * PAGE_SIZE)

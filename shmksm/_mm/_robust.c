@@ -1,4 +1,6 @@
-/* The fast path of shmksm's robust, process-shared mutexes (see locks.py).
+/* The fast paths of shmksm in C: its robust mutexes' uncontended acquire and
+ * release (see locks.py), and the bulk copies between guest pages and the
+ * frame pool that run under them (see guest.py).
  *
  * Mutex(address) wraps a pthread_mutex_t that lives in shared memory at
  * ``address`` and was initialised (robust, process-shared) by its owner.
@@ -12,11 +14,18 @@
  *
  * The slow path waits through _lock() and _clocklock(deadline), which
  * release the GIL for the whole wait.
+ *
+ * gather() and scatter_pages() copy many pages at once, each run of 512 PTEs
+ * under its page-table lock, taken once through the same fast path; what
+ * needs a fault goes back to Python (see their doc strings).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
 #include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include <pthread.h>
 #include <time.h>
 
@@ -222,11 +231,441 @@ static PyTypeObject MutexType = {
     .tp_methods = Mutex_methods,
 };
 
+/* -- bulk copies between guest pages and the frame pool -------------------------------------------
+ *
+ * The layouts are pagetable.py's and frames.py's: a PTE is a uint64, the pfn
+ * in bits 0-39 and the flags above; frame pfn is the 4 KiB at byte pfn << 12
+ * of the pool.  A PTE is read, and the frame it maps copied, only with the
+ * lock of its run of 512 PTEs held; the runs go in address order, one lock
+ * at a time.  The copies of a run of 16 pages or more run without the GIL.
+ */
+
+#define PAGE_SHIFT 12
+#define PAGE_BYTES ((size_t)1 << PAGE_SHIFT)
+#define RUN_SHIFT 9
+#define PTE_PFN_MASK ((1ULL << 40) - 1)
+#define PTE_PRESENT (1ULL << 40)
+#define PTE_WRITE (1ULL << 41)
+#define PTE_DIRTY (1ULL << 42)
+#define PTE_YOUNG (1ULL << 43)
+#define PTE_UNMAPPED (1ULL << 46)
+/* pagetable.py's HIGH_WRITABLE, HIGH_READABLE, HIGH_READ_MASK, HIGH_UNMAPPED: the same tests. */
+#define HIGH_WRITABLE ((PTE_PRESENT | PTE_WRITE | PTE_DIRTY | PTE_YOUNG) >> 32)
+#define HIGH_READABLE ((PTE_PRESENT | PTE_YOUNG) >> 32)
+#define HIGH_READ_MASK (HIGH_READABLE | (PTE_PFN_MASK >> 32))
+#define HIGH_UNMAPPED (PTE_UNMAPPED >> 32)
+#define NOGIL_PAGES 16
+
+static PyObject *str_acquire;
+static PyObject *str_release;
+
+/* Take a page-table lock: a Mutex through take() (its slow path included), anything else by acquire(). */
+static int
+ptl_take(PyObject *lock)
+{
+    PyObject *res = PyObject_TypeCheck(lock, &MutexType) ? take((Mutex *)lock, Py_True, Py_None)
+                                                          : PyObject_CallMethodNoArgs(lock, str_acquire);
+    if (res == NULL)
+        return -1;
+    int had = PyObject_IsTrue(res);
+    Py_DECREF(res);
+    if (had == 0)
+        PyErr_SetString(PyExc_RuntimeError, "a page-table lock was not had");
+    return had == 1 ? 0 : -1;
+}
+
+/* Give a page-table lock back; an exception already set stays the one raised. */
+static int
+ptl_give(PyObject *lock)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *res = PyObject_TypeCheck(lock, &MutexType) ? give((Mutex *)lock)
+                                                          : PyObject_CallMethodNoArgs(lock, str_release);
+    Py_XDECREF(res);
+    if (type != NULL) {
+        if (res == NULL)
+            PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+        return -1;
+    }
+    return res == NULL ? -1 : 0;
+}
+
+/* Copies of adjacent pieces made one memcpy. */
+typedef struct {
+    char *dst;
+    const char *src;
+    size_t len;
+} Pending;
+
+static inline void
+copy_piece(Pending *p, char *dst, const char *src, size_t len)
+{
+    if (p->len && p->dst + p->len == dst && p->src + p->len == src) {
+        p->len += len;
+        return;
+    }
+    if (p->len)
+        memcpy(p->dst, p->src, p->len);
+    p->dst = dst;
+    p->src = src;
+    p->len = len;
+}
+
+static inline void
+copy_flush(Pending *p)
+{
+    if (p->len)
+        memcpy(p->dst, p->src, p->len);
+    p->len = 0;
+}
+
+/* The run lock of ``run``, borrowed; NULL with an error set if ``locks`` has none. */
+static PyObject *
+run_lock(PyObject *locks, Py_ssize_t run)
+{
+    if (run >= PyList_GET_SIZE(locks)) {
+        PyErr_Format(PyExc_ValueError, "no page-table lock for run %zd", run);
+        return NULL;
+    }
+    return PyList_GET_ITEM(locks, run);
+}
+
+/* Copy bytes [addr, end) of the pages out of the pool into out (at addr).  Lock of the run held. */
+static void
+gather_run(const uint64_t *ptes, const char *pool, char *out, Py_ssize_t addr, Py_ssize_t s, Py_ssize_t end)
+{
+    Pending p = {NULL, NULL, 0};
+    while (s < end) {
+        Py_ssize_t page = s >> PAGE_SHIFT;
+        Py_ssize_t e = (page + 1) << PAGE_SHIFT;
+        if (e > end)
+            e = end;
+        size_t o = (size_t)(ptes[page] & PTE_PFN_MASK) << PAGE_SHIFT | (size_t)(s & (PAGE_BYTES - 1));
+        copy_piece(&p, out + (s - addr), pool + o, (size_t)(e - s));
+        s = e;
+    }
+    copy_flush(&p);
+}
+
+/* The arguments every bulk copy starts with, (ptes, pool, locks, ...), ``want`` in all: checked, and
+ * the two buffers taken (released by the caller). */
+static int
+bulk_args(const char *usage, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, Py_buffer *ptes,
+          Py_buffer *pool, int pool_flags)
+{
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", usage, want);
+        return -1;
+    }
+    if (!PyList_Check(args[2])) {
+        PyErr_Format(PyExc_TypeError, "%s: locks must be a list", usage);
+        return -1;
+    }
+    if (PyObject_GetBuffer(args[0], ptes, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (PyObject_GetBuffer(args[1], pool, pool_flags) < 0) {
+        PyBuffer_Release(ptes);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+bulk_gather(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer ptes_buf, pool_buf, out_buf = {0};
+    PyObject *result = NULL, *bytes = NULL;
+    if (bulk_args("gather(ptes, pool, locks, fault, addr, n, out)", args, nargs, 7, &ptes_buf, &pool_buf,
+                  PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *locks = args[2], *fault = args[3], *dst = args[6];
+    const uint64_t *ptes = (const uint64_t *)ptes_buf.buf;
+    Py_ssize_t npages = ptes_buf.len / 8;
+    char *out;
+    Py_ssize_t addr = PyLong_AsSsize_t(args[4]), n = -1;
+    if (addr == -1 && PyErr_Occurred())
+        goto done;
+    n = PyLong_AsSsize_t(args[5]);
+    if (n == -1 && PyErr_Occurred())
+        goto done;
+    if (n <= 0 || addr < 0 || addr > (npages << PAGE_SHIFT) - n) {
+        PyErr_Format(PyExc_ValueError, "gather: %zd bytes at %zd are outside the %zd pages", n, addr, npages);
+        goto done;
+    }
+    Py_ssize_t first = addr >> PAGE_SHIFT, last = (addr + n - 1) >> PAGE_SHIFT, end = addr + n;
+    for (Py_ssize_t page = first; page <= last; page++) {
+        if ((ptes[page] >> 32) >= HIGH_UNMAPPED) {
+            result = PyLong_FromSsize_t(page);  /* nothing read: the caller says which page */
+            goto done;
+        }
+    }
+    if (dst == Py_None) {
+        bytes = PyBytes_FromStringAndSize(NULL, n);
+        if (bytes == NULL)
+            goto done;
+        out = PyBytes_AS_STRING(bytes);
+    } else {
+        if (PyObject_GetBuffer(dst, &out_buf, PyBUF_WRITABLE) < 0)
+            goto done;
+        if (out_buf.len < n) {
+            PyErr_Format(PyExc_ValueError, "gather: out holds %zd bytes, not %zd", out_buf.len, n);
+            goto done;
+        }
+        out = (char *)out_buf.buf;
+    }
+    for (Py_ssize_t page = first; page <= last;) {
+        Py_ssize_t stop = ((page >> RUN_SHIFT) + 1) << RUN_SHIFT;
+        if (stop > last + 1)
+            stop = last + 1;
+        PyObject *lock = run_lock(locks, page >> RUN_SHIFT);
+        if (lock == NULL || ptl_take(lock) < 0)
+            goto done;
+        Py_ssize_t p = page;
+        while (p < stop && ((ptes[p] >> 32) & HIGH_READ_MASK) == HIGH_READABLE)
+            p++;
+        if (p < stop) {  /* untouched, not young, or the zero page: the fault handler marks the run */
+            PyObject *res = PyObject_CallFunction(fault, "nn", page, stop);
+            if (res == NULL) {
+                ptl_give(lock);
+                goto done;
+            }
+            Py_DECREF(res);
+        }
+        for (p = page; p < stop; p++) {
+            if ((size_t)(ptes[p] & PTE_PFN_MASK) >= (size_t)pool_buf.len >> PAGE_SHIFT) {
+                PyErr_Format(PyExc_RuntimeError, "page %zd maps frame %llu, outside the pool", p,
+                             (unsigned long long)(ptes[p] & PTE_PFN_MASK));
+                ptl_give(lock);
+                goto done;
+            }
+        }
+        Py_ssize_t s = page << PAGE_SHIFT, e = stop << PAGE_SHIFT;
+        if (s < addr)
+            s = addr;
+        if (e > end)
+            e = end;
+        if (stop - page >= NOGIL_PAGES) {
+            Py_BEGIN_ALLOW_THREADS
+            gather_run(ptes, (const char *)pool_buf.buf, out, addr, s, e);
+            Py_END_ALLOW_THREADS
+        } else {
+            gather_run(ptes, (const char *)pool_buf.buf, out, addr, s, e);
+        }
+        if (ptl_give(lock) < 0)
+            goto done;
+        page = stop;
+    }
+    if (bytes != NULL) {
+        result = bytes;
+        bytes = NULL;
+    } else {
+        result = Py_NewRef(Py_None);
+    }
+done:
+    Py_XDECREF(bytes);
+    if (out_buf.obj != NULL)
+        PyBuffer_Release(&out_buf);
+    PyBuffer_Release(&pool_buf);
+    PyBuffer_Release(&ptes_buf);
+    return result;
+}
+
+/* The page numbers of a buffer of integers; 0 with nothing set if it is of a kind left to the caller. */
+static int
+page_numbers(Py_buffer *b, Py_ssize_t *pages, Py_ssize_t count)
+{
+    const char *f = b->format;
+    if (f == NULL || b->ndim != 1)
+        return 0;
+    if (*f == '@')
+        f++;
+    if (f[0] == 0 || f[1] != 0)
+        return 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const char *at = (const char *)b->buf + i * b->itemsize;
+        long long v;
+        switch (b->itemsize == 8 ? f[0] : b->itemsize == 4 ? f[0] | 0x100 : 0) {
+        case 'l': case 'q': case 'n': v = *(const int64_t *)at; break;
+        case 'L': case 'Q': case 'N': {
+            uint64_t u = *(const uint64_t *)at;
+            v = u > (uint64_t)PY_SSIZE_T_MAX ? -1 : (long long)u;
+            break;
+        }
+        case 'i' | 0x100: v = *(const int32_t *)at; break;
+        case 'I' | 0x100: v = *(const uint32_t *)at; break;
+        default: return 0;
+        }
+        pages[i] = (Py_ssize_t)v;
+    }
+    return 1;
+}
+
+/* A buffer format of one native item that is not a Python object (what memoryview.cast("B") takes). */
+static int
+plain_format(const char *f)
+{
+    if (f == NULL)
+        return 1;
+    if (*f == '@')
+        f++;
+    return f[0] != 0 && f[1] == 0 && f[0] != 'O';
+}
+
+/* Copy the rows of the pages of one run (``at[0..k)`` index pages and rows) into their frames.  Lock held. */
+static void
+scatter_run(const uint64_t *ptes, char *pool, const char *rows, const Py_ssize_t *pages, const Py_ssize_t *at,
+            Py_ssize_t k)
+{
+    Pending p = {NULL, NULL, 0};
+    for (Py_ssize_t j = 0; j < k; j++) {
+        Py_ssize_t i = at[j];
+        copy_piece(&p, pool + ((size_t)(ptes[pages[i]] & PTE_PFN_MASK) << PAGE_SHIFT),
+                   rows + ((size_t)i << PAGE_SHIFT), PAGE_BYTES);
+    }
+    copy_flush(&p);
+}
+
+static PyObject *
+bulk_scatter_pages(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer ptes_buf, pool_buf, pages_buf = {0}, rows_buf = {0};
+    Py_ssize_t *pages = NULL, *at = NULL, *first = NULL;
+    Py_ssize_t resume = 0;  /* the page from which the caller goes on: 0 for all, npages for none */
+    int failed = 1;
+    if (bulk_args("scatter_pages(ptes, pool, locks, pages, rows)", args, nargs, 5, &ptes_buf, &pool_buf,
+                  PyBUF_WRITABLE) < 0)
+        return NULL;
+    PyObject *locks = args[2];
+    const uint64_t *ptes = (const uint64_t *)ptes_buf.buf;
+    char *pool = (char *)pool_buf.buf;
+    Py_ssize_t npages = ptes_buf.len / 8, nframes = pool_buf.len >> PAGE_SHIFT;
+    /* Arguments of any other kind, or wrong, are left to the caller, which says what is wrong. */
+    if (PyObject_GetBuffer(args[3], &pages_buf, PyBUF_ND | PyBUF_FORMAT) < 0
+        || PyObject_GetBuffer(args[4], &rows_buf, PyBUF_ND | PyBUF_FORMAT) < 0) {
+        PyErr_Clear();
+        goto checked;
+    }
+    Py_ssize_t count = pages_buf.ndim == 1 ? pages_buf.shape[0] : 0;
+    if (count == 0 || rows_buf.len != count * (Py_ssize_t)PAGE_BYTES || !plain_format(rows_buf.format)
+        || (rows_buf.ndim > 1 && rows_buf.shape[0] != count))
+        goto checked;
+    pages = PyMem_Malloc(count * sizeof(Py_ssize_t));
+    at = PyMem_Malloc(count * sizeof(Py_ssize_t));
+    if (pages == NULL || at == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (!page_numbers(&pages_buf, pages, count))
+        goto checked;
+    /* A look at every PTE without the locks: a page to fault in, or an unmapped one, and it is all
+     * the caller's.  Under each lock the look is made again (ksmd may have write-protected a page). */
+    int ascending = 1;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_ssize_t page = pages[i];
+        if (page < 0 || page >= npages || ptes[page] >> 32 != HIGH_WRITABLE)
+            goto checked;
+        if (i && page >> RUN_SHIFT < pages[i - 1] >> RUN_SHIFT)
+            ascending = 0;
+    }
+    /* The pages grouped by run, in address order of the runs and in given order within one (a page
+     * given twice gets its last row): a counting sort on the run. */
+    Py_ssize_t nruns = (npages >> RUN_SHIFT) + 1;
+    first = PyMem_Calloc(nruns + 1, sizeof(Py_ssize_t));
+    if (first == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < count; i++)
+        first[(pages[i] >> RUN_SHIFT) + 1]++;
+    for (Py_ssize_t r = 0; r < nruns; r++)
+        first[r + 1] += first[r];
+    if (ascending) {
+        for (Py_ssize_t i = 0; i < count; i++)
+            at[i] = i;
+    } else {
+        Py_ssize_t *next = PyMem_Malloc(nruns * sizeof(Py_ssize_t));
+        if (next == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        memcpy(next, first, nruns * sizeof(Py_ssize_t));
+        for (Py_ssize_t i = 0; i < count; i++)
+            at[next[pages[i] >> RUN_SHIFT]++] = i;
+        PyMem_Free(next);
+    }
+    for (Py_ssize_t r = pages[at[0]] >> RUN_SHIFT; r < nruns; r++) {
+        Py_ssize_t a = first[r], k = first[r + 1] - a;
+        if (!k)
+            continue;
+        PyObject *lock = run_lock(locks, r);
+        if (lock == NULL || ptl_take(lock) < 0)
+            goto done;
+        for (Py_ssize_t j = a; j < a + k; j++) {
+            uint64_t pte = ptes[pages[at[j]]];
+            if (pte >> 32 != HIGH_WRITABLE || (Py_ssize_t)(pte & PTE_PFN_MASK) >= nframes) {
+                resume = r << RUN_SHIFT;  /* changed since the look: this run on is the caller's */
+                if (ptl_give(lock) < 0)
+                    goto done;
+                goto checked;
+            }
+        }
+        if (k >= NOGIL_PAGES) {
+            Py_BEGIN_ALLOW_THREADS
+            scatter_run(ptes, pool, (const char *)rows_buf.buf, pages, at + a, k);
+            Py_END_ALLOW_THREADS
+        } else {
+            scatter_run(ptes, pool, (const char *)rows_buf.buf, pages, at + a, k);
+        }
+        if (ptl_give(lock) < 0)
+            goto done;
+    }
+    resume = npages;
+checked:
+    failed = 0;
+done:
+    PyMem_Free(first);
+    PyMem_Free(at);
+    PyMem_Free(pages);
+    if (rows_buf.obj != NULL)
+        PyBuffer_Release(&rows_buf);
+    if (pages_buf.obj != NULL)
+        PyBuffer_Release(&pages_buf);
+    PyBuffer_Release(&pool_buf);
+    PyBuffer_Release(&ptes_buf);
+    return failed ? NULL : PyLong_FromSsize_t(resume);
+}
+
+static PyMethodDef module_methods[] = {
+    {"gather", (PyCFunction)(void (*)(void))bulk_gather, METH_FASTCALL,
+     "gather(ptes, pool, locks, fault, addr, n, out) -> bytes | None | int\n--\n\n"
+     "Copy the ``n`` bytes at guest address ``addr`` out of the frame pool: into a new bytes\n"
+     "object (``out`` None, returned) or into the writable buffer ``out`` (None returned).\n"
+     "``ptes``: the guest's PTEs (uint64); ``pool``: the frame pool; ``locks``: the\n"
+     "page-table lock of each run of 512 PTEs.  Run by run in address order, each under\n"
+     "its lock taken once; a run with a page that is not present and young has\n"
+     "``fault(start, stop)`` called on it first, lock held.  An unmapped page in the\n"
+     "range: nothing is copied and its page number is returned."},
+    {"scatter_pages", (PyCFunction)(void (*)(void))bulk_scatter_pages, METH_FASTCALL,
+     "scatter_pages(ptes, pool, locks, pages, rows) -> int\n--\n\n"
+     "Copy row ``i`` of ``rows`` (4096 bytes each) into the frame of page ``pages[i]``,\n"
+     "run by run in address order, each run's lock taken once; a page given twice\n"
+     "gets its last row.  Only pages that are writable, dirty and young are written:\n"
+     "returns the page from which the caller is to go on, the guest's page count when\n"
+     "every row landed.  0 (nothing written) when a page needs a fault, or the\n"
+     "arguments are of a kind left to the caller; a run whose PTEs changed since the\n"
+     "look taken first is left to the caller with every run after it."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef robust_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "shmksm._mm._robust",
-    .m_doc = "The uncontended acquire and release of shmksm's robust mutexes, in C.",
+    .m_doc = "The uncontended acquire and release of shmksm's robust mutexes, and the bulk page copies "
+             "under them, in C.",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC
@@ -236,7 +675,9 @@ PyInit__robust(void)
         return NULL;
     str_contended = PyUnicode_InternFromString("_contended");
     str_release_failed = PyUnicode_InternFromString("_release_failed");
-    if (str_contended == NULL || str_release_failed == NULL)
+    str_acquire = PyUnicode_InternFromString("acquire");
+    str_release = PyUnicode_InternFromString("release");
+    if (str_contended == NULL || str_release_failed == NULL || str_acquire == NULL || str_release == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&robust_module);
     if (m == NULL)
