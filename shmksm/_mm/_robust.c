@@ -259,18 +259,20 @@ static PyTypeObject MutexType = {
 static PyObject *str_acquire;
 static PyObject *str_release;
 
-/* Take a page-table lock: a Mutex through take() (its slow path included), anything else by acquire(). */
+/* Take a page-table lock: a Mutex through take() (its slow path included), anything else by acquire().
+ * Once had, a reference to it is held until ptl_give (Python code may run meanwhile). */
 static int
 ptl_take(PyObject *lock)
 {
+    Py_INCREF(lock);
     PyObject *res = PyObject_TypeCheck(lock, &MutexType) ? take((Mutex *)lock, Py_True, Py_None)
                                                           : PyObject_CallMethodNoArgs(lock, str_acquire);
-    if (res == NULL)
-        return -1;
-    int had = PyObject_IsTrue(res);
-    Py_DECREF(res);
+    int had = res == NULL ? -1 : PyObject_IsTrue(res);
+    Py_XDECREF(res);
     if (had == 0)
         PyErr_SetString(PyExc_RuntimeError, "a page-table lock was not had");
+    if (had != 1)
+        Py_DECREF(lock);
     return had == 1 ? 0 : -1;
 }
 
@@ -283,6 +285,7 @@ ptl_give(PyObject *lock)
     PyObject *res = PyObject_TypeCheck(lock, &MutexType) ? give((Mutex *)lock)
                                                           : PyObject_CallMethodNoArgs(lock, str_release);
     Py_XDECREF(res);
+    Py_DECREF(lock);
     if (type != NULL) {
         if (res == NULL)
             PyErr_Clear();
