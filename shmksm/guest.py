@@ -622,7 +622,7 @@ class GuestView:
         Out of frames part way, OutOfFrames says in ``written`` how many bytes
         landed: the rows of every page below the one that failed, no other.
         """
-        start = 0  # the rows of the pages below it have landed
+        start = -1  # the rows of the pages below it have landed (-1: C took no look)
         if _scatter_pages is not None:
             start = _scatter_pages(self._pv, self._mm, self._run_locks, pages, rows)
             if start == self.pages:
@@ -637,6 +637,11 @@ class GuestView:
                              f"give {count} rows of {PAGE_SIZE} bytes, e.g. uint8[{count}, {PAGE_SIZE}]")
         if not count:
             return
+        if start < 0 and _scatter_pages is not None:  # pages or rows of another kind: once more as arrays
+            start = _scatter_pages(self._pv, self._mm, self._run_locks, where, src)
+            if start == self.pages:
+                return
+        start = max(start, 0)
         self._check_mapped(where, "write to")
         if count <= _FEW_PAGES:
             self._write_few_pages(where, src, start)

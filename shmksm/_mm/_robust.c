@@ -505,6 +505,23 @@ page_numbers(Py_buffer *b, Py_ssize_t *pages, Py_ssize_t count)
     return 1;
 }
 
+/* The page numbers of a list or tuple of ints; 0 with nothing set if it holds anything else. */
+static int
+listed_page_numbers(PyObject *seq, Py_ssize_t *pages, Py_ssize_t count)
+{
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyLong_Check(item) || PyBool_Check(item))
+            return 0;
+        pages[i] = PyLong_AsSsize_t(item);
+        if (pages[i] == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* A buffer format of one native item that is not a Python object (what memoryview.cast("B") takes). */
 static int
 plain_format(const char *f)
@@ -535,7 +552,7 @@ bulk_scatter_pages(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
 {
     Py_buffer ptes_buf, pool_buf, pages_buf = {0}, rows_buf = {0};
     Py_ssize_t *pages = NULL, *at = NULL, *first = NULL;
-    Py_ssize_t resume = 0;  /* the page from which the caller goes on: 0 for all, npages for none */
+    Py_ssize_t resume = -1;  /* the page from which the caller goes on: npages for none, -1 see below */
     int failed = 1;
     if (bulk_args("scatter_pages(ptes, pool, locks, pages, rows)", args, nargs, 5, &ptes_buf, &pool_buf,
                   PyBUF_WRITABLE) < 0)
@@ -545,12 +562,15 @@ bulk_scatter_pages(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
     char *pool = (char *)pool_buf.buf;
     Py_ssize_t npages = ptes_buf.len / 8, nframes = pool_buf.len >> PAGE_SHIFT;
     /* Arguments of any other kind, or wrong, are left to the caller, which says what is wrong. */
-    if (PyObject_GetBuffer(args[3], &pages_buf, PyBUF_ND | PyBUF_FORMAT) < 0
+    PyObject *listed = PyList_Check(args[3]) || PyTuple_Check(args[3]) ? args[3] : NULL;
+    if ((listed == NULL && PyObject_GetBuffer(args[3], &pages_buf, PyBUF_ND | PyBUF_FORMAT) < 0)
         || PyObject_GetBuffer(args[4], &rows_buf, PyBUF_ND | PyBUF_FORMAT) < 0) {
         PyErr_Clear();
         goto checked;
     }
-    Py_ssize_t count = pages_buf.ndim == 1 ? pages_buf.shape[0] : 0;
+    Py_ssize_t count = listed != NULL        ? PySequence_Fast_GET_SIZE(listed)
+                       : pages_buf.ndim == 1 ? pages_buf.shape[0]
+                                             : 0;
     if (count == 0 || rows_buf.len != count * (Py_ssize_t)PAGE_BYTES || !plain_format(rows_buf.format)
         || (rows_buf.ndim > 1 && rows_buf.shape[0] != count))
         goto checked;
@@ -560,8 +580,9 @@ bulk_scatter_pages(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
         PyErr_NoMemory();
         goto done;
     }
-    if (!page_numbers(&pages_buf, pages, count))
+    if (!(listed != NULL ? listed_page_numbers(listed, pages, count) : page_numbers(&pages_buf, pages, count)))
         goto checked;
+    resume = 0;
     /* A look at every PTE without the locks: a page to fault in, or an unmapped one, and it is all
      * the caller's.  Under each lock the look is made again (ksmd may have write-protected a page). */
     int ascending = 1;
@@ -652,13 +673,15 @@ static PyMethodDef module_methods[] = {
      "range: nothing is copied and its page number is returned."},
     {"scatter_pages", (PyCFunction)(void (*)(void))bulk_scatter_pages, METH_FASTCALL,
      "scatter_pages(ptes, pool, locks, pages, rows) -> int\n--\n\n"
-     "Copy row ``i`` of ``rows`` (4096 bytes each) into the frame of page ``pages[i]``,\n"
+     "Copy row ``i`` of ``rows`` (4096 bytes each) into the frame of page ``pages[i]``\n"
+     "(``pages``: a 1-D buffer of integers, or a list or tuple of ints),\n"
      "run by run in address order, each run's lock taken once; a page given twice\n"
      "gets its last row.  Only pages that are writable, dirty and young are written:\n"
      "returns the page from which the caller is to go on, the guest's page count when\n"
-     "every row landed.  0 (nothing written) when a page needs a fault, or the\n"
-     "arguments are of a kind left to the caller; a run whose PTEs changed since the\n"
-     "look taken first is left to the caller with every run after it."},
+     "every row landed.  Nothing written: -1 when the arguments are of a kind (or\n"
+     "wrong in a way) left to the caller, 0 when a page needs a fault, or is\n"
+     "outside the guest.  A run whose PTEs changed since the look taken first is\n"
+     "left to the caller with every run after it."},
     {NULL, NULL, 0, NULL},
 };
 
