@@ -199,8 +199,10 @@ class GuestView:
         """The ``n`` bytes at ``addr``.
 
         Within one page, takes its PTL.  Across pages, takes the PTL of each
-        run of 512 PTEs once and gathers the run's pages with one numpy call;
-        pages never touched read as zeros and stay untouched.
+        run of 512 PTEs once and gathers the run's pages in one call (each
+        frame copied once, straight into the bytes returned, where the C
+        extension is built); pages never touched read as zeros and stay
+        untouched.
         """
         if type(addr) is not int or type(n) is not int:
             addr, n = _check_addr(addr), _check_addr(n, "length")
