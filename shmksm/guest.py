@@ -8,6 +8,7 @@ through its MMU: the view never holds a writable mapping of a frame.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, Final
 
 import numpy as np
@@ -38,10 +39,12 @@ from .errors import AddressError, DataTypeError, OutOfFrames, SegmentationFault,
 # for read(), the GIL released.  Where the extension is not built, numpy does
 # the same copies, with the same results, under the same locks.
 try:
-    from ._mm._robust import gather as _gather
-    from ._mm._robust import scatter_pages as _scatter_pages
+    from ._mm import _robust
 except ImportError:  # pragma: no cover - a machine that built no extension
-    _gather = _scatter_pages = None  # type: ignore[assignment]
+    _robust = None  # type: ignore[assignment]
+_gather: Callable[..., Any] | None = getattr(_robust, "gather", None)
+_scatter: Callable[..., Any] | None = getattr(_robust, "scatter", None)
+_scatter_pages: Callable[..., Any] | None = getattr(_robust, "scatter_pages", None)
 
 MADV_MERGEABLE: Final = 12
 MADV_UNMERGEABLE: Final = 13
@@ -361,13 +364,21 @@ class GuestView:
         then the bytes go in, the whole pages with one numpy scatter into the
         frame pool, a partial first and last page on the side.  An unmapped
         page anywhere in the range is found before anything is written.
-        Out of frames part way: see :meth:`write`.
+        Out of frames part way: see :meth:`write`.  Where the C extension is
+        built, it writes every run that needs no fault, up to the first that
+        does (see _robust.scatter); the rest goes on here.
         """
         n = len(src)
         end = addr + n
         first, last = addr >> 12, (end - 1) >> 12
         high = self._pte_high
-        if first >> 9 == last >> 9:
+        page = first
+        if _scatter is not None:
+            done = _scatter(self._pv, self._mm, self._run_locks, addr, src)
+            if done == end:
+                return
+            page = max(done, addr) >> 12  # the runs below it landed
+        elif first >> 9 == last >> 9:
             # Within one run, every page writable and their frames consecutive (their
             # PTEs a slice of _ascending_ptes): one memcpy.
             lock = self._run_locks[first >> 9]
@@ -380,9 +391,8 @@ class GuestView:
                     return
             finally:
                 lock.release()
-        else:
+        if first >> 9 != last >> 9 and page == first:
             self._check_mapped(slice(first, last + 1), "write to")
-        page = first
         waiting: FrameWait | None = None
         while page <= last:
             stop = min(last + 1, ((page >> 9) + 1) << 9)

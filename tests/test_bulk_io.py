@@ -45,8 +45,8 @@ def copies(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
         if shmksm.guest._gather is None:
             pytest.skip("the C extension is not built")
     else:
-        monkeypatch.setattr(shmksm.guest, "_gather", None)
-        monkeypatch.setattr(shmksm.guest, "_scatter_pages", None)
+        for name in ("_gather", "_scatter", "_scatter_pages"):
+            monkeypatch.setattr(shmksm.guest, name, None)
     yield request.param
 
 
@@ -412,7 +412,8 @@ def _wrap_locks(view: shmksm.GuestView, then: Any) -> list[Lock]:
     return real
 
 
-def test_write_pages_looks_at_each_run_again_under_its_lock(machine: shmksm.Machine) -> None:
+@pytest.mark.parametrize("how", ["write_pages", "write"])
+def test_a_bulk_write_looks_at_each_run_again_under_its_lock(machine: shmksm.Machine, how: str) -> None:
     """A page write-protected (as ksmd's write_protect_page does) between the first look at the
     PTEs and its run's lock is faulted, not written through its old PTE."""
     guest, view = _two_runs(machine)
@@ -426,11 +427,17 @@ def test_write_pages_looks_at_each_run_again_under_its_lock(machine: shmksm.Mach
             done.append(run)
 
     _wrap_locks(view, write_protect)
-    pages = np.array([RUN + 20, 3, protected, RUN + 5, 100] * 4)
-    rows = np.random.default_rng(7).integers(0, 256, (len(pages), PAGE_SIZE), dtype=np.uint8)
-    view.write_pages(pages, rows)
-    for page, row in zip(pages[-5:].tolist(), rows[-5:], strict=True):
-        assert view.read(page * PAGE_SIZE, PAGE_SIZE) == row.tobytes()
+    rng = np.random.default_rng(7)
+    if how == "write_pages":
+        pages = np.array([RUN + 20, 3, protected, RUN + 5, 100] * 4)
+        rows = rng.integers(0, 256, (len(pages), PAGE_SIZE), dtype=np.uint8)
+        view.write_pages(pages, rows)
+        for page, row in zip(pages[-5:].tolist(), rows[-5:], strict=True):
+            assert view.read(page * PAGE_SIZE, PAGE_SIZE) == row.tobytes()
+    else:
+        data = rng.integers(0, 256, (RUN + 30) * PAGE_SIZE, dtype=np.uint8)
+        view.write(PAGE_SIZE + 9, data)
+        assert view.read(PAGE_SIZE + 9, len(data)) == data.tobytes()
     assert pte_of(machine, guest, protected) & WRITE, "written through a write-protected PTE, without a fault"
     machine.check()
 
@@ -448,13 +455,17 @@ def test_a_lock_refused_mid_way_leaves_no_lock_held(machine: shmksm.Machine) -> 
     with pytest.raises(LockTimeout):
         view.write_pages(np.array([RUN + 1, 1]), rows)
     with pytest.raises(LockTimeout):
+        view.write((RUN - 1) * PAGE_SIZE, np.full(2 * PAGE_SIZE, 6, np.uint8))
+    with pytest.raises(LockTimeout):
         view.read(0, view.size)
     with pytest.raises(LockTimeout):
         view.readinto(0, np.empty(view.size, np.uint8))
     for lock in real:
         assert lock.acquire(block=False), "a page-table lock was left held"
         lock.release()
+    view._run_locks = real
     assert view.read(PAGE_SIZE, PAGE_SIZE) == rows[1].tobytes(), "the run before the refused lock was not written"
+    assert view.read((RUN - 1) * PAGE_SIZE, 2 * PAGE_SIZE) == bytes([6]) * PAGE_SIZE + bytes([1]) * PAGE_SIZE
 
 
 def test_a_read_fault_that_fails_releases_the_lock(machine: shmksm.Machine, monkeypatch: pytest.MonkeyPatch) -> None:

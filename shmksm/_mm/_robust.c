@@ -15,7 +15,7 @@
  * The slow path waits through _lock() and _clocklock(deadline), which
  * release the GIL for the whole wait.
  *
- * gather() and scatter_pages() copy many pages at once, each run of 512 PTEs
+ * gather(), scatter() and scatter_pages() copy many pages at once, each run of 512 PTEs
  * under its page-table lock, taken once through the same fast path; what
  * needs a fault goes back to Python (see their doc strings).
  */
@@ -335,9 +335,10 @@ run_lock(PyObject *locks, Py_ssize_t run)
     return PyList_GET_ITEM(locks, run);
 }
 
-/* Copy bytes [addr, end) of the pages out of the pool into out (at addr).  Lock of the run held. */
+/* Copy guest bytes [s, end) between their frames in the pool and buf (which holds the bytes from
+ * guest address addr on): into the pool if ``in``, else out of it.  Lock of their run held. */
 static void
-gather_run(const uint64_t *ptes, const char *pool, char *out, Py_ssize_t addr, Py_ssize_t s, Py_ssize_t end)
+copy_range(const uint64_t *ptes, char *pool, char *buf, Py_ssize_t addr, Py_ssize_t s, Py_ssize_t end, int in)
 {
     Pending p = {NULL, NULL, 0};
     while (s < end) {
@@ -345,11 +346,51 @@ gather_run(const uint64_t *ptes, const char *pool, char *out, Py_ssize_t addr, P
         Py_ssize_t e = (page + 1) << PAGE_SHIFT;
         if (e > end)
             e = end;
-        size_t o = (size_t)(ptes[page] & PTE_PFN_MASK) << PAGE_SHIFT | (size_t)(s & (PAGE_BYTES - 1));
-        copy_piece(&p, out + (s - addr), pool + o, (size_t)(e - s));
+        char *frame = pool + ((size_t)(ptes[page] & PTE_PFN_MASK) << PAGE_SHIFT | (size_t)(s & (PAGE_BYTES - 1)));
+        if (in)
+            copy_piece(&p, frame, buf + (s - addr), (size_t)(e - s));
+        else
+            copy_piece(&p, buf + (s - addr), frame, (size_t)(e - s));
         s = e;
     }
     copy_flush(&p);
+}
+
+/* copy_range of the bytes of pages [page, stop) within [addr, end), without the GIL if they are many. */
+static void
+copy_run(const uint64_t *ptes, char *pool, char *buf, Py_ssize_t addr, Py_ssize_t end, Py_ssize_t page,
+         Py_ssize_t stop, int in)
+{
+    Py_ssize_t s = page << PAGE_SHIFT, e = stop << PAGE_SHIFT;
+    if (s < addr)
+        s = addr;
+    if (e > end)
+        e = end;
+    if (stop - page >= NOGIL_PAGES) {
+        Py_BEGIN_ALLOW_THREADS
+        copy_range(ptes, pool, buf, addr, s, e, in);
+        Py_END_ALLOW_THREADS
+    } else {
+        copy_range(ptes, pool, buf, addr, s, e, in);
+    }
+}
+
+/* The end of the run of 512 PTEs that holds ``page``, or ``last + 1`` if that comes first. */
+static inline Py_ssize_t
+run_stop(Py_ssize_t page, Py_ssize_t last)
+{
+    Py_ssize_t stop = ((page >> RUN_SHIFT) + 1) << RUN_SHIFT;
+    return stop > last + 1 ? last + 1 : stop;
+}
+
+/* Do pages [page, stop) all need no fault to write, and map frames of the pool? */
+static int
+writable(const uint64_t *ptes, Py_ssize_t page, Py_ssize_t stop, Py_ssize_t nframes)
+{
+    for (; page < stop; page++)
+        if (ptes[page] >> 32 != HIGH_WRITABLE || (Py_ssize_t)(ptes[page] & PTE_PFN_MASK) >= nframes)
+            return 0;
+    return 1;
 }
 
 /* The arguments every bulk copy starts with, (ptes, pool, locks, ...), ``want`` in all: checked, and
@@ -419,9 +460,7 @@ bulk_gather(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
         out = (char *)out_buf.buf;
     }
     for (Py_ssize_t page = first; page <= last;) {
-        Py_ssize_t stop = ((page >> RUN_SHIFT) + 1) << RUN_SHIFT;
-        if (stop > last + 1)
-            stop = last + 1;
+        Py_ssize_t stop = run_stop(page, last);
         PyObject *lock = run_lock(locks, page >> RUN_SHIFT);
         if (lock == NULL || ptl_take(lock) < 0)
             goto done;
@@ -444,18 +483,7 @@ bulk_gather(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
                 goto done;
             }
         }
-        Py_ssize_t s = page << PAGE_SHIFT, e = stop << PAGE_SHIFT;
-        if (s < addr)
-            s = addr;
-        if (e > end)
-            e = end;
-        if (stop - page >= NOGIL_PAGES) {
-            Py_BEGIN_ALLOW_THREADS
-            gather_run(ptes, (const char *)pool_buf.buf, out, addr, s, e);
-            Py_END_ALLOW_THREADS
-        } else {
-            gather_run(ptes, (const char *)pool_buf.buf, out, addr, s, e);
-        }
+        copy_run(ptes, (char *)pool_buf.buf, out, addr, end, page, stop, 0);
         if (ptl_give(lock) < 0)
             goto done;
         page = stop;
@@ -588,7 +616,7 @@ bulk_scatter_pages(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
     int ascending = 1;
     for (Py_ssize_t i = 0; i < count; i++) {
         Py_ssize_t page = pages[i];
-        if (page < 0 || page >= npages || ptes[page] >> 32 != HIGH_WRITABLE)
+        if (page < 0 || page >= npages || !writable(ptes, page, page + 1, nframes))
             goto checked;
         if (i && page >> RUN_SHIFT < pages[i - 1] >> RUN_SHIFT)
             ascending = 0;
@@ -627,8 +655,8 @@ bulk_scatter_pages(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
         if (lock == NULL || ptl_take(lock) < 0)
             goto done;
         for (Py_ssize_t j = a; j < a + k; j++) {
-            uint64_t pte = ptes[pages[at[j]]];
-            if (pte >> 32 != HIGH_WRITABLE || (Py_ssize_t)(pte & PTE_PFN_MASK) >= nframes) {
+            Py_ssize_t page = pages[at[j]];
+            if (!writable(ptes, page, page + 1, nframes)) {
                 resume = r << RUN_SHIFT;  /* changed since the look: this run on is the caller's */
                 if (ptl_give(lock) < 0)
                     goto done;
@@ -661,6 +689,62 @@ done:
     return failed ? NULL : PyLong_FromSsize_t(resume);
 }
 
+static PyObject *
+bulk_scatter(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer ptes_buf, pool_buf, src_buf = {0};
+    Py_ssize_t resume = -1;  /* the address from which the caller goes on, -1 see below */
+    int failed = 1;
+    if (bulk_args("scatter(ptes, pool, locks, addr, src)", args, nargs, 5, &ptes_buf, &pool_buf,
+                  PyBUF_WRITABLE) < 0)
+        return NULL;
+    PyObject *locks = args[2];
+    const uint64_t *ptes = (const uint64_t *)ptes_buf.buf;
+    Py_ssize_t npages = ptes_buf.len / 8, nframes = pool_buf.len >> PAGE_SHIFT;
+    Py_ssize_t addr = PyLong_AsSsize_t(args[3]);
+    if (addr == -1 && PyErr_Occurred())
+        goto done;
+    /* Bytes of another kind (a strided array), or a range outside the guest: the caller's. */
+    if (PyObject_GetBuffer(args[4], &src_buf, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        goto checked;
+    }
+    Py_ssize_t n = src_buf.len, end = addr + n;
+    if (n <= 0 || addr < 0 || addr > (npages << PAGE_SHIFT) - n)
+        goto checked;
+    Py_ssize_t first = addr >> PAGE_SHIFT, last = (end - 1) >> PAGE_SHIFT;
+    resume = addr;
+    /* A look at every PTE without the locks: a page to fault in, or unmapped, and it is all the
+     * caller's; under each lock the look is made again (ksmd may have write-protected a page). */
+    if (!writable(ptes, first, last + 1, nframes))
+        goto checked;
+    for (Py_ssize_t page = first; page <= last;) {
+        Py_ssize_t stop = run_stop(page, last);
+        PyObject *lock = run_lock(locks, page >> RUN_SHIFT);
+        if (lock == NULL || ptl_take(lock) < 0)
+            goto done;
+        if (!writable(ptes, page, stop, nframes)) {
+            resume = page == first ? addr : page << PAGE_SHIFT;  /* changed since the look */
+            if (ptl_give(lock) < 0)
+                goto done;
+            goto checked;
+        }
+        copy_run(ptes, (char *)pool_buf.buf, (char *)src_buf.buf, addr, end, page, stop, 1);
+        if (ptl_give(lock) < 0)
+            goto done;
+        page = stop;
+    }
+    resume = end;
+checked:
+    failed = 0;
+done:
+    if (src_buf.obj != NULL)
+        PyBuffer_Release(&src_buf);
+    PyBuffer_Release(&pool_buf);
+    PyBuffer_Release(&ptes_buf);
+    return failed ? NULL : PyLong_FromSsize_t(resume);
+}
+
 static PyMethodDef module_methods[] = {
     {"gather", (PyCFunction)(void (*)(void))bulk_gather, METH_FASTCALL,
      "gather(ptes, pool, locks, fault, addr, n, out) -> bytes | None | int\n--\n\n"
@@ -671,6 +755,15 @@ static PyMethodDef module_methods[] = {
      "its lock taken once; a run with a page that is not present and young has\n"
      "``fault(start, stop)`` called on it first, lock held.  An unmapped page in the\n"
      "range: nothing is copied and its page number is returned."},
+    {"scatter", (PyCFunction)(void (*)(void))bulk_scatter, METH_FASTCALL,
+     "scatter(ptes, pool, locks, addr, src) -> int\n--\n\n"
+     "Copy the bytes of ``src`` (a contiguous buffer) to guest address ``addr``, run by\n"
+     "run in address order, each run's lock taken once.  Only pages that are writable,\n"
+     "dirty and young are written: returns the address from which the caller is to\n"
+     "go on, ``addr + len(src)`` when every byte landed.  Nothing written: -1 when\n"
+     "``src`` is of a kind left to the caller (not contiguous) or the range is not in\n"
+     "the guest, ``addr`` when a page needs a fault.  A run whose PTEs changed since\n"
+     "the look taken first is left to the caller with every run after it."},
     {"scatter_pages", (PyCFunction)(void (*)(void))bulk_scatter_pages, METH_FASTCALL,
      "scatter_pages(ptes, pool, locks, pages, rows) -> int\n--\n\n"
      "Copy row ``i`` of ``rows`` (4096 bytes each) into the frame of page ``pages[i]``\n"
