@@ -467,7 +467,7 @@ bulk_gather(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
         Py_ssize_t p = page;
         while (p < stop && ((ptes[p] >> 32) & HIGH_READ_MASK) == HIGH_READABLE)
             p++;
-        if (p < stop) {  /* untouched, not young, or the zero page: the fault handler marks the run */
+        if (p < stop) {  /* untouched, or not young: the fault handler marks the run young */
             PyObject *res = PyObject_CallFunction(fault, "nn", page, stop);
             if (res == NULL) {
                 ptl_give(lock);
@@ -515,17 +515,20 @@ page_numbers(Py_buffer *b, Py_ssize_t *pages, Py_ssize_t count)
     if (f[0] == 0 || f[1] != 0)
         return 0;
     for (Py_ssize_t i = 0; i < count; i++) {
-        const char *at = (const char *)b->buf + i * b->itemsize;
+        const char *at = (const char *)b->buf + i * b->itemsize;  /* memcpy: maybe not aligned */
         long long v;
+        int64_t i64;
+        uint64_t u64;
+        int32_t i32;
+        uint32_t u32;
         switch (b->itemsize == 8 ? f[0] : b->itemsize == 4 ? f[0] | 0x100 : 0) {
-        case 'l': case 'q': case 'n': v = *(const int64_t *)at; break;
-        case 'L': case 'Q': case 'N': {
-            uint64_t u = *(const uint64_t *)at;
-            v = u > (uint64_t)PY_SSIZE_T_MAX ? -1 : (long long)u;
+        case 'l': case 'q': case 'n': memcpy(&i64, at, 8); v = i64; break;
+        case 'L': case 'Q': case 'N':
+            memcpy(&u64, at, 8);
+            v = u64 > (uint64_t)PY_SSIZE_T_MAX ? -1 : (long long)u64;
             break;
-        }
-        case 'i' | 0x100: v = *(const int32_t *)at; break;
-        case 'I' | 0x100: v = *(const uint32_t *)at; break;
+        case 'i' | 0x100: memcpy(&i32, at, 4); v = i32; break;
+        case 'I' | 0x100: memcpy(&u32, at, 4); v = u32; break;
         default: return 0;
         }
         pages[i] = (Py_ssize_t)v;
