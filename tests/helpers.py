@@ -300,13 +300,13 @@ EM_X86_64, EM_386 = 62, 3
 
 
 def run_cli(*args: object, timeout: float = 120, cwd: str | os.PathLike[str] | None = None,
-            ) -> subprocess.CompletedProcess[str]:
-    """``python -m shmksm.cli ARGS`` as a real process: its real exit code, stdout and stderr.
+            module: str = "shmksm.cli") -> subprocess.CompletedProcess[str]:
+    """``python -m shmksm.cli ARGS`` (or ``-m module``) as a real process: its real exit code, stdout and stderr.
 
     A run that outlives ``timeout`` gets SIGTERM (the host then closes its
     machine), SIGKILL 10 s later, and fails the test.
     """
-    cmd = [sys.executable, "-m", "shmksm.cli", *map(str, args)]
+    cmd = [sys.executable, "-m", module, *map(str, args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -100,6 +100,14 @@ def test_help_as_a_real_process() -> None:
     assert version.returncode == 0 and re.search(r"\d+\.\d+", version.stdout), version.stderr
 
 
+def test_python_m_shmksm_runs_a_machine() -> None:
+    """``python -m shmksm`` is the command: its workers import the main module again and must not run it."""
+    proc = run_cli("run", "--scenario", "default", "--guests", 2, "--pages-to-scan", 2000, "--sleep-millisecs", 0,
+                   "--json", "-", "--timeout", 90, module="shmksm")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ksm"]["pages_sharing"] > 0
+
+
 # -- bad input: one line on stderr, exit 2 (usage) or 1 (runtime), no traceback ------------------
 
 
