@@ -121,6 +121,38 @@ def test_batches_and_full_scans_in_process(machine: shmksm.Machine) -> None:
     assert (c["pages_shared"], c["pages_sharing"], c["full_scans"], c["pages_scanned"]) == (1, 9, 2, 20)
 
 
+@pytest.mark.parametrize("pages", [400, 430])  # a full scan ends at the end of a batch, or inside one
+def test_batches_run_together_scan_what_they_would_one_by_one(pages: int) -> None:
+    """ksmd's wake-up: ten batches of 100 scanned as one (do_scan_batches) give the same pages, counters
+    and batch count, wake-up after wake-up, as ten do_scan(100), full scans ending inside a wake-up."""
+    keys = [[1 + (g * 7 + p) % 90 if p % 3 else 1000 * g + p for p in range(pages)] for g in range(3)]
+    names = ("pages_scanned", "full_scans", "pages_shared", "pages_sharing", "pages_unshared")
+    runs = []
+    for together in (False, True):
+        with shmksm.Machine(frames=3 * pages * 2, ksmd=False, smart_scan=0) as machine:
+            for g, k in zip([machine.add_guest(pages=pages) for _ in keys], keys, strict=True):
+                machine.spawn(fill, g, k).join(30)
+            scanner = Scanner(machine.system)
+            batches, seen = 0, []
+            for _ in range(6):
+                if together:
+                    left = 10
+                    while left:
+                        ran = scanner.do_scan_batches(100, left)
+                        left -= ran
+                        batches += ran
+                else:
+                    for _ in range(10):
+                        scanner.do_scan(100)
+                        batches += 1
+                scanner.publish()
+                seen.append((batches, *(getattr(scanner, n) for n in names)))
+            machine.check()
+        runs.append(seen)
+    assert runs[0] == runs[1]
+    assert runs[1][-1][2] >= 4 and runs[1][-1][4] > 0, "full scans ended inside wake-ups, and pages merged"
+
+
 def test_zero_pages_in_the_batch_that_maps_them(machine: shmksm.Machine) -> None:
     """use_zero_pages: empty pages go to the zero page in the pass that merges them, and on no tree."""
     machine.ksm.use_zero_pages = 1

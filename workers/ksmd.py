@@ -6,7 +6,8 @@ everything once when it becomes 2, idles at 0 (still doing the puts that
 write faults deferred, see frames.Frames.defer_put), and exits when the host sets
 ``scanner_stop`` or dies, or when ``scanners`` drops to its index or below.
 Small batches with a sleep between them are run a few back to back per
-wake-up, with their sleeps taken together (:func:`batches_per_wake`).
+wake-up, scanned as one (Scanner.do_scan_batches), with their sleeps taken
+together (:func:`batches_per_wake`).
 It reports its CPU time (from its first batch, as the kernel's ksmd is
 counted from ``run=1``), its start-up time (spawn to ready) and the peak of
 its private resident memory (RssAnon, sampled every 16 batches and at every
@@ -43,14 +44,16 @@ def batches_per_wake(pages_to_scan: int, sleep_millisecs: int) -> int:
     """Batches ksmd runs back to back each time it wakes, then sleeping as long as their sleeps.
 
     The kernel's ksmd sleeps ``sleep_millisecs`` after each batch of
-    ``pages_to_scan`` pages.  Here each wake-up meets cold caches, and every
-    distinct numpy operation of a batch then costs tens of microseconds
-    whatever its size: at the default knobs (100 pages, 20 ms) that fixed
-    part was most of a batch's cost.  So small batches are run a few in a
-    row — enough for WAKE_PAGES pages, the wake-ups no more than
-    MAX_WAKE_MILLISECS apart — and ksmd then sleeps their sleeps at once:
-    the same batches, the same pages per second, counted batch by batch;
-    only the instants at which they run are grouped.
+    ``pages_to_scan`` pages.  Here a small batch costs much more per page
+    than a large one: each wake-up meets cold caches, every distinct numpy
+    operation then costs tens of microseconds whatever its size, and a
+    small batch merges page by page where a large one merges a run of pages
+    under one lock.  So small batches are run a few in a row — enough for
+    WAKE_PAGES pages, the wake-ups no more than MAX_WAKE_MILLISECS apart —
+    scanned as one (Scanner.do_scan_batches: the pages the batches would
+    scan, split where a full scan ends as theirs are), and ksmd then sleeps
+    their sleeps at once: the same batches, the same pages per second,
+    counted batch by batch; only the instants at which they run are grouped.
     """
     if not sleep_millisecs:
         return 1
@@ -96,15 +99,16 @@ def ksmd(system: System, started_ns: int = 0, index: int = 0) -> dict[str, int]:
             unmerged = False
             sleep_ms = get("sleep_millisecs")
             pages = max(1, get("pages_to_scan"))
-            wake = batches_per_wake(pages, sleep_ms)
-            for _ in range(wake):
+            wake = left = batches_per_wake(pages, sleep_ms)
+            while left:
                 full = scanner.full_scans
-                scanner.do_scan(pages, publish=False)
+                ran = scanner.do_scan_batches(pages, left)
                 if (key := _settle_key(scanner)) != settle:
                     settle = key
                     own.set("scanner_settled_scan", full + 1)
-                batches += 1
-                if scanner.full_scans != full or batches % 16 == 0:
+                left -= ran
+                batches += ran
+                if scanner.full_scans != full or batches // 16 != (batches - ran) // 16:
                     own.set("scanner_rss_kb", max(own.get("scanner_rss_kb"), _anon_rss_kb()))
             own.set("scanner_batches", batches)
             own.set("scanner_cpu_ns", int((time.process_time() - cpu0) * 1e9))

@@ -597,6 +597,26 @@ class Scanner:
             self.publish()
         return done
 
+    def do_scan_batches(self, scan_npages: int, batches: int) -> int:
+        """Up to ``batches`` batches of ksm_do_scan(scan_npages) back to back, scanned as one:
+        return how many of them ran.
+
+        What those batches would scan, in the same order: a batch that meets
+        the end of a full scan ends there (with the pages it scanned, none if
+        the previous batch scanned the last page), so the pages after it are
+        the next batch's, in the next full scan — this scan stops at that
+        end, and the caller runs the batches left.  Run as one, they take
+        the vectorized path of a large batch instead of paying, batch by
+        batch, the fixed part of a small one.  An empty mm list scans
+        nothing: every batch runs and does nothing.  The counters are not
+        published (the caller does, once).
+        """
+        full = self.full_scans
+        done = self.do_scan(scan_npages * batches, publish=False)
+        if self.full_scans == full:
+            return batches
+        return done // scan_npages + 1
+
     def _end_full_scan(self) -> None:
         self.full_scans += 1
         self.seqnr += 1
