@@ -8,6 +8,8 @@ ksmd, and ``shmksm explain`` attached from another process.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, full_scans, run_cli
+from helpers import FAST, assert_one_line_error, fill, full_scans, run_cli, wait_until
 
 import shmksm
 from shmksm import MADV_MERGEABLE, PAGE_SIZE
+from shmksm._ksm import explain
 from shmksm._ksm.explain import REASONS, classify
 from shmksm._ksm.scanner import Scanner
 
@@ -132,6 +135,67 @@ def test_smart_scan_skips_pages_that_keep_failing(machine: shmksm.Machine) -> No
     row2 = reasons(machine, scanner, g)
     assert {row["smart_scan_skipped"], row2["smart_scan_skipped"]} == {0, 8}
     assert scanner.pages_skipped == 8
+
+
+def answered(machine: shmksm.Machine, scanners: list[Scanner], guest: shmksm.Guest) -> dict[str, int]:
+    """The reasons ``scanners`` give, answering one request in this order, as their processes would."""
+    prefix, pages = machine.system.spec.prefix, {guest.id: guest.pages}
+    with explain._answer_segment(prefix, pages, len(scanners)) as buf:
+        for scanner in scanners:
+            explain.answer(scanner, prefix, os.getpid() << 20)
+        states = explain._read_states(buf, pages)
+    table = machine.system.table(guest.id)
+    return classify(table.ptes, table.header, states[guest.id])
+
+
+def test_two_scanners_explain_a_page_that_changed_owner_by_its_owner() -> None:
+    """A page written to a content of the other scanner's: the scanner that saw the change keeps its
+    item (volatile) until its next visit; the new owner's item, once it has one, is the answer."""
+    with shmksm.Machine(frames=256, ksmd=False, smart_scan=0, scanners=2) as machine:
+        g = machine.add_guest(pages=8)
+        write_pages(g, [1, 2, 3, 4, 5, 6, 7, 8])
+        scanners = [Scanner(machine.system, 0), Scanner(machine.system, 1)]
+        for _ in range(2):  # their passes interleaved, as two processes' are
+            for s in scanners:
+                full_scans(s, 1)
+        for order in (scanners, scanners[::-1]):
+            only(answered(machine, order, g), unique_so_far=8)
+        page = np.array([5])
+        was = next(s for s in scanners if s.owns(g.id, page)[0])
+        for key in range(100, 200):  # a content the other scanner owns
+            write_pages(g, [key], first=5)
+            full_scans(was, 1)
+            if not was.owns(g.id, page)[0]:
+                break
+        now = next(s for s in scanners if s is not was)
+        assert now.owns(g.id, page)[0]
+        for order in (scanners, scanners[::-1]):  # as one scanner would say: the change seen
+            only(answered(machine, order, g), volatile=1, unique_so_far=7)
+        full_scans(now, 1)  # the new owner's visit: steady since, on its unstable tree
+        for order in (scanners, scanners[::-1]):  # the old owner's item, not freed yet, says volatile
+            only(answered(machine, order, g), unique_so_far=8)
+        machine.check()
+
+
+def test_explain_with_a_killed_scanner_counts_its_pages_as_not_scanned() -> None:
+    with shmksm.Machine(frames=1024, scanners=2, smart_scan=0, **FAST) as machine:
+        guests = [machine.add_guest(pages=64) for _ in range(2)]
+        for g in guests:
+            machine.spawn(fill, g, [1 + p % 16 for p in range(64)]).join(30)
+        machine.ksm.run = 1
+        c = machine.wait_converged(timeout=120)
+        assert machine.explain().total["merged"] == 128
+        victim = machine.scanner_workers()[1]
+        victim.kill()
+        wait_until(lambda: any(d.pid == victim.pid and d.signal == signal.SIGKILL for d in machine.deaths), 30,
+                   "the host to record the death")
+        for g in guests:
+            g.view().write(0, b"changed")  # a copy-on-write break: volatile, whoever owns it
+        got = machine.explain()  # answered by the scanner left, not ProcessDied
+        assert sum(got.total.values()) == 128
+        assert got.total["merged"] == c["pages_shared"] + c["pages_sharing"] - 2
+        assert got.total["merged"] + got.total["volatile"] + got.total["waiting_second_scan"] == 128
+        assert got.total["volatile"] >= 1
 
 
 @pytest.mark.parametrize("scanners", [1, 2])

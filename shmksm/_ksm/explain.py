@@ -11,20 +11,31 @@ scanning pays nothing for it but one word read per batch:
    process) creates the answer segment ``<prefix>_explain<pid>``, laid out as::
 
        int64[2 * MAX_GUESTS]   per guest: offset of its bytes, pages (0: no answer)
-       uint8[...]              one byte a page: Scanner.item_states
+       int64                   areas: the scanners asked (``scanners`` when asked)
+       uint8[areas][pages]     per guest, one area per scanner, one byte a page:
+                               Scanner.item_states, | OWNED where the scanner owns the page
 
    and writes its request (pid << 20 | a sequence number) into the control
    word ``explain_request``;
-2. each scanner process, between batches (and while idle), attaches it,
-   writes the item states of the pages it owns (the rest stay 0: no item),
+2. each scanner process, between wake-ups (and while idle), attaches it,
+   writes into its own area the states of the pages it has items for,
    detaches, and writes the request into ``explain_answer`` of its own
    entry of the control segment;
-3. once every scanner answered, the requester reads the states, then the
-   PTEs, classifies, and unlinks the segment.
+3. once every running scanner answered, the requester reads the states,
+   then the PTEs, classifies, and unlinks the segment.
+
+With several scanners a page's state is its owner's (:func:`combine`).  A
+page whose content changed moves to the new checksum's owner; the scanner it
+left keeps its item until its next visit frees it, and that item says what
+that visit saw (the change: volatile).  So the owner's item, where it has
+one, is the newer; where it has none yet, the previous owner's tells why the
+page waits.  Each scanner writes only its own area: no byte is written by two.
 
 Two requesters at once take turns: one whose request was overwritten asks
 again once the other's was answered.  With no ksmd running every page counts
-as not yet scanned.
+as not yet scanned; so do the pages of a scanner that is not running (killed,
+or not started yet): its items died with it, and whoever scans the pages
+next starts them from a first visit.
 
 The reasons, in the order a page is tested against them (:data:`REASONS`):
 not present; merged (maps a KSM page: the KSM page itself or a sharing
@@ -69,7 +80,9 @@ DESCRIPTIONS: Final = {
     "unique_so_far": "no other page with its content found yet (pages_unshared)",
     "waiting_second_scan": "scanned fewer than twice: merging needs two scans with one checksum",
 }
-_HEADER_WORDS: Final = 2 * control.MAX_GUESTS
+_HEADER_WORDS: Final = 2 * control.MAX_GUESTS + 1
+_AREAS_WORD: Final = 2 * control.MAX_GUESTS  # the header's last word: scanners asked, one area each
+OWNED: Final = 0x80  # in a scanner's area: the page is that scanner's (Scanner.owns)
 _SEQ_BITS: Final = 20  # a request is the requester's pid << _SEQ_BITS | its sequence number
 _requests = itertools.count(1)
 _one_at_a_time = threading.Lock()  # one answer segment per process
@@ -82,85 +95,107 @@ def segment_name(prefix: str, pid: int) -> str:
 
 
 def answer(scanner: Scanner, prefix: str, request: int) -> None:
-    """ksmd's side: write every live guest's item states into the answer segment of ``request``."""
+    """ksmd's side: write every live guest's item states into this scanner's area of the answer
+    segment of ``request``, with OWNED on the pages it owns."""
     try:
         seg = segments.attach(segment_name(prefix, request >> _SEQ_BITS))
     except FileNotFoundError:
         return  # the requester gave up meanwhile
     try:
         header = np.ndarray(_HEADER_WORDS, np.int64, seg.buf)
-        for gid in scanner.system.live_guests():
-            offset, pages = int(header[2 * gid]), int(header[2 * gid + 1])
-            if pages:
-                states = scanner.item_states(gid)[:pages]
-                mine = np.flatnonzero(states)  # the pages this scanner has items for: another owns the rest
-                np.ndarray(pages, np.uint8, seg.buf, offset)[mine] = states[mine]
+        if scanner.index < header[_AREAS_WORD]:
+            for gid in scanner.system.live_guests():
+                offset, pages = int(header[2 * gid]), int(header[2 * gid + 1])
+                if pages:
+                    states = scanner.item_states(gid)[:pages]
+                    items = np.flatnonzero(states)
+                    states[items[scanner.owns(gid, items)]] |= OWNED
+                    np.ndarray(pages, np.uint8, seg.buf, offset + scanner.index * pages)[items] = states[items]
         del header
     finally:
         seg.close()
 
 
+def combine(areas: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """One guest's states from the scanners' ``areas`` (one row per scanner): a page's owner's, if it has
+    an item for it, else another scanner's (the item the page's previous owner has not freed yet)."""
+    owned = (areas & OWNED) != 0
+    mine = np.where(owned, areas & ~np.uint8(OWNED), 0).max(axis=0)
+    states: npt.NDArray[np.uint8] = np.where(owned.any(axis=0), mine, areas.max(axis=0))
+    return states
+
+
 @contextmanager
-def _answer_segment(prefix: str, pages: dict[int, int]) -> Iterator[memoryview]:
-    """The requester's answer segment, laid out for guests of ``pages`` (gid → pages); unlinked after."""
-    size = 8 * _HEADER_WORDS + sum(pages.values())
+def _answer_segment(prefix: str, pages: dict[int, int], areas: int) -> Iterator[memoryview]:
+    """The requester's answer segment, laid out for guests of ``pages`` (gid → pages) and
+    ``areas`` scanners; unlinked after."""
+    size = 8 * _HEADER_WORDS + areas * sum(pages.values())
     seg = segments.create(segment_name(prefix, os.getpid()), size)
     try:
         buf = seg.buf
         assert buf is not None
         header = np.ndarray(_HEADER_WORDS, np.int64, buf)
+        header[_AREAS_WORD] = areas
         offset = 8 * _HEADER_WORDS
         for gid, n in pages.items():
             header[2 * gid], header[2 * gid + 1] = offset, n
-            offset += n
+            offset += areas * n
         del header
         yield buf
     finally:
         segments.unlink(seg)
 
 
-def _answered(ctl: npt.NDArray[np.int64], request: int) -> bool:
-    """Has every scanner answered ``request`` (each in its own entry's explain_answer)?"""
-    n = max(1, int(ctl[control.INDEX["scanners"]]))
+def _read_states(buf: memoryview, pages: dict[int, int]) -> dict[int, npt.NDArray[np.uint8]]:
+    """The states of the guests of ``pages`` in an answered segment, each scanner's areas combined."""
+    header = np.ndarray(_HEADER_WORDS, np.int64, buf)
+    areas = int(header[_AREAS_WORD])
+    states = {gid: combine(np.ndarray((areas, n), np.uint8, buf, int(header[2 * gid]))) for gid, n in pages.items()}
+    del header
+    return states
+
+
+def _running(ctl: npt.NDArray[np.int64], areas: int) -> list[int]:
+    """The scanners among the first ``areas`` whose process runs (its pid in its entry, alive)."""
+    first = control.SCANNER_BASE + control.SCANNER_INDEX["scanner_pid"]
+    pids = ctl[first:first + areas * control.SCANNER_WORDS:control.SCANNER_WORDS].tolist()
+    return [i for i, pid in enumerate(pids) if pid and segments.pid_alive(pid)]
+
+
+def _answered(ctl: npt.NDArray[np.int64], request: int, areas: int) -> bool:
+    """Has every running scanner among the first ``areas`` answered ``request`` (each in its own
+    entry's explain_answer)?"""
+    n = min(areas, max(1, int(ctl[control.INDEX["scanners"]])))
     first = control.SCANNER_BASE + control.SCANNER_INDEX["explain_answer"]
-    return bool((ctl[first:first + n * control.SCANNER_WORDS:control.SCANNER_WORDS] == request).all())
+    answers = ctl[first:first + n * control.SCANNER_WORDS:control.SCANNER_WORDS]
+    return all(answers[i] == request for i in _running(ctl, n))
 
 
 def request_states(prefix: str, pages: dict[int, int], ctl: npt.NDArray[np.int64]
                    ) -> dict[int, npt.NDArray[np.uint8]]:
     """Ask ksmd for the item states of the guests of ``pages`` (gid → pages); zeros if no ksmd runs.
 
-    ``ctl`` is the machine's control words.  Each of several scanners writes
-    the states of the pages it owns.  ProcessDied if ksmd runs but does not
-    answer within ANSWER_SECONDS.
+    ``ctl`` is the machine's control words.  Each running scanner writes the
+    states of the pages it has items for (:func:`combine` keeps the owner's);
+    a scanner that is not running answers nothing.  ProcessDied if a scanner
+    runs but does not answer within ANSWER_SECONDS.
     """
     request_word = control.INDEX["explain_request"]
-
-    def scanner_alive() -> bool:
-        pid = int(ctl[control.INDEX["scanner_pid"]])
-        return bool(pid) and segments.pid_alive(pid)
-
+    areas = max(1, min(int(ctl[control.INDEX["scanners"]]), control.MAX_SCANNERS))
     me = os.getpid() << _SEQ_BITS | next(_requests) % (1 << _SEQ_BITS)
-    states = {gid: np.zeros(n, np.uint8) for gid, n in pages.items()}
-    if not scanner_alive():
-        return states
-    with _one_at_a_time, _answer_segment(prefix, pages) as buf:
+    if not _running(ctl, areas):
+        return {gid: np.zeros(n, np.uint8) for gid, n in pages.items()}
+    with _one_at_a_time, _answer_segment(prefix, pages, areas) as buf:
         ctl[request_word] = me
         deadline = time.monotonic() + ANSWER_SECONDS
-        while not _answered(ctl, me):
+        while not _answered(ctl, me, areas):
             other = int(ctl[request_word])
-            if other != me and _answered(ctl, other):
+            if other != me and _answered(ctl, other, areas):
                 ctl[request_word] = me  # another requester's turn is over
-            if not scanner_alive():
-                return states
             if time.monotonic() > deadline:
                 raise ProcessDied(f"ksmd did not answer the explain request in {ANSWER_SECONDS:g} s")
             time.sleep(0.002)
-        header = np.ndarray(_HEADER_WORDS, np.int64, buf)
-        for gid, n in pages.items():
-            states[gid] = np.ndarray(n, np.uint8, buf, int(header[2 * gid])).copy()
-        del header
-    return states
+        return _read_states(buf, pages)
 
 
 def mergeable_mask(header: npt.NDArray[np.int64], pages: int) -> npt.NDArray[np.bool_]:

@@ -689,6 +689,14 @@ class Scanner:
         slot.cursor = pos
         return np.concatenate(out) if out else np.zeros(0, np.intp)
 
+    def owns(self, gid: int, pages: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
+        """Which of these pages of guest ``gid`` this scanner merges now (:meth:`_owns`), as of the
+        number of scanners at its last batch; all of them when it runs alone."""
+        slot = self.by_gid.get(gid)
+        if self.count == 1 or slot is None:
+            return np.full(len(pages), slot is not None)
+        return self._owns(slot, pages)
+
     def _owns(self, slot: MmSlot, pages: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
         """Which of these present pages of ``slot`` this scanner merges.
 
