@@ -159,6 +159,42 @@ def test_a_killed_scanner_restarted_converges_to_the_ideal() -> None:
             assert_data(g, k)
 
 
+def test_a_scanner_killed_while_guests_write_restarts_and_converges_to_the_ideal() -> None:
+    """The kill lands amid copy-on-write breaks: the surviving scanner goes on, the restarted one starts
+    from empty trees beside the dead one's KSM pages; then an unmerge, and both reach the ideal."""
+    nguests, pages = 3, 128
+    keys = keys_for(nguests, pages, 13)
+    with shmksm.Machine(frames=nguests * pages * 3, ksmd=False, scanners=2, pages_to_scan=64,
+                        sleep_millisecs=0, smart_scan=0) as machine:
+        guests = [machine.add_guest(pages=pages) for _ in range(nguests)]
+        for g in guests:
+            machine.spawn(advise, g, 0, pages, MADV_MERGEABLE).join(60)
+        start_ksmd(machine)
+        machine.ksm.run = 1
+        workers = [machine.spawn(guest_random.run, g, 300 + i, 2.0) for i, g in enumerate(guests)]
+        wait_until(lambda: machine.ksm.pages_sharing > 0, 60, "the scanners to merge")
+        victim = machine.scanner_workers()[1]
+        victim.kill()
+        wait_until(lambda: any(d.pid == victim.pid for d in machine.deaths), 30, "the host to record the death")
+        assert any(w.is_alive() for w in workers), "the guests stopped writing before the kill"
+        machine.start_ksmd()  # restarts the dead one only, while the guests still write
+        assert [w.join(60) for w in workers] == [0] * nguests, "a guest read back something it did not write"
+        assert machine.system.get("cow_ksm") > 0, "no write ever hit a merged page: the race was not exercised"
+        machine.check()
+        for g, k in zip(guests, keys, strict=True):
+            machine.spawn(fill, g, k, "none").join(60)
+        machine.spawn(advise, guests[1], pages // 4, pages // 2, MADV_UNMERGEABLE).join(60)
+        c = machine.wait_converged(timeout=120)
+        merged = [k for i, ks in enumerate(keys) for p, k in enumerate(ks)
+                  if i != 1 or not pages // 4 <= p < pages // 4 + pages // 2]
+        assert (c["pages_shared"], c["pages_sharing"]) == ideal(merged, 256)
+        assert ksm_mappings(machine) == (c["pages_shared"], c["pages_shared"] + c["pages_sharing"])
+        assert [w.is_alive() for w in machine.scanner_workers()] == [True, True]
+        for g, k in zip(guests, keys, strict=True):
+            assert_data(g, k)
+        machine.check()
+
+
 def test_changing_the_number_of_scanners_keeps_the_counters() -> None:
     keys = keys_for(2, 600, 11)
     want = ideal([k for ks in keys for k in ks], 256)
