@@ -24,8 +24,10 @@ ratios are printed.  Sections:
               not own (walking their PTEs and checksums), measured as
               the growth of CPU per page from 1 to 2 scanners — gives the
               extension to more cores (Amdahl, each scanner on its own core).
-              The load average is printed beside: on a busy machine wall-clock
-              scaling is depressed; rerun on a quiet one.
+              1 and 2 scanners run alternately --repeat times; medians are
+              printed, with the 1-minute load average before each run (on a
+              busy machine wall-clock scaling is depressed: --quiet LOAD
+              waits for the load to fall below LOAD first).
 * batch     — ksmd's CPU per batch at the default knobs (100 pages, 20 ms
               sleep), in-process: back to back, after each sleep, ten per
               wake-up one by one, and ten per wake-up scanned as one (as
@@ -33,7 +35,7 @@ ratios are printed.  Sections:
               a batch pays after a sleep.
 
     python bench/bench_scanner.py [--sections converge,unique,merged,memory,parallel,batch] [--repeat 3]
-                                  [[--parallel-pages 1048576] [--json FILE]
+                                  [--parallel-pages 1048576] [--quiet LOAD] [--json FILE]
 """
 
 from __future__ import annotations
@@ -137,32 +139,60 @@ def _load() -> str:
     return f"load average {one:.2f} (5 min {five:.2f}) on {os.cpu_count()} CPUs"
 
 
-def parallel(total_pages: int, guests: int = 8, scanner_counts: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
-    """1 and 2 scanners on one workload of ``total_pages``: wall, rate, CPU per page, and the serial part."""
+def _wait_quiet(max_load: float, timeout: float) -> None:
+    """Wait (up to ``timeout`` seconds) for the 1-minute load average to fall below ``max_load``."""
+    deadline = time.monotonic() + timeout
+    while os.getloadavg()[0] >= max_load and time.monotonic() < deadline:
+        time.sleep(5)
+
+
+def _parallel_run(paths: list[str], best: Any, n: int) -> dict[str, Any]:
+    load = _load()
+    r = run_images(paths, knobs={**KNOBS, "pages_to_scan": 20000, "scanners": n}, timeout=3600)
+    scanned = r["ksm"]["pages_scanned"]
+    return {
+        "load_before": load, "load_after": _load(),
+        "wall_seconds_to_converge": r["converged"]["seconds"], "wall_seconds": r["wall_seconds"],
+        "converged_full_scans": r["converged"]["full_scans"], "full_scans": r["ksm"]["full_scans"],
+        "pages_scanned": scanned,
+        "pages_per_wall_second": round(scanned / r["wall_seconds"]),
+        "cpu_seconds": r["ksmd_cpu_seconds"],
+        "cpu_us_per_page": round(r["ksmd_cpu_seconds"] / scanned * 1e6, 4),
+        # the cores the scanners got: on a loaded machine far below their number
+        "cpu_per_wall_second": round(r["ksmd_cpu_seconds"] / r["wall_seconds"], 3),
+        "counters_equal_ideal": (r["ksm"]["pages_shared"], r["ksm"]["pages_sharing"])
+        == (best.pages_shared, best.pages_sharing)}
+
+
+def parallel(total_pages: int, guests: int = 8, scanner_counts: tuple[int, ...] = (1, 2), repeat: int = 3,
+             quiet: float = 0.0, quiet_timeout: float = 600) -> dict[str, Any]:
+    """1 and 2 scanners on one workload of ``total_pages``, alternately ``repeat`` times: medians of
+    wall, rate and CPU per page, the serial part, and the load beside each run.  With ``quiet``,
+    each run waits (up to ``quiet_timeout`` s) for the load average to fall below it."""
     per_guest = total_pages // guests
     mix = Mix(common=per_guest // 2, zero=per_guest // 8, unique=per_guest // 4,
               intra=per_guest - per_guest // 2 - per_guest // 8 - per_guest // 4, intra_distinct=512)
-    out: dict[str, Any] = {"pages": per_guest * guests, "guests": guests, "load_before": _load()}
+    out: dict[str, Any] = {"pages": per_guest * guests, "guests": guests, "repeat": repeat,
+                           "load_before": _load()}
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in scanner_counts}
     with tempfile.TemporaryDirectory(prefix="shmksm-bench-") as tmp:
         paths = write_mix(tmp, guests, mix)
         best = ideal(paths)
-        for n in scanner_counts:
-            r = run_images(paths, knobs={**KNOBS, "pages_to_scan": 20000, "scanners": n}, timeout=3600)
-            scanned = r["ksm"]["pages_scanned"]
-            out[f"scanners_{n}"] = {
-                "wall_seconds_to_converge": r["converged"]["seconds"], "wall_seconds": r["wall_seconds"],
-                "converged_full_scans": r["converged"]["full_scans"], "pages_scanned": scanned,
-                "pages_per_wall_second": round(scanned / r["wall_seconds"]),
-                "cpu_seconds": r["ksmd_cpu_seconds"],
-                "cpu_us_per_page": round(r["ksmd_cpu_seconds"] / scanned * 1e6, 4),
-                # the cores the scanners got: on a loaded machine far below their number
-                "cpu_per_wall_second": round(r["ksmd_cpu_seconds"] / r["wall_seconds"], 3),
-                "counters_equal_ideal": (r["ksm"]["pages_shared"], r["ksm"]["pages_sharing"])
-                == (best.pages_shared, best.pages_sharing),
-                "load_after": _load()}
+        for _ in range(repeat):
+            for n in scanner_counts:
+                if quiet:
+                    _wait_quiet(quiet, quiet_timeout)
+                runs[n].append(_parallel_run(paths, best, n))
+    for n, rs in runs.items():
+        med = {key: statistics.median(r[key] for r in rs) for key, v in rs[0].items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        med["counters_equal_ideal"] = all(r["counters_equal_ideal"] for r in rs)
+        med["loads"] = [r["load_before"].split(" (")[0].split()[-1] for r in rs]
+        out[f"scanners_{n}"] = {**med, "runs": rs}
     one, two = out["scanners_1"], out[f"scanners_{scanner_counts[-1]}"]
     k = scanner_counts[-1]
     out["rate_ratio"] = round(two["pages_per_wall_second"] / one["pages_per_wall_second"], 3)
+    out["converge_wall_ratio"] = round(one["wall_seconds_to_converge"] / two["wall_seconds_to_converge"], 3)
     out["cpu_per_page_ratio"] = round(two["cpu_us_per_page"] / one["cpu_us_per_page"], 3)
     # Every scanner pays the serial part on every page; the rest divides among them.
     serial = max(0.0, (two["cpu_us_per_page"] - one["cpu_us_per_page"]) / (k - 1))
@@ -226,6 +256,8 @@ def main() -> int:
     ap.add_argument("--sections", default="converge,unique,merged,memory,parallel,batch")
     ap.add_argument("--parallel-pages", type=int, default=1 << 20)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quiet", type=float, default=0.0, metavar="LOAD",
+                    help="parallel: before each run, wait up to 10 min for the 1-min load average to fall below LOAD")
     ap.add_argument("--no-kernel", action="store_true")
     ap.add_argument("--json", metavar="FILE")
     a = ap.parse_args()
@@ -251,16 +283,17 @@ def main() -> int:
               f"(an idle scanner's: {r['idle_rss_anon_kb']:,} kB); converged at full scan {r['converged_full_scans']}, "
               f"counters equal the ideal: {r['counters_equal_ideal']}")
     if "parallel" in sections:
-        r = results["parallel"] = parallel(a.parallel_pages)
-        print(f"parallel: {r['pages']:,} pages; {r['load_before']}")
+        r = results["parallel"] = parallel(a.parallel_pages, repeat=a.repeat, quiet=a.quiet)
+        print(f"parallel: {r['pages']:,} pages, medians of {r['repeat']} runs each; {r['load_before']}")
         for key in ("scanners_1", "scanners_2"):
             s = r[key]
             print(f"  {key.replace('_', ' ')}: converged in {s['wall_seconds_to_converge']} wall-s "
-                  f"(full scan {s['converged_full_scans']}), {s['pages_per_wall_second']:,} pages/wall-s, "
-                  f"{s['cpu_us_per_page']} CPU-us/page, {s['cpu_per_wall_second']} CPU-s per wall-s, "
-                  f"ideal reached: {s['counters_equal_ideal']}; {s['load_after']}")
+                  f"(full scan {s['converged_full_scans']}), {s['pages_per_wall_second']:,.0f} pages/wall-s, "
+                  f"{s['cpu_us_per_page']:.4f} CPU-us/page, {s['cpu_per_wall_second']:.3f} CPU-s per "
+                  f"wall-s, ideal reached: {s['counters_equal_ideal']}; 1-min load before each run: "
+                  + ", ".join(s["loads"]))
         print(f"  2 vs 1: {r['rate_ratio']}x pages/wall-s (target >= 1.7), {r['cpu_per_page_ratio']}x CPU/page "
-              f"(target <= 1.15)")
+              f"(target <= 1.15); converged {r['converge_wall_ratio']}x as fast")
         print(f"  serial part {r['serial_us_per_page']} CPU-us/page (repeated by every scanner); per-scanner "
               f"{r['per_scanner_pages_per_cpu_second']:,} pages/CPU-s at 2; projected speedup on N free cores: "
               + ", ".join(f"{n}: {x}x" for n, x in r["projected_speedup"].items()) + " (PageONE: 13.7x on 12)")
