@@ -157,6 +157,8 @@ def _parallel_run(paths: list[str], best: Any, n: int) -> dict[str, Any]:
         "pages_scanned": scanned,
         "pages_per_wall_second": round(scanned / r["wall_seconds"]),
         "cpu_seconds": r["ksmd_cpu_seconds"],
+        # the busiest scanner's share of the CPU: a content's pages all go to one scanner
+        "busiest_cpu_share": round(max(s["cpu_seconds"] for s in r["scanners"]) / max(1e-9, r["ksmd_cpu_seconds"]), 3),
         "cpu_us_per_page": round(r["ksmd_cpu_seconds"] / scanned * 1e6, 4),
         # the cores the scanners got: on a loaded machine far below their number
         "cpu_per_wall_second": round(r["ksmd_cpu_seconds"] / r["wall_seconds"], 3),
@@ -290,7 +292,8 @@ def main() -> int:
             print(f"  {key.replace('_', ' ')}: converged in {s['wall_seconds_to_converge']} wall-s "
                   f"(full scan {s['converged_full_scans']}), {s['pages_per_wall_second']:,.0f} pages/wall-s, "
                   f"{s['cpu_us_per_page']:.4f} CPU-us/page, {s['cpu_per_wall_second']:.3f} CPU-s per "
-                  f"wall-s, ideal reached: {s['counters_equal_ideal']}; 1-min load before each run: "
+                  f"wall-s (the busiest scanner's share {s['busiest_cpu_share']:.3f}), ideal reached: "
+                  f"{s['counters_equal_ideal']}; 1-min load before each run: "
                   + ", ".join(s["loads"]))
         print(f"  2 vs 1: {r['rate_ratio']}x pages/wall-s (target >= 1.7), {r['cpu_per_page_ratio']}x CPU/page "
               f"(target <= 1.15); converged {r['converge_wall_ratio']}x as fast")

@@ -64,15 +64,10 @@ def test_each_scanner_merges_a_share_of_the_pages() -> None:
         assert (c["pages_shared"], c["pages_sharing"]) == ideal([k for ks in keys for k in ks], 256)
         workers = machine.scanner_workers()
         assert [w.name for w in workers] == ["ksmd", "ksmd1"] and all(w.is_alive() for w in workers)
-        ctl = machine.system.ctl
-        from shmksm._mm import control
-
-        def entry(i: int, name: str) -> int:
-            return int(ctl[control.SCANNER_BASE + control.SCANNER_WORDS * i + control.SCANNER_INDEX[name]])
-
-        shares = [entry(i, "pages_sharing") for i in (0, 1)]
-        assert sum(shares) == c["pages_sharing"] and min(shares) > 0, shares
-        assert sum(entry(i, "rmap_items") for i in (0, 1)) == machine.system.get("rmap_items")
+        shares = machine.ksm.per_scanner("pages_sharing")
+        assert len(shares) == 2 and sum(shares) == c["pages_sharing"] and min(shares) > 0, shares
+        assert sum(machine.ksm.per_scanner("rmap_items")) == machine.system.get("rmap_items")
+        assert min(machine.ksm.per_scanner("scanner_cpu_ns")) > 0
         machine.check()
 
 

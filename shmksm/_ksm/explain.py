@@ -157,8 +157,7 @@ def _read_states(buf: memoryview, pages: dict[int, int]) -> dict[int, npt.NDArra
 
 def _running(ctl: npt.NDArray[np.int64], areas: int) -> list[int]:
     """The scanners among the first ``areas`` whose process runs (its pid in its entry, alive)."""
-    first = control.SCANNER_BASE + control.SCANNER_INDEX["scanner_pid"]
-    pids = ctl[first:first + areas * control.SCANNER_WORDS:control.SCANNER_WORDS].tolist()
+    pids = (int(ctl[control.scanner_word(i, "scanner_pid")]) for i in range(areas))
     return [i for i, pid in enumerate(pids) if pid and segments.pid_alive(pid)]
 
 
@@ -166,9 +165,7 @@ def _answered(ctl: npt.NDArray[np.int64], request: int, areas: int) -> bool:
     """Has every running scanner among the first ``areas`` answered ``request`` (each in its own
     entry's explain_answer)?"""
     n = min(areas, max(1, int(ctl[control.INDEX["scanners"]])))
-    first = control.SCANNER_BASE + control.SCANNER_INDEX["explain_answer"]
-    answers = ctl[first:first + n * control.SCANNER_WORDS:control.SCANNER_WORDS]
-    return all(answers[i] == request for i in _running(ctl, n))
+    return all(ctl[control.scanner_word(i, "explain_answer")] == request for i in _running(ctl, n))
 
 
 def request_states(prefix: str, pages: dict[int, int], ctl: npt.NDArray[np.int64]

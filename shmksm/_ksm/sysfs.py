@@ -216,6 +216,12 @@ class KsmFiles:
         """Control word ``index``."""
         raise NotImplementedError
 
+    def per_scanner(self, name: str) -> list[int]:
+        """Word ``name`` of each scanner's entry (control.SCANNER_FIELDS: ``scanner_cpu_ns``,
+        ``pages_scanned``, ...), scanner 0 first, for the ``scanners`` there are now."""
+        n = max(1, min(self.get("scanners"), control.MAX_SCANNERS))
+        return [self._word(control.scanner_word(i, name)) for i in range(n)]
+
     def counters(self) -> dict[str, int]:
         """Every counter, by name; on a machine of several NUMA nodes also the allocator's
         (the totals by their /proc/vmstat names, each node's by its numastat names as

@@ -152,6 +152,13 @@ SCANNER_FOLD: Final = {
     "explain_answer": "first",
 }
 FAULT_BASE: Final = SCANNER_BASE + SCANNER_WORDS * MAX_SCANNERS
+
+
+def scanner_word(index: int, name: str) -> int:
+    """The control word ``name`` (of SCANNER_FIELDS) in the entry of scanner ``index``."""
+    return SCANNER_BASE + SCANNER_WORDS * index + SCANNER_INDEX[name]
+
+
 FAULT_SLOTS: Final = 8
 FAULT_WORDS: Final = 8
 DEFERRED_BASE: Final = FAULT_BASE + FAULT_SLOTS * FAULT_WORDS

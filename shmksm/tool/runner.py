@@ -96,6 +96,8 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
         drawn = mapper.finish(system, wall) if mapper is not None else None
         machine.ksm.run = 0
         cpu_ns = system.get("scanner_cpu_ns")
+        per_scanner = zip(machine.ksm.per_scanner("scanner_cpu_ns"), machine.ksm.per_scanner("pages_scanned"),
+                          strict=True)
         final = {k: v for k, v in counters(system).items() if k in RUN_COUNTERS}
         final["pages_scanned"] -= base_scanned
         stats = [g.ksm_stat() for g in guests]
@@ -116,6 +118,9 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
                           "ksmd_cpu_seconds": round(converged_at[2] / 1e9, 3)},
             "wall_seconds": round(wall, 4),
             "ksmd_cpu_seconds": round(cpu_ns / 1e9, 3),
+            # each scanner's share (shmksm's own knob scanners), scanner 0 first
+            "scanners": [{"cpu_seconds": round(cpu / 1e9, 3), "pages_scanned": scanned}
+                         for cpu, scanned in per_scanner],
             "ksmd_startup_seconds": round(system.get("scanner_startup_ns") / 1e9, 3),
             "ksmd_rss_anon_kb": system.get("scanner_rss_kb"),
             "ksm_stat": stats,
