@@ -17,9 +17,12 @@ ratios are printed.  Sections:
               is printed beside it.
 * parallel  — 1 and 2 scanners (shmksm's own knob ``scanners``) on the same
               1M-page workload, pages_to_scan 20000, sleep 0: wall seconds to
-              converge, pages scanned per wall-second, scanner CPU per page
-              (all scanners' CPU ÷ pages scanned); targets 2 scanners >= 1.7x
-              the pages per wall-second of one and <= 1.15x its CPU per page.
+              converge, pages scanned per wall-second and scanner CPU per page
+              (all scanners' CPU), both of the work to converge (every page
+              once per full scan up to the one the counters settled in: a
+              scanner ahead of the other goes on over settled pages, which
+              pages_scanned counts); targets 2 scanners >= 1.7x the pages
+              per wall-second of one and <= 1.15x its CPU per page.
               The serial part — what every scanner repeats for pages it does
               not own (walking their PTEs and checksums), measured as
               the growth of CPU per page from 1 to 2 scanners — gives the
@@ -147,21 +150,27 @@ def _wait_quiet(max_load: float, timeout: float) -> None:
 
 
 def _parallel_run(paths: list[str], best: Any, n: int) -> dict[str, Any]:
+    """One run of ``n`` scanners to convergence.  The rates are of the work to converge: the
+    pages of every full scan up to the one the counters settled in (the same work for 1 and 2
+    scanners when they settle in the same full scan), over the wall and CPU seconds until then.
+    Over the whole run, a scanner that finished its passes first goes on scanning settled pages
+    (cheap) while the other finishes: its pages_scanned would flatter the rates."""
     load = _load()
     r = run_images(paths, knobs={**KNOBS, "pages_to_scan": 20000, "scanners": n}, timeout=3600)
-    scanned = r["ksm"]["pages_scanned"]
+    work = r["pages"] * r["converged"]["full_scans"]
+    seconds, cpu = r["converged"]["seconds"], r["converged"]["ksmd_cpu_seconds"]
     return {
         "load_before": load, "load_after": _load(),
-        "wall_seconds_to_converge": r["converged"]["seconds"], "wall_seconds": r["wall_seconds"],
-        "converged_full_scans": r["converged"]["full_scans"], "full_scans": r["ksm"]["full_scans"],
-        "pages_scanned": scanned,
-        "pages_per_wall_second": round(scanned / r["wall_seconds"]),
-        "cpu_seconds": r["ksmd_cpu_seconds"],
+        "wall_seconds_to_converge": seconds, "converged_full_scans": r["converged"]["full_scans"],
+        "cpu_seconds_to_converge": cpu,
+        "pages_per_wall_second": round(work / seconds),
+        "cpu_us_per_page": round(cpu / work * 1e6, 4),
+        # the cores the scanners got: on a loaded machine far below their number
+        "cpu_per_wall_second": round(cpu / seconds, 3),
         # the busiest scanner's share of the CPU: a content's pages all go to one scanner
         "busiest_cpu_share": round(max(s["cpu_seconds"] for s in r["scanners"]) / max(1e-9, r["ksmd_cpu_seconds"]), 3),
-        "cpu_us_per_page": round(r["ksmd_cpu_seconds"] / scanned * 1e6, 4),
-        # the cores the scanners got: on a loaded machine far below their number
-        "cpu_per_wall_second": round(r["ksmd_cpu_seconds"] / r["wall_seconds"], 3),
+        "whole_run": {"wall_seconds": r["wall_seconds"], "pages_scanned": r["ksm"]["pages_scanned"],
+                      "cpu_seconds": r["ksmd_cpu_seconds"], "full_scans": r["ksm"]["full_scans"]},
         "counters_equal_ideal": (r["ksm"]["pages_shared"], r["ksm"]["pages_sharing"])
         == (best.pages_shared, best.pages_sharing)}
 
@@ -169,8 +178,8 @@ def _parallel_run(paths: list[str], best: Any, n: int) -> dict[str, Any]:
 def parallel(total_pages: int, guests: int = 8, scanner_counts: tuple[int, ...] = (1, 2), repeat: int = 3,
              quiet: float = 0.0, quiet_timeout: float = 600) -> dict[str, Any]:
     """1 and 2 scanners on one workload of ``total_pages``, alternately ``repeat`` times: medians of
-    wall, rate and CPU per page, the serial part, and the load beside each run.  With ``quiet``,
-    each run waits (up to ``quiet_timeout`` s) for the load average to fall below it."""
+    wall, rate and CPU per page to converge, the serial part, and the load beside each run.  With
+    ``quiet``, each run waits (up to ``quiet_timeout`` s) for the load average to fall below it."""
     per_guest = total_pages // guests
     mix = Mix(common=per_guest // 2, zero=per_guest // 8, unique=per_guest // 4,
               intra=per_guest - per_guest // 2 - per_guest // 8 - per_guest // 4, intra_distinct=512)
@@ -184,7 +193,10 @@ def parallel(total_pages: int, guests: int = 8, scanner_counts: tuple[int, ...] 
             for n in scanner_counts:
                 if quiet:
                     _wait_quiet(quiet, quiet_timeout)
-                runs[n].append(_parallel_run(paths, best, n))
+                r = _parallel_run(paths, best, n)
+                runs[n].append(r)
+                print(f"  ({n} scanner(s): converged in {r['wall_seconds_to_converge']} s, "
+                      f"{r['cpu_seconds_to_converge']} CPU-s; {r['load_before']})", file=sys.stderr, flush=True)
     for n, rs in runs.items():
         med = {key: statistics.median(r[key] for r in rs) for key, v in rs[0].items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -202,6 +214,8 @@ def parallel(total_pages: int, guests: int = 8, scanner_counts: tuple[int, ...] 
     out["serial_us_per_page"] = round(serial, 4)
     out["per_scanner_pages_per_cpu_second"] = round(1e6 / (own / k + serial))
     out["projected_speedup"] = {n: round(n * own / (own + (n - 1) * serial), 2) for n in (2, 4, 8, 12, 16)}
+    # ... and no faster than the busiest scanner's share of the work allows
+    out["balance_limit"] = round(1 / two["busiest_cpu_share"], 2)
     return out
 
 
@@ -290,13 +304,15 @@ def main() -> int:
         for key in ("scanners_1", "scanners_2"):
             s = r[key]
             print(f"  {key.replace('_', ' ')}: converged in {s['wall_seconds_to_converge']} wall-s "
-                  f"(full scan {s['converged_full_scans']}), {s['pages_per_wall_second']:,.0f} pages/wall-s, "
+                  f"(full scan {s['converged_full_scans']}), {s['pages_per_wall_second']:,.0f} pages/wall-s to "
+                  f"converge, "
                   f"{s['cpu_us_per_page']:.4f} CPU-us/page, {s['cpu_per_wall_second']:.3f} CPU-s per "
                   f"wall-s (the busiest scanner's share {s['busiest_cpu_share']:.3f}), ideal reached: "
                   f"{s['counters_equal_ideal']}; 1-min load before each run: "
                   + ", ".join(s["loads"]))
         print(f"  2 vs 1: {r['rate_ratio']}x pages/wall-s (target >= 1.7), {r['cpu_per_page_ratio']}x CPU/page "
-              f"(target <= 1.15); converged {r['converge_wall_ratio']}x as fast")
+              f"(target <= 1.15); converged {r['converge_wall_ratio']}x as fast; the busiest scanner's share of "
+              f"the work alone limits 2 scanners to {r['balance_limit']}x")
         print(f"  serial part {r['serial_us_per_page']} CPU-us/page (repeated by every scanner); per-scanner "
               f"{r['per_scanner_pages_per_cpu_second']:,} pages/CPU-s at 2; projected speedup on N free cores: "
               + ", ".join(f"{n}: {x}x" for n, x in r["projected_speedup"].items()) + " (PageONE: 13.7x on 12)")
