@@ -12,6 +12,7 @@ and a scanner killed and restarted.
 from __future__ import annotations
 
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -125,14 +126,18 @@ def test_a_killed_scanner_restarted_converges_to_the_ideal() -> None:
     nguests, pages, m = 4, 1000, 64
     keys = keys_for(nguests, pages, 5)
     want = ideal([k for ks in keys for k in ks], m)
-    with shmksm.Machine(frames=nguests * pages * 2, ksmd=False, scanners=2, pages_to_scan=64, sleep_millisecs=0,
+    with shmksm.Machine(frames=nguests * pages * 2, ksmd=False, scanners=2, pages_to_scan=16, sleep_millisecs=0,
                         max_page_sharing=m) as machine:
         guests = [machine.add_guest(pages=pages) for _ in range(nguests)]
         for w in [machine.spawn(fill, g, k) for g, k in zip(guests, keys, strict=True)]:
             w.join(60)
         start_ksmd(machine)
         machine.ksm.run = 1
-        wait_until(lambda: machine.ksm.pages_sharing >= want[1] // 4, 60, "the scanners to start merging")
+        # Looked at every millisecond: a full scan takes about a hundred, and the kill must come mid-way.
+        deadline = time.monotonic() + 60
+        while machine.ksm.pages_sharing < want[1] // 4:
+            assert time.monotonic() < deadline, "the scanners did not start merging"
+            time.sleep(0.001)
         victim = machine.scanner_workers()[1]
         victim.kill()
         assert machine.ksm.pages_sharing < want[1], "killed before it was done"

@@ -105,7 +105,10 @@ def ksmd(system: System, started_ns: int = 0, index: int = 0) -> dict[str, int]:
                 ran = scanner.do_scan_batches(pages, left)
                 if (key := _settle_key(scanner)) != settle:
                     settle = key
-                    own.set("scanner_settled_scan", full + 1)
+                    # Counted as full_scans counts: a scanner ahead of the others
+                    # merging what they handed it changes the counters in the
+                    # full scan they are in, not in its own later one.
+                    own.set("scanner_settled_scan", own.slowest_full_scans(full) + 1)
                 left -= ran
                 batches += ran
                 if scanner.full_scans != full or batches // 16 != (batches - ran) // 16:

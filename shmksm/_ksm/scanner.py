@@ -91,6 +91,7 @@ from .._mm.pagetable import (
     KSM,
     PFN_MASK,
     PRESENT,
+    ZERO,
     PageTable,
     is_private,
 )
@@ -119,6 +120,7 @@ _ANON_MASK: Final = np.uint64(FRAME_MASK)
 _ANON: Final = np.uint64(PRESENT)
 _KSM: Final = np.uint64(KSM)
 _PFN: Final = np.uint64(PFN_MASK)
+_ZERO: Final = np.uint64(ZERO)
 _CHUNK: Final = 1 << 16
 OVER_MAX_SHARING: Final = 8  # item_states: a flag beside the state
 _MERGE_CHUNK: Final = 2048  # pages merged into stable dups per replace_pages call, at most
@@ -353,6 +355,7 @@ _MIN_COLS: Final = _fold_columns("min")
 _MAX_COLS: Final = _fold_columns("max")
 _FIRST_COLS: Final = _fold_columns("first")
 _UNMERGES_COL: Final = control.SCANNER_INDEX["scanner_unmerges"]
+_FULL_SCANS_COL: Final = control.SCANNER_INDEX["full_scans"]
 _UNMERGES_WORD: Final = control.INDEX["scanner_unmerges"]
 _SCANNERS_WORD: Final = control.INDEX["scanners"]
 
@@ -373,6 +376,17 @@ class ScannerWords:
 
     def set(self, name: str, value: int) -> None:
         self.v[control.SCANNER_INDEX[name]] = value
+
+    def slowest_full_scans(self, own: int) -> int:
+        """The full scans every scanner has done: ``own`` (this one's, published or not) and the
+        others' published counts, the least (what the folded full_scans will say)."""
+        ctl = self.system.ctl
+        n = max(1, min(int(ctl[_SCANNERS_WORD]), control.MAX_SCANNERS))
+        if n == 1:
+            return own
+        cols = control.SCANNER_BASE + control.SCANNER_WORDS * np.arange(n) + _FULL_SCANS_COL
+        peers = np.delete(ctl[cols], self.index) if self.index < n else ctl[cols]
+        return min(own, int(peers.min()))
 
     def fold(self) -> None:
         """Write every named scanner word from the entries of scanners 0..scanners-1.
@@ -442,6 +456,9 @@ class Scanner:
         # previous one ended — so a guest made mergeable in between is in it,
         # as an mm added to the kernel's list while the cursor is at its head.
         self.pass_pending = True
+        # KSM pages a killed scanner made are in no tree yet: adopted before
+        # the first pass merges anything (see _adopt_orphans).
+        self.adopt_pending = True
 
     # -- mm slots --------------------------------------------------------------------------
 
@@ -488,6 +505,10 @@ class Scanner:
             self.slots = self.slots[k:] + self.slots[:k]
         self.slot_index = 0
         self.pass_pending = not self.slots
+        if self.adopt_pending:
+            self.adopt_pending = False
+            for slot in self.slots:
+                self._adopt_orphans(slot)
         self.scan_started = time.monotonic()
         self.scan_cpu_started = time.process_time()
 
@@ -1105,6 +1126,30 @@ class Scanner:
                     return nid
             nid = after
         return -1
+
+    def _adopt_orphans(self, slot: MmSlot) -> None:
+        """Give every KSM page this scanner owns in ``slot``, and that no node holds, its node now.
+
+        A scanner restarted after a kill finds the KSM pages the dead one
+        made in no tree.  Adopted only when first visited, a content whose
+        unmerged pages came first would get a new KSM page beside the old
+        one, and both would keep their mappings for good: more KSM pages
+        than one scanner makes.  One mapping per page is adopted here; the
+        others join its node when visited (room counts them already).
+        """
+        ptes = slot.table.ptes
+        pages = np.flatnonzero((ptes & (_KSM | _ANON | _ZERO)) == (_KSM | _ANON))  # not the zero page
+        if not len(pages):
+            return
+        pages = pages[self._owns(slot, pages)]
+        pfns = (ptes[pages] & _PFN).astype(np.int64)
+        st = slot.trees.stable
+        nodes = st.node_of_pfn[pfns]
+        known = nodes >= 0
+        known[known] = st.kgen[nodes[known]] == self.frames.gen[pfns[known]]
+        pfns, first = np.unique(pfns[~known], return_index=True)
+        for page, pfn in zip(pages[~known][first].tolist(), pfns.tolist(), strict=True):
+            self._adopt_ksm_page(slot, page, pfn)
 
     def _adopt_ksm_page(self, slot: MmSlot, page: int, pfn: int) -> None:
         """A KSM mapping whose item is not on the page's node: append it there."""
