@@ -37,9 +37,9 @@ What is emulated, and how
   copied-on-write leaves ``pages_sharing`` when the scanner next visits it.
 * ``smart_scan`` uses the kernel's ages and skip counts (should_skip_rmap_item);
   the scan-time advisor adapts ``pages_to_scan`` after every full scan.
-* A KSM page whose mapping has no rmap item in its node (after a restart of
-  the scanner) is adopted into a node on its first visit, so a new scanner
-  carries on where a killed one stopped.
+* A KSM page in no node (after a restart of the scanner) gets one when the
+  new scanner's first pass begins, and each of its mappings joins it on its
+  first visit, so a new scanner carries on where a killed one stopped.
 
 * Partitions: the trees are kept per partition (:func:`partition_of` decides
   a guest's), and pages of two partitions are never merged.  With
