@@ -11,8 +11,10 @@ and a scanner killed and restarted.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -85,13 +87,15 @@ def test_one_scanner_per_node_without_merging_across_nodes() -> None:
         machine.check()
 
 
-def test_guests_write_and_unmerge_while_two_scanners_merge() -> None:
-    nguests, pages = 3, 128
-    keys = keys_for(nguests, pages, 7)
-    # smart_scan off: pages written often here reach high ages, and skip_age
-    # then looks at each only every 9th pass, in phases of its own, so two
-    # copies of one content may not meet in a pass for long (the kernel's
-    # smart_scan does the same).  What is tested is the scanners' partition.
+@contextlib.contextmanager
+def two_scanners_merging(nguests: int, pages: int) -> Iterator[tuple[shmksm.Machine, list[shmksm.Guest]]]:
+    """A machine of two scanners merging ``nguests`` mergeable guests of ``pages`` pages, empty so far.
+
+    smart_scan off: pages written often reach high ages, and skip_age then
+    looks at each only every 9th pass, in phases of its own, so two copies of
+    one content may not meet in a pass for long (the kernel's smart_scan does
+    the same).  What the tests using it test is the scanners' partition.
+    """
     with shmksm.Machine(frames=nguests * pages * 3, ksmd=False, scanners=2, pages_to_scan=64,
                         sleep_millisecs=0, smart_scan=0) as machine:
         guests = [machine.add_guest(pages=pages) for _ in range(nguests)]
@@ -99,6 +103,13 @@ def test_guests_write_and_unmerge_while_two_scanners_merge() -> None:
             machine.spawn(advise, g, 0, pages, MADV_MERGEABLE).join(60)
         start_ksmd(machine)
         machine.ksm.run = 1
+        yield machine, guests
+
+
+def test_guests_write_and_unmerge_while_two_scanners_merge() -> None:
+    nguests, pages = 3, 128
+    keys = keys_for(nguests, pages, 7)
+    with two_scanners_merging(nguests, pages) as (machine, guests):
         # copy-on-write breaks: every guest writes at random over its pages while both scanners merge
         workers = [machine.spawn(guest_random.run, g, 200 + i, 1.5) for i, g in enumerate(guests)]
         assert [w.join(60) for w in workers] == [0] * nguests, "a guest read back something it did not write"
@@ -164,13 +175,7 @@ def test_a_scanner_killed_while_guests_write_restarts_and_converges_to_the_ideal
     from empty trees beside the dead one's KSM pages; then an unmerge, and both reach the ideal."""
     nguests, pages = 3, 128
     keys = keys_for(nguests, pages, 13)
-    with shmksm.Machine(frames=nguests * pages * 3, ksmd=False, scanners=2, pages_to_scan=64,
-                        sleep_millisecs=0, smart_scan=0) as machine:
-        guests = [machine.add_guest(pages=pages) for _ in range(nguests)]
-        for g in guests:
-            machine.spawn(advise, g, 0, pages, MADV_MERGEABLE).join(60)
-        start_ksmd(machine)
-        machine.ksm.run = 1
+    with two_scanners_merging(nguests, pages) as (machine, guests):
         workers = [machine.spawn(guest_random.run, g, 300 + i, 2.0) for i, g in enumerate(guests)]
         wait_until(lambda: machine.ksm.pages_sharing > 0, 60, "the scanners to merge")
         victim = machine.scanner_workers()[1]

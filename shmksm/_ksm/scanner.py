@@ -379,14 +379,14 @@ class ScannerWords:
 
     def slowest_full_scans(self, own: int) -> int:
         """The full scans every scanner has done: ``own`` (this one's, published or not) and the
-        others' published counts, the least (what the folded full_scans will say)."""
+        published counts, the least (what the folded full_scans will say).  This one's published
+        count is never above ``own``."""
         ctl = self.system.ctl
         n = max(1, min(int(ctl[_SCANNERS_WORD]), control.MAX_SCANNERS))
         if n == 1:
             return own
         cols = control.SCANNER_BASE + control.SCANNER_WORDS * np.arange(n) + _FULL_SCANS_COL
-        peers = np.delete(ctl[cols], self.index) if self.index < n else ctl[cols]
-        return min(own, int(peers.min()))
+        return min(own, int(ctl[cols].min()))
 
     def fold(self) -> None:
         """Write every named scanner word from the entries of scanners 0..scanners-1.
@@ -1142,13 +1142,9 @@ class Scanner:
         if not len(pages):
             return
         pages = pages[self._owns(slot, pages)]
-        pfns = (ptes[pages] & _PFN).astype(np.int64)
-        st = slot.trees.stable
-        nodes = st.node_of_pfn[pfns]
-        known = nodes >= 0
-        known[known] = st.kgen[nodes[known]] == self.frames.gen[pfns[known]]
-        pfns, first = np.unique(pfns[~known], return_index=True)
-        for page, pfn in zip(pages[~known][first].tolist(), pfns.tolist(), strict=True):
+        # One mapping each: a page another guest's slot adopted already just gains that mapping.
+        pfns, first = np.unique(ptes[pages] & _PFN, return_index=True)
+        for page, pfn in zip(pages[first].tolist(), pfns.tolist(), strict=True):
             self._adopt_ksm_page(slot, page, pfn)
 
     def _adopt_ksm_page(self, slot: MmSlot, page: int, pfn: int) -> None:
