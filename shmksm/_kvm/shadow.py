@@ -492,14 +492,18 @@ class Shadow:
             return int(entry)
 
     def _await(self, cond: Any, gid: int, timeout: float = 10.0) -> None:
-        """Run callbacks until ``cond()``: the end of an invalidation comes after the producer's PTE change."""
-        if cond():
-            return
+        """Run callbacks until ``cond()``: the end of an invalidation comes after the producer's PTE change.
+
+        Released as soon as the guest is (its release, run by this worker's
+        last look at the ring, drops the tables ``cond`` reads).
+        """
         deadline = time.monotonic() + timeout
-        while not cond():
-            self.process()
+        while True:
             if gid in self.released:
                 raise Released(f"guest {gid} was released")
+            if cond():
+                return
+            self.process()
             if self.v[mn.H_SLEEPING]:
                 self.v[mn.H_SLEEPING] = 0
                 self.system.locks.broker_bell.release()
