@@ -12,6 +12,7 @@ and a scanner killed and restarted.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -37,6 +38,17 @@ def keys_for(nguests: int, pages: int, seed: int) -> list[list[int]]:
             + [10_000 * (g + 1) + i for i in range(pages // 4)] for g in range(nguests)]
 
 
+@contextlib.contextmanager
+def filled(keys: list[list[int]], **options: int) -> Iterator[shmksm.Machine]:
+    """A machine of ``options`` whose guest g holds pages of contents ``keys[g]``; run=1 is set."""
+    with shmksm.Machine(**options) as machine:
+        guests = [machine.add_guest(pages=len(k)) for k in keys]
+        for g, k in zip(guests, keys, strict=True):
+            machine.spawn(fill, g, k).join(60)
+        machine.ksm.run = 1
+        yield machine
+
+
 @pytest.mark.parametrize("sleep_millisecs", [0, 5])
 def test_two_scanners_reach_the_ideal_by_the_same_full_scan_or_the_next(tmp_path: object,
                                                                       sleep_millisecs: int) -> None:
@@ -58,11 +70,7 @@ def test_two_scanners_reach_the_ideal_by_the_same_full_scan_or_the_next(tmp_path
 
 def test_each_scanner_merges_a_share_of_the_pages() -> None:
     keys = keys_for(2, 800, 3)
-    with shmksm.Machine(frames=4096, scanners=2, **FAST) as machine:
-        guests = [machine.add_guest(pages=800) for _ in keys]
-        for g, k in zip(guests, keys, strict=True):
-            machine.spawn(fill, g, k).join(60)
-        machine.ksm.run = 1
+    with filled(keys, frames=4096, scanners=2, **FAST) as machine:
         c = machine.wait_converged(timeout=120)
         assert (c["pages_shared"], c["pages_sharing"]) == ideal([k for ks in keys for k in ks], 256)
         workers = machine.scanner_workers()
@@ -237,4 +245,46 @@ def test_guests_read_what_they_wrote_with_three_scanners() -> None:
         assert (c["pages_shared"], c["pages_sharing"]) == (50, 550)
         view = guests[1].view()
         assert view.read(7 * PAGE_SIZE, PAGE_SIZE) == content(8)
+        machine.check()
+
+
+def test_scanners_go_from_one_full_scan_to_the_next_together() -> None:
+    # Most pages are empty: one content, so one scanner owns most of the work.
+    # The other, done with its part of each pass first, waits for it instead of
+    # scanning its settled pages again: their full scans never drift apart.
+    keys = [[0] * 3072 + [10_000 * (g + 1) + i for i in range(1024)] for g in range(2)]
+    with filled(keys, frames=16384, scanners=2, pages_to_scan=1024, sleep_millisecs=0) as machine:
+        spread = 0
+        deadline = time.monotonic() + 60
+        while min(counts := machine.ksm.per_scanner("full_scans")) < 12 and time.monotonic() < deadline:
+            spread = max(spread, max(counts) - min(counts))
+            time.sleep(0.001)
+        assert min(machine.ksm.per_scanner("full_scans")) >= 12
+        assert spread <= 1
+        c = machine.wait_converged(timeout=120)
+        assert (c["pages_shared"], c["pages_sharing"]) == ideal([k for ks in keys for k in ks], 256)
+        machine.check()
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_a_scanner_does_not_wait_for_a_stopped_or_killed_one_for_good(how: str) -> None:
+    keys = keys_for(2, 400, 9)
+    with filled(keys, frames=4096, scanners=2, **FAST) as machine:
+        machine.wait_full_scans(2, timeout=60)
+        victim = machine.scanner_workers()[1]
+        os.kill(victim.pid, signal.SIGSTOP if how == "stopped" else signal.SIGKILL)
+        try:
+            time.sleep(0.05)
+            before = machine.ksm.per_scanner("full_scans")
+            # A stopped scanner is waited for at most about a second a pass; a killed one not at all.
+            wait_until(lambda: machine.ksm.per_scanner("full_scans")[0] >= before[0] + 3, 30,
+                       "the other scanner to go on")
+            assert machine.ksm.per_scanner("full_scans")[1] == before[1]
+        finally:
+            if how == "stopped":
+                os.kill(victim.pid, signal.SIGCONT)
+        if how == "killed":
+            machine.start_ksmd()
+        c = machine.wait_converged(timeout=120)
+        assert (c["pages_shared"], c["pages_sharing"]) == ideal([k for ks in keys for k in ks], 256)
         machine.check()

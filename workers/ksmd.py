@@ -26,6 +26,7 @@ from shmksm._mm.system import System
 
 WAKE_PAGES = 1000  # pages a wake-up of ksmd scans at least, in batches of pages_to_scan (see batches_per_wake)
 MAX_WAKE_MILLISECS = 200  # ... unless that would space the wake-ups further apart
+WAIT_SECONDS = 0.001  # a scanner ahead of the others looks again this often (with sleep_millisecs 0)
 
 
 def _anon_rss_kb() -> int:
@@ -103,6 +104,8 @@ def ksmd(system: System, started_ns: int = 0, index: int = 0) -> dict[str, int]:
             while left:
                 full = scanner.full_scans
                 ran = scanner.do_scan_batches(pages, left)
+                if scanner.waiting:
+                    break
                 if (key := _settle_key(scanner)) != settle:
                     settle = key
                     # Counted as full_scans counts: a scanner ahead of the others
@@ -118,6 +121,8 @@ def ksmd(system: System, started_ns: int = 0, index: int = 0) -> dict[str, int]:
             scanner.publish()
             if sleep_ms:
                 time.sleep(wake * sleep_ms / 1000)
+            elif scanner.waiting:
+                time.sleep(WAIT_SECONDS)
         elif run == 2 and not unmerged:
             scanner.unmerge_all()
             unmerged = True

@@ -78,7 +78,6 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-import xxhash
 
 from .._mm import control
 from .._mm.control import MITIGATION_DOMAINS, MITIGATION_VUSION
@@ -95,8 +94,11 @@ from .._mm.pagetable import (
     PageTable,
     is_private,
 )
+from .._mm.segments import pid_alive
 from .._mm.system import System
 from . import ksm
+from .checksum import checksum as _checksum
+from .checksum import checksums
 from .keytable import KeyTable
 from .ksm import RMAP_ITEM_BYTES, break_ksm, unmerge_range
 
@@ -114,7 +116,6 @@ STABLE: Final = 3  # on a stable node (pages_shared or pages_sharing)
 VOLATILE: Final = 4  # its checksum changed at its last visit
 SKIPPED: Final = 5  # smart_scan skipped it at its last visit
 
-_checksum = xxhash.xxh3_64_intdigest
 ZERO_CHECKSUM: Final = _checksum(bytes(PAGE_SIZE))
 _ANON_MASK: Final = np.uint64(FRAME_MASK)
 _ANON: Final = np.uint64(PRESENT)
@@ -127,6 +128,7 @@ _MERGE_CHUNK: Final = 2048  # pages merged into stable dups per replace_pages ca
 _PAGE_BY_PAGE: Final = 256  # batches up to this many pages are scanned page by page (_scan_page_by_page)
 _OWNER_MULT: Final = np.uint64(0x9E3779B97F4A7C15)  # spreads checksums (and page numbers) over the scanners
 _OWNER_SHIFT: Final = np.uint64(32)
+WAIT_LIMIT: Final = 1.0  # seconds a scanner waits for the others between passes, at least (_wait_for_others)
 
 
 def _skip_age_scalar(age: int) -> int:
@@ -356,6 +358,7 @@ _MAX_COLS: Final = _fold_columns("max")
 _FIRST_COLS: Final = _fold_columns("first")
 _UNMERGES_COL: Final = control.SCANNER_INDEX["scanner_unmerges"]
 _FULL_SCANS_COL: Final = control.SCANNER_INDEX["full_scans"]
+_PID_COL: Final = control.SCANNER_INDEX["scanner_pid"]
 _UNMERGES_WORD: Final = control.INDEX["scanner_unmerges"]
 _SCANNERS_WORD: Final = control.INDEX["scanners"]
 
@@ -387,6 +390,22 @@ class ScannerWords:
             return own
         cols = control.SCANNER_BASE + control.SCANNER_WORDS * np.arange(n) + _FULL_SCANS_COL
         return min(own, int(ctl[cols].min()))
+
+    def others_full_scans(self) -> list[int]:
+        """The full scans of every other scanner that runs (its pid in its entry, alive).  One
+        killed keeps its last count until restarted; one not started yet has no pid."""
+        ctl = self.system.ctl
+        n = max(1, min(int(ctl[_SCANNERS_WORD]), control.MAX_SCANNERS))
+        out = []
+        for i in range(n):
+            base = control.SCANNER_BASE + control.SCANNER_WORDS * i
+            if i != self.index and (pid := int(ctl[base + _PID_COL])) and pid_alive(pid):
+                out.append(int(ctl[base + _FULL_SCANS_COL]))
+        return out
+
+    def behind(self, own: int) -> bool:
+        """Has another scanner that runs done fewer full scans than ``own``?"""
+        return any(full < own for full in self.others_full_scans())
 
     def fold(self) -> None:
         """Write every named scanner word from the entries of scanners 0..scanners-1.
@@ -437,10 +456,10 @@ class Scanner:
         self.pages_scanned = 0
         self.pages_skipped = 0
         self.zero_merges = 0  # pages mapped to the zero page (use_zero_pages)
-        self.full_scans = system.get("full_scans")
         # A new scanner (or one restarted after a kill) starts from empty trees:
-        # its entry starts there too, in the pass the others are in.
+        # its entry starts there too, in the pass the others that run are in.
         words = self.words
+        self.full_scans = min(words.others_full_scans(), default=system.get("full_scans"))
         for name in control.SCANNER_FIELDS:
             if name not in ("scanner_unmerges", "scanner_startup_ns"):
                 words.set(name, 0)
@@ -456,6 +475,9 @@ class Scanner:
         # previous one ended — so a guest made mergeable in between is in it,
         # as an mm added to the kernel's list while the cursor is at its head.
         self.pass_pending = True
+        self.waiting = False  # for another scanner to finish its part of the pass (_wait_for_others)
+        self.wait_started = 0.0
+        self.last_pass_seconds = 0.0
         # KSM pages a killed scanner made are in no tree yet: adopted before
         # the first pass merges anything (see _adopt_orphans).
         self.adopt_pending = True
@@ -480,6 +502,28 @@ class Scanner:
             self._remove_items(slot, np.flatnonzero(slot.state))
             slot.partition, slot.trees = partition, self._trees(partition)
         return slot
+
+    def _wait_for_others(self) -> bool:
+        """Should this scanner, between two passes, wait for the others (:attr:`waiting`)?
+
+        Parallel scanners go from one full scan to the next together: one
+        that finished its part of a pass waits until every running scanner
+        has finished its own, instead of scanning its settled pages again
+        (CPU spent for nothing, as the counters wait for the slowest).  The
+        wait is bounded: after twice this scanner's last pass, and at least
+        WAIT_LIMIT seconds, it goes on, so a stopped scanner (SIGSTOP) slows
+        the others down but does not stop them.  A killed one is not waited
+        for (ScannerWords.behind).
+        """
+        waited = self.waiting
+        self.waiting = self.count > 1 and self.words.behind(self.full_scans)
+        if self.waiting:
+            now = time.monotonic()
+            if not waited:
+                self.wait_started = now
+            elif now - self.wait_started > max(WAIT_LIMIT, 2 * self.last_pass_seconds):
+                self.waiting = False
+        return self.waiting
 
     def _new_full_scan(self) -> None:
         """Begin a pass: empty the unstable trees, take the guests that have mergeable memory."""
@@ -596,6 +640,8 @@ class Scanner:
         self.count = max(1, min(get("scanners"), control.MAX_SCANNERS))
         self.by_node = not get("merge_across_nodes") and get("nodes") >= self.count
         if self.pass_pending:
+            if self._wait_for_others():
+                return 0
             self._new_full_scan()
             if not self.slots:
                 return 0  # no full scan over nothing (the kernel's empty mm list)
@@ -629,16 +675,20 @@ class Scanner:
         end, and the caller runs the batches left.  Run as one, they take
         the vectorized path of a large batch instead of paying, batch by
         batch, the fixed part of a small one.  An empty mm list scans
-        nothing: every batch runs and does nothing.  The counters are not
-        published (the caller does, once).
+        nothing: every batch runs and does nothing.  None runs while this
+        scanner waits for the others to end a pass (:attr:`waiting`).  The
+        counters are not published (the caller does, once).
         """
         full = self.full_scans
         done = self.do_scan(scan_npages * batches, publish=False)
+        if self.waiting:
+            return 0  # none ran: this scanner waits for the others to end the pass
         if self.full_scans == full:
             return batches
         return done // scan_npages + 1
 
     def _end_full_scan(self) -> None:
+        self.last_pass_seconds = time.monotonic() - self.scan_started
         self.full_scans += 1
         self.seqnr += 1
         for slot in self.slots:
@@ -791,9 +841,7 @@ class Scanner:
         # Under vusion, KSM pages are read in their place in the batch as every
         # other page is (their checksums are not needed): not even what the
         # caches hold may tell merged pages from the others.
-        hashed = pfns if vusion else pfns[plain]
-        flat = self.frames.flat
-        sums = np.fromiter((_checksum(flat[p << 12:(p + 1) << 12]) for p in hashed.tolist()), np.uint64, len(hashed))
+        sums = checksums(self.frames.flat, pfns if vusion else pfns[plain])
         if vusion:
             sums = sums[plain]
         pages, pfns = pages[plain], pfns[plain]
@@ -1177,9 +1225,8 @@ class Scanner:
         if len(waiting):
             ptes = slot.table.ptes[waiting]
             plain = (ptes & (_ANON_MASK | _KSM)) == _ANON
-            waiting, pfns = waiting[plain], (ptes[plain] & _PFN).tolist()
-            flat = self.frames.flat
-            keys = np.fromiter((_checksum(flat[p << 12:(p + 1) << 12]) for p in pfns), np.uint64, len(pfns))
+            waiting = waiting[plain]
+            keys = checksums(self.frames.flat, (ptes[plain] & _PFN).astype(np.int64))
             heads = slot.trees.stable.heads.lookup(keys)
             full = [k for k in np.flatnonzero(heads >= 0).tolist()
                     if self._chain_full(slot.trees.stable, int(heads[k]))]

@@ -748,7 +748,104 @@ done:
     return failed ? NULL : PyLong_FromSsize_t(resume);
 }
 
+/* -- page checksums ------------------------------------------------------------------------------ */
+
+/* The scanner's page checksum, xxh3-64 with seed 0: set_xxh3() is given the address of
+ * XXH3_64bits(const void *, size_t) in the xxhash module's own library (already loaded), so
+ * that checksums() gives exactly what xxhash.xxh3_64_intdigest gives. */
+typedef uint64_t (*xxh3_fn)(const void *, size_t);
+static xxh3_fn xxh3_64 = NULL;
+
+#define FRAME_SHIFT 12
+#define FRAME_BYTES (1 << FRAME_SHIFT)
+#define PREFETCH_AHEAD 2
+
+static PyObject *
+set_xxh3(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    unsigned long long address = PyLong_AsUnsignedLongLong(arg);
+    if (address == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (address == 0) {
+        PyErr_SetString(PyExc_ValueError, "set_xxh3: a null address");
+        return NULL;
+    }
+    xxh3_64 = (xxh3_fn)(uintptr_t)address;
+    Py_RETURN_NONE;
+}
+
+/* Touch the frame's cache lines before they are hashed: frames are read in no particular order,
+ * and a hardware prefetcher does not cross into the next 4 KiB. */
+static inline void
+prefetch_frame(const char *frame)
+{
+    for (int line = 0; line < FRAME_BYTES; line += 64)
+        __builtin_prefetch(frame + line, 0, 2);
+}
+
+static PyObject *
+bulk_checksums(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "checksums(pool, pfns, out) takes 3 arguments");
+        return NULL;
+    }
+    if (xxh3_64 == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "checksums: set_xxh3() was not called");
+        return NULL;
+    }
+    Py_buffer pool_buf, pfn_buf, out_buf;
+    if (PyObject_GetBuffer(args[0], &pool_buf, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &pfn_buf, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&pool_buf);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[2], &out_buf, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&pfn_buf);
+        PyBuffer_Release(&pool_buf);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    const char *pool = (const char *)pool_buf.buf;
+    const int64_t *pfns = (const int64_t *)pfn_buf.buf;
+    uint64_t *out = (uint64_t *)out_buf.buf;
+    Py_ssize_t n = pfn_buf.len / 8, nframes = pool_buf.len >> FRAME_SHIFT;
+    if (pfn_buf.len % 8 || out_buf.len != pfn_buf.len) {
+        PyErr_SetString(PyExc_ValueError, "checksums: pfns (int64) and out (uint64) must be of one length");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (pfns[i] < 0 || pfns[i] >= nframes) {
+            PyErr_Format(PyExc_ValueError, "checksums: frame %lld is not in the pool", (long long)pfns[i]);
+            goto done;
+        }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n && i < PREFETCH_AHEAD; i++)
+        prefetch_frame(pool + ((size_t)pfns[i] << FRAME_SHIFT));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i + PREFETCH_AHEAD < n)
+            prefetch_frame(pool + ((size_t)pfns[i + PREFETCH_AHEAD] << FRAME_SHIFT));
+        out[i] = xxh3_64(pool + ((size_t)pfns[i] << FRAME_SHIFT), FRAME_BYTES);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&out_buf);
+    PyBuffer_Release(&pfn_buf);
+    PyBuffer_Release(&pool_buf);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
+    {"set_xxh3", (PyCFunction)set_xxh3, METH_O,
+     "set_xxh3(address) -> None\n--\n\n"
+     "The address of XXH3_64bits(data, len), the function checksums() calls (xxhash's own)."},
+    {"checksums", (PyCFunction)(void (*)(void))bulk_checksums, METH_FASTCALL,
+     "checksums(pool, pfns, out) -> None\n--\n\n"
+     "out[i] = the xxh3-64 checksum of frame pfns[i] (4096 bytes) of the frame pool, for\n"
+     "every i; ``pfns`` int64, ``out`` uint64, both contiguous, of one length.  A frame\n"
+     "outside the pool raises ValueError and hashes nothing.  The GIL is released."},
     {"gather", (PyCFunction)(void (*)(void))bulk_gather, METH_FASTCALL,
      "gather(ptes, pool, locks, fault, addr, n, out) -> bytes | None | int\n--\n\n"
      "Copy the ``n`` bytes at guest address ``addr`` out of the frame pool: into a new bytes\n"
