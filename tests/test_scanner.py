@@ -259,6 +259,32 @@ def test_a_guest_that_goes_away_leaves_the_counters() -> None:
         machine.check()
 
 
+
+def test_a_guest_removed_as_a_pass_begins_is_left_out_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The host may remove a guest between the scanner's look at the live guests
+    # and its attach to the guest's segment, unlinked by then: that guest is left out.
+    with shmksm.Machine(frames=256, ksmd=False) as machine:
+        guests = [machine.add_guest(pages=4) for _ in range(2)]
+        for g in guests:
+            machine.spawn(fill, g, [1, 2, 3, 4]).join(60)
+        machine.ksm.run = 1
+        scanner = Scanner(machine.system)
+        table = machine.system.table
+
+        def gone(gid: int) -> object:
+            if gid == guests[0].id:
+                raise FileNotFoundError(f"the segment of guest {gid}")
+            return table(gid)
+
+        monkeypatch.setattr(machine.system, "table", gone)
+        scanner.do_scan(100)
+        assert [slot.gid for slot in scanner.slots] == [guests[1].id]
+        monkeypatch.undo()
+        for _ in range(6):
+            scanner.do_scan(100)
+        assert (machine.system.get("pages_shared"), machine.system.get("pages_sharing")) == (4, 4)
+
+
 # -- smart_scan -------------------------------------------------------------------------------------
 
 

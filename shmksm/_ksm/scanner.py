@@ -26,7 +26,8 @@ What is emulated, and how
   the kernel's ``oldchecksum``, to see whether the page changed).  A key is
   only a hint, exactly as a tree position is: every merge compares the bytes.
   Two different contents with one key (an xxh3 collision) can only cost a
-  missed merge.
+  missed merge.  A batch's keys are taken in one call (:mod:`.checksum`:
+  xxhash's own XXH3_64bits from the C extension, frames prefetched).
 * The rmap items are per-guest numpy arrays (state, checksum, stable node,
   smart-scan age and skips): ``RMAP_ITEM_BYTES`` bytes per page.
 * Stable node chains: one content with more than ``max_page_sharing``
@@ -59,8 +60,10 @@ What is emulated, and how
   enough nodes, else those whose checksum at the last visit routes to it
   (the oldchecksums are in the guest's segment, shared).  Pages that can
   merge have one owner, so no tree is shared; the counters of the
-  scanners are folded into the named words (:class:`ScannerWords`).  See
-  docs/architecture.md for the convergence argument and the lock order.
+  scanners are folded into the named words (:class:`ScannerWords`).  The
+  scanners go from one full scan to the next together
+  (:meth:`Scanner._wait_for_others`).  See docs/architecture.md for the
+  convergence argument and the lock order.
 
 Left out: migration, swap, huge pages, and the pruning timer of stable node
 chains (a chain with a single dup collapses at once).
@@ -128,6 +131,7 @@ _MERGE_CHUNK: Final = 2048  # pages merged into stable dups per replace_pages ca
 _PAGE_BY_PAGE: Final = 256  # batches up to this many pages are scanned page by page (_scan_page_by_page)
 _OWNER_MULT: Final = np.uint64(0x9E3779B97F4A7C15)  # spreads checksums (and page numbers) over the scanners
 _OWNER_SHIFT: Final = np.uint64(32)
+_FIRST_VISIT_SHIFT: Final = 9  # a page never hashed goes by its page-table run: its scanner hashes whole runs
 WAIT_LIMIT: Final = 1.0  # seconds a scanner waits for the others between passes, at least (_wait_for_others)
 
 
@@ -532,7 +536,10 @@ class Scanner:
             self._drop_slot(self.by_gid[gid])
         self.slots = []
         for gid in sorted(live):
-            table = self.system.table(gid)
+            try:
+                table = self.system.table(gid)
+            except FileNotFoundError:
+                continue  # removed since live_guests() looked: its segment is unlinked already
             if table.mergeable_ranges() or gid in self.by_gid:
                 slot = self._slot(gid)
                 slot.cursor = 0
@@ -775,7 +782,8 @@ class Scanner:
         merge_across_nodes=0 and at least as many nodes as scanners, the
         owner of their partition's node; else the owner of their checksum at
         the last visit (the shared oldchecksum), and a page never hashed
-        (checksum 0) goes by its number.  A page is only merged at a visit
+        (checksum 0) goes by its page-table run, so that a scanner's first visits
+        hash whole runs of frames in order.  A page is only merged at a visit
         that finds its checksum unchanged: then identical pages have one
         checksum, so one owner.  When a page's content changes, its owner
         hashes it, records the new checksum, and the page goes to the new
@@ -786,7 +794,7 @@ class Scanner:
         if self.by_node:
             return np.full(len(pages), slot.partition[0] % self.count == self.index)
         sums = slot.checksum[pages].astype(np.uint64)
-        key = np.where(sums != 0, sums, pages.astype(np.uint64))
+        key = np.where(sums != 0, sums, (pages >> _FIRST_VISIT_SHIFT).astype(np.uint64))
         owner: npt.NDArray[np.bool_] = ((key * _OWNER_MULT) >> _OWNER_SHIFT) % np.uint64(self.count) == self.index
         return owner
 
