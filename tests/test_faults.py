@@ -307,3 +307,45 @@ def test_the_hosts_recovery_killed_midway_runs_again() -> None:
         assert death.frames_reclaimed >= 8
         machine.check()
         _frames_all_back(machine, 0)
+
+
+
+def _fill_distinct(view: shmksm.GuestView, pages: int) -> None:
+    view.write(0, b"".join(pattern(p) for p in range(pages)))
+    view.madvise(0, pages * PAGE_SIZE, MADV_MERGEABLE)
+
+
+@pytest.mark.parametrize("era", ["2012", "interval"])
+def test_ksmd_killed_between_an_invalidation_start_and_its_end_leaves_no_invalidation_open(era: str) -> None:
+    # Two guests of the same 512 distinct pages: the second guest's batch pairs
+    # with the first's pages on the unstable tree, merged a run at a time.  ksmd
+    # sends a run's invalidate_range_start records, takes its lock, changes the
+    # PTEs, sends the ends: killed in between, recovery sends the ends it owed,
+    # so a shadow's next fault on the guest does not wait for them for good.
+    pages = 512
+    with shmksm.Machine(frames=4 * pages, ksmd=False, sleep_millisecs=0, pages_to_scan=pages,
+                        notifier_era=era) as machine:
+        guests = [machine.add_guest(pages=pages) for _ in range(2)]
+        for g in guests:
+            machine.spawn(_fill_distinct, g, pages).join(30)
+        shadow = machine.add_shadow(guests)
+        shadow.round()
+        ksmd = machine.start_ksmd()
+        machine.inject("ksm.merge.after_write_protect", "kill", times=1, process=ksmd)
+        machine.ksm.run = 1
+        _death_of(machine, ksmd)
+        machine.check()
+        shadow.sync()
+        started = time.monotonic()
+        r = shadow.round(timeout=30)
+        assert time.monotonic() - started < 5  # no fault waited its bound for an end that never came
+        assert r["stale_reads"] == 0 and shadow.alive
+        machine.start_ksmd()
+        c = machine.wait_converged(timeout=60)
+        assert (c["pages_shared"], c["pages_sharing"]) == (pages, pages)
+        shadow.sync()
+        assert shadow.round()["stale_reads"] == 0
+        shadow.stop()
+        machine.check()
+        for g in guests:
+            assert g.view().read(0, pages * PAGE_SIZE) == b"".join(pattern(p) for p in range(pages))

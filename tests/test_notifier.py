@@ -909,3 +909,53 @@ def test_clear_flush_young_asks_the_shadows() -> None:
         # No shadow: only the primary bits count.
         assert not machine.clear_flush_young(g).any()
         machine.check()
+
+
+def _ended_quickly(system: object) -> int:
+    return os.getpid()
+
+
+def test_open_invalidations_left_half_done_or_by_the_dead_are_settled() -> None:
+    """The table of open invalidations: an entry a holder of the notify lock died in the middle of is
+    settled by whether the head moved past its records; a dead process's live entries are ended by
+    recovery with the end of each start record, read back from the ring."""
+    with shmksm.Machine(frames=64, ksmd=False, notifier_era="2012") as machine:
+        guest = machine.add_guest(pages=8)
+        shadow = machine.add_shadow([guest])
+        notifier = machine.system.notifier
+        v, base = notifier.v, notifier.open_base
+        head = control.INDEX["epoch"]
+        dead_pid = machine.spawn(_ended_quickly, None).join(30)
+
+        def put(entry: int, state: int, seq: int, n: int = 1, close_seq: int = 0, a: int = 0, b: int = 1) -> None:
+            at = base + entry * mn.OPEN_WORDS
+            v[at + mn.O_SEQ], v[at + mn.O_CLOSE_SEQ], v[at + mn.O_A], v[at + mn.O_B] = seq, close_seq, a, b
+            v[at + mn.O_WHO] = n | guest.id << 24 | 1 << 32 | dead_pid << 36
+            v[at + mn.O_STATE] = state
+
+        def state(entry: int) -> int:
+            return int(v[base + entry * mn.OPEN_WORDS + mn.O_STATE])
+
+        with machine.system.locks.notify:
+            seq = int(notifier.cv[head])
+            put(0, mn.OPEN_PENDING, seq)  # its start never published: the head did not move past it
+            put(1, mn.OPEN_PENDING, seq - 1)
+            put(2, mn.OPEN_CLOSING, seq - 2, close_seq=seq)  # its end never published
+            put(3, mn.OPEN_CLOSING, seq - 3, close_seq=seq - 1)
+            notifier.repair_open_locked()
+            assert [state(e) for e in range(4)] == [mn.OPEN_FREE, mn.OPEN_LIVE, mn.OPEN_LIVE, mn.OPEN_FREE]
+            for e in (1, 2):
+                put(e, mn.OPEN_FREE, 0)
+            # A dead process's invalidation: two starts sent, no end.
+            for kind, a, b in [(mn.RANGE_START, 3, 4), (mn.RANGE_START, 5, 6)]:
+                notifier.emit_locked(kind, guest.id, a, b)
+            put(5, mn.OPEN_LIVE, seq, n=2, a=3, b=4)
+            assert notifier.close_dead_locked() == 1 and state(5) == mn.OPEN_FREE
+            assert notifier.close_dead_locked() == 0
+            ring = machine.system.notify_area.ring
+            ends = [(int(r[0]) & 0xFF, int(r[1]), int(r[2])) for r in ring[seq + 2:int(notifier.cv[head])]]
+        assert ends == [(mn.RANGE_END, 3, 4), (mn.RANGE_END, 5, 6)]
+        shadow.sync()
+        assert shadow.round(timeout=30)["stale_reads"] == 0  # no invalidation left in progress
+        shadow.stop()
+        machine.check()

@@ -120,10 +120,10 @@ def _record_order(machine: shmksm.Machine, monkeypatch: pytest.MonkeyPatch,
     seen: list[tuple[str, int]] = []
     emit_many = mn.Notifier.emit_many
 
-    def recording(self: mn.Notifier, records: Any, g: int) -> int:
+    def recording(self: mn.Notifier, records: Any, g: int, **how: Any) -> int:
         seen.extend((mn.KIND_NAMES[kind & 0xFF], int(table.pv[page])) for kind, a, b in records
                     if g == gid and a <= page < max(b, a + 1))
-        return emit_many(self, records, g)
+        return emit_many(self, records, g, **how)
 
     monkeypatch.setattr(mn.Notifier, "emit_many", recording)
     return seen

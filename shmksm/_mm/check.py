@@ -169,9 +169,14 @@ def recover(system: System, dead_guests: list[int], timeout: float | None = None
     holder since the last recovery, every guest a notifier watches is
     invalidated whole: a process that died between changing PTEs and sending
     their notifier records (a merge sends a run's records together) leaves
-    secondary MMUs with entries that nobody would invalidate otherwise.
+    secondary MMUs with entries that nobody would invalidate otherwise.  The
+    invalidations a dead process started and did not end are ended
+    (``Notifier.close_dead_locked``).
     """
     with stop_the_world(system.locks, timeout):
+        # The ends a dead producer owed, before the releases: a shadow ignores
+        # what comes for a guest after its release.
+        system.notifier.close_dead_locked()
         for gid in dead_guests:
             # release runs before the guest's frames are freed: they are
             # dropped after this event, so none is reused before every

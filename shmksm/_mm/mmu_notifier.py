@@ -54,6 +54,13 @@ field ``epoch``): a frame dropped after event ``s`` waits until every
 registered shadow has processed every event up to ``s``
 (:mod:`shmksm.frames`).  A shadow never reads a reused frame.
 
+Every invalidation a producer starts is recorded as open, in the critical
+section that publishes its start records, until the one that publishes its
+end: a producer killed in between (ksmd sends a run's starts before it takes
+the run's page-table lock) would otherwise leave the invalidation in progress
+on every shadow for good.  Recovery ends those of dead processes
+(:meth:`Notifier.close_dead_locked`).
+
 A record is four int64 words::
 
     word 0   kind | gid << 8 | shadow << 16 | seq << 24
@@ -68,6 +75,7 @@ The segment is organized as follows (int64 words)::
     [.., +SLOT_WORDS*MAX_SHADOWS)  shadow slots (S_* below)
     [.., +4*SHADOW_N*MAX_SHADOWS)  one ring per shadow, written by the broker
     [.., +MAX_SHADOWS*YOUNG_PAGES/8)  per-shadow young-bit answers (uint8)
+    [.., +OPEN_WORDS*MAX_OPEN)     open invalidations (O_* below)
     [.., +MAX_GUESTS)              registrations per guest (producers skip guests with none)
 
 Left out: the RCU (SRCU from 2012) that protects the notifier list, sleeping
@@ -79,7 +87,10 @@ only.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+import weakref
 from typing import Any, Final
 
 import numpy as np
@@ -87,6 +98,7 @@ import numpy.typing as npt
 
 from ..errors import InternalError, UsageError
 from . import control
+from .segments import pid_alive
 from .waiting import poll_until
 
 ERAS: Final = ("2009", "2012", "2024", "interval")
@@ -163,10 +175,27 @@ SLOT_FREE: Final = 0
 SLOT_LIVE: Final = 1
 SLOT_DEAD: Final = 2
 
+# The open invalidations: an entry per invalidation whose start records a
+# producer published and whose end it has not, so that recovery can send the
+# ends a killed producer owed (Notifier.close_dead_locked).
+MAX_OPEN: Final = 128  # invalidations open at once: a producer has one at a time, mostly
+OPEN_WORDS: Final = 6
+O_STATE: Final = 0  # OPEN_FREE, OPEN_PENDING, OPEN_LIVE, OPEN_CLOSING
+O_SEQ: Final = 1  # sequence number of its first start record
+O_WHO: Final = 2  # n | gid << 24 | era << 32 | pid << 36: its start records, guest, era and process
+O_A: Final = 3  # the range of its first start record
+O_B: Final = 4
+O_CLOSE_SEQ: Final = 5  # sequence number of its first end record, while closing
+OPEN_FREE: Final = 0
+OPEN_PENDING: Final = 1  # its starts written, maybe not published (the head not yet moved past them)
+OPEN_LIVE: Final = 2  # its starts published, its end not
+OPEN_CLOSING: Final = 3  # its ends written, maybe not published
+_END_OF: Final = {RANGE_START: RANGE_END, INVALIDATE: INVALIDATE_END}
+
 
 def segment_words() -> int:
     return (HDR + REC * MAIN_N + SLOT_WORDS * MAX_SHADOWS + REC * SHADOW_N * MAX_SHADOWS
-            + MAX_SHADOWS * YOUNG_PAGES // 8 + control.MAX_GUESTS)
+            + MAX_SHADOWS * YOUNG_PAGES // 8 + MAX_OPEN * OPEN_WORDS + control.MAX_GUESTS)
 
 
 def era_number(era: str | int) -> int:
@@ -176,6 +205,18 @@ def era_number(era: str | int) -> int:
     if str(era) in ERAS:
         return ERAS.index(str(era))
     raise UsageError(f"unknown notifier era {era!r}; eras: {', '.join(ERAS)}")
+
+
+# Every Notifier of this process, for the fork hook below.
+_NOTIFIERS: Final[weakref.WeakSet[Notifier]] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for notifier in list(_NOTIFIERS):
+        notifier.forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class NotifyArea:
@@ -196,6 +237,9 @@ class NotifyArea:
         young = self.words[off:off + young_words]
         self.young: npt.NDArray[np.uint8] = young.view(np.uint8).reshape(MAX_SHADOWS, YOUNG_PAGES)
         off += young_words
+        self.open_base = off
+        self.open = self.words[off:off + MAX_OPEN * OPEN_WORDS].reshape(MAX_OPEN, OPEN_WORDS)
+        off += MAX_OPEN * OPEN_WORDS
         self.nreg = self.words[off:off + control.MAX_GUESTS]
         # Scalar views for the hot paths.
         flat = self.words.data.cast("B").cast("q")
@@ -209,7 +253,7 @@ class NotifyArea:
     def release_views(self) -> None:
         for view in (self.ring_v, self.nreg_v, self.v):
             view.release()
-        del self.words, self.hdr, self.ring, self.slots, self.shadow_rings, self.young, self.nreg
+        del self.words, self.hdr, self.ring, self.slots, self.shadow_rings, self.young, self.open, self.nreg
 
 
 class Notifier:
@@ -230,6 +274,17 @@ class Notifier:
         self.v = area.v
         self.era_index = control.INDEX["notifier_era"]
         self.head_index = control.INDEX["epoch"]
+        self.open_base = area.open_base
+        # This process's open invalidations, innermost last, per thread: entries of the
+        # area's table of open invalidations (-1: one the full table did not record).
+        self._stacks: dict[int, list[int]] = {}
+        self._tid = -1
+        self._stack: list[int] = []
+        self._pid = os.getpid()
+        self._hint = self._pid % MAX_OPEN  # the entry this process tries first
+        _NOTIFIERS.add(self)
+        # A holder killed inside an append leaves its entry half done: repaired by the next.
+        lock.on_owner_dead = self.repair_open_locked
 
     def active(self, gid: int) -> bool:
         """Does any notifier watch guest ``gid``?  (mm_has_notifiers)"""
@@ -250,7 +305,7 @@ class Notifier:
             return -1
         era = int(self.cv[self.era_index])
         if era:
-            self.wait_synced(self.emit_many(self.start_records(page, page + 1, era), gid))
+            self.wait_synced(self.emit_many(self.start_records(page, page + 1, era), gid, opening=era))
         return era
 
     def end_change(self, gid: int, page: int, pte: int, era: int) -> None:
@@ -261,7 +316,7 @@ class Notifier:
         """
         if era >= 0:
             records = self.end_records(page, page + 1, era, pte)
-            seq = self.emit_many(records, gid)
+            seq = self.emit_many(records, gid, closing=era > 0)
             if era == 0:
                 self.wait_synced(seq + len(records) - 1)
 
@@ -270,13 +325,13 @@ class Notifier:
         if not self.nreg[gid]:
             return -1
         era = int(self.cv[self.era_index])
-        self.wait_synced(self.emit_many(self.start_records(start, end, max(era, 2)), gid))
+        self.wait_synced(self.emit_many(self.start_records(start, end, max(era, 2)), gid, opening=max(era, 2)))
         return era
 
     def end_range(self, gid: int, start: int, end: int, era: int) -> None:
         """invalidate_range_end after zapping [start, end)."""
         if era >= 0:
-            self.emit_many(self.end_records(start, end, max(era, 2)), gid)
+            self.emit_many(self.end_records(start, end, max(era, 2)), gid, closing=True)
 
     @staticmethod
     def start_records(start: int, end: int, era: int) -> tuple[tuple[int, int, int], ...]:
@@ -301,7 +356,7 @@ class Notifier:
         2009 or with no notifier, era -1); with a ``sync`` shadow, wait until it has run them."""
         if era > 0:
             records = [self.start_records(page, page + 1, era)[0] for page in pages]
-            self.wait_synced(self.emit_many(records, gid) + len(records) - 1)
+            self.wait_synced(self.emit_many(records, gid, opening=era) + len(records) - 1)
 
     def end_pages(self, gid: int, pages: list[int], changes: list[tuple[int, int]], era: int) -> None:
         """After the changes (their PTL held): change_pte of each (page, pte) of ``changes`` (2009, 2012)
@@ -313,7 +368,7 @@ class Notifier:
         if era:
             records.extend(self.end_records(page, page + 1, era)[0] for page in pages)
         if records:
-            seq = self.emit_many(records, gid)
+            seq = self.emit_many(records, gid, closing=era > 0)
             if era == 0:
                 self.wait_synced(seq + len(records) - 1)
 
@@ -358,11 +413,14 @@ class Notifier:
         finally:
             lock.release()
 
-    def emit_many(self, records: tuple[tuple[int, int, int], ...] | list[tuple[int, int, int]], gid: int) -> int:
+    def emit_many(self, records: tuple[tuple[int, int, int], ...] | list[tuple[int, int, int]], gid: int,
+                  opening: int = 0, closing: bool = False) -> int:
         """Append (kind, a, b) records of guest ``gid`` in one critical section; return the first's sequence.
 
         One head read, one time stamp and one doorbell check for all of them.
-        Takes the notify lock.
+        ``opening`` (an era): the records start an invalidation, recorded as
+        open by this thread until the append with ``closing`` that ends it
+        (see :meth:`close_dead_locked`).  Takes the notify lock.
         """
         lock = self.lock
         lock.acquire()
@@ -381,13 +439,120 @@ class Notifier:
                 ring[base + 1] = a
                 ring[base + 2] = b
                 ring[base + 3] = now
+            entry = -1
+            if opening:
+                # An entry of the open invalidations for it (_open_entry_locked, inlined: this is the
+                # path of every notified PTE change), pending until the head moves past its starts.
+                entry = self._hint
+                at = self.open_base + entry * OPEN_WORDS
+                if v[at] != OPEN_FREE:
+                    entry = self._free_entry_locked()
+                    at = self.open_base + entry * OPEN_WORDS
+                if entry >= 0:
+                    v[at + O_SEQ] = seq
+                    v[at + O_WHO] = n | gid << 24 | opening << 32 | self._pid << 36
+                    v[at + O_A] = records[0][1]
+                    v[at + O_B] = records[0][2]
+                    v[at] = OPEN_PENDING
+                self._thread_open().append(entry)
+            elif closing:
+                stack = self._thread_open()
+                entry = stack.pop() if stack else -1
+                if entry >= 0:
+                    at = self.open_base + entry * OPEN_WORDS
+                    v[at + O_CLOSE_SEQ] = seq
+                    v[at] = OPEN_CLOSING
             cv[self.head_index] = seq + n
+            if entry >= 0:
+                v[at] = OPEN_LIVE if opening else OPEN_FREE  # published
             if v[H_SLEEPING]:
                 v[H_SLEEPING] = 0
                 self.doorbell()
             return int(seq)
         finally:
             lock.release()
+
+    # -- open invalidations -----------------------------------------------------------------
+
+    def _thread_open(self) -> list[int]:
+        """This thread's open invalidations (entries; -1 for one not recorded), innermost last."""
+        tid = threading.get_ident()
+        if tid == self._tid:  # the thread that produced last (producers have one, mostly)
+            return self._stack
+        stack = self._stacks.get(tid)
+        if stack is None:
+            stack = self._stacks[tid] = []
+        self._tid, self._stack = tid, stack
+        return stack
+
+    def forked(self) -> None:
+        """In a fork's child: its parent's open invalidations are not its own."""
+        self._stacks, self._tid, self._stack, self._pid = {}, -1, [], os.getpid()
+        self._hint = self._pid % MAX_OPEN
+
+    def _free_entry_locked(self) -> int:
+        """A free entry of the open invalidations, this process's next try; -1 when all are taken."""
+        v, base0 = self.v, self.open_base
+        for k in range(1, MAX_OPEN + 1):
+            entry = (self._hint + k) % MAX_OPEN
+            if v[base0 + entry * OPEN_WORDS + O_STATE] == OPEN_FREE:
+                self._hint = entry
+                return entry
+        return -1
+
+    def repair_open_locked(self) -> None:
+        """The notify lock was had from a dead holder: settle the entry it left half done.
+
+        Pending or closing entries exist only inside an append, lock held, so
+        any found now are the dead holder's: its records were published if
+        the head moved past them.  A start published is live (recovery ends
+        it); an end published frees its entry; one not published leaves it
+        as it was before.
+        """
+        v, head = self.v, int(self.cv[self.head_index])
+        for entry in range(MAX_OPEN):
+            base = self.open_base + entry * OPEN_WORDS
+            state = v[base + O_STATE]
+            if state == OPEN_PENDING:
+                v[base + O_STATE] = OPEN_LIVE if head > v[base + O_SEQ] else OPEN_FREE
+            elif state == OPEN_CLOSING:
+                v[base + O_STATE] = OPEN_FREE if head > v[base + O_CLOSE_SEQ] else OPEN_LIVE
+
+    def close_dead_locked(self) -> int:
+        """Send the ends a dead producer owed: for every open invalidation of a process that no
+        longer runs, the end of each of its start records.  Notify lock held (recovery).
+
+        A producer killed between the starts of an invalidation and their
+        ends (ksmd sends a run's starts before it takes the run's page-table
+        lock) would leave every shadow waiting for the ends: a fault on the
+        guest waits while an invalidation is in progress.  The ends match the
+        starts one by one, read back from the ring; once the ring has wrapped
+        over them, from the entry (its first range, as many times as it had
+        starts).  Returns the invalidations closed.
+        """
+        v, ring = self.v, self.ring
+        head = int(self.cv[self.head_index])
+        closed = 0
+        for entry in range(MAX_OPEN):
+            base = self.open_base + entry * OPEN_WORDS
+            who = int(v[base + O_WHO])
+            if v[base + O_STATE] != OPEN_LIVE or pid_alive(who >> 36):
+                continue
+            seq, n, gid, era = int(v[base + O_SEQ]), who & 0xFFFFFF, who >> 24 & 0xFF, who >> 32 & 0xF
+            ends: list[tuple[int, int, int]] = []
+            if head - seq <= MAIN_N:
+                for k in range(seq, seq + n):
+                    at = (k % MAIN_N) * REC
+                    word = ring[at]
+                    if word >> 24 == k and word & 0xFF in _END_OF:
+                        ends.append((_END_OF[word & 0xFF], ring[at + 1], ring[at + 2]))
+            if len(ends) != n:
+                ends = [self.end_records(int(v[base + O_A]), int(v[base + O_B]), era)[-1]] * n
+            for kind, a, b in ends:
+                self.emit_locked(kind, gid, a, b)
+            v[base + O_STATE] = OPEN_FREE
+            closed += 1
+        return closed
 
     def emit_locked(self, kind: int, gid: int, a: int, b: int, shadow: int = 0) -> int:
         """Append one record with the notify lock held; wait while the ring is full."""
