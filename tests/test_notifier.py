@@ -930,7 +930,7 @@ def test_open_invalidations_left_half_done_or_by_the_dead_are_settled() -> None:
         def put(entry: int, state: int, seq: int, n: int = 1, close_seq: int = 0, a: int = 0, b: int = 1) -> None:
             at = base + entry * mn.OPEN_WORDS
             v[at + mn.O_SEQ], v[at + mn.O_CLOSE_SEQ], v[at + mn.O_A], v[at + mn.O_B] = seq, close_seq, a, b
-            v[at + mn.O_WHO] = n | guest.id << 24 | 1 << 32 | dead_pid << 36
+            v[at + mn.O_WHO] = n | guest.id << 26 | 1 << 34 | dead_pid << 36
             v[at + mn.O_STATE] = state
 
         def state(entry: int) -> int:

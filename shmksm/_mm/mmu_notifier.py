@@ -182,7 +182,7 @@ MAX_OPEN: Final = 128  # invalidations open at once: a producer has one at a tim
 OPEN_WORDS: Final = 6
 O_STATE: Final = 0  # OPEN_FREE, OPEN_PENDING, OPEN_LIVE, OPEN_CLOSING
 O_SEQ: Final = 1  # sequence number of its first start record
-O_WHO: Final = 2  # n | gid << 24 | era << 32 | pid << 36: its start records, guest, era and process
+O_WHO: Final = 2  # n | gid << 26 | era << 34 | pid << 36: its start records, guest, era and process
 O_A: Final = 3  # the range of its first start record
 O_B: Final = 4
 O_CLOSE_SEQ: Final = 5  # sequence number of its first end record, while closing
@@ -441,8 +441,8 @@ class Notifier:
                 ring[base + 3] = now
             entry = -1
             if opening:
-                # An entry of the open invalidations for it (_open_entry_locked, inlined: this is the
-                # path of every notified PTE change), pending until the head moves past its starts.
+                # An entry of the open invalidations for it (inline: this is the path of every
+                # notified PTE change), pending until the head moves past its starts.
                 entry = self._hint
                 at = self.open_base + entry * OPEN_WORDS
                 if v[at] != OPEN_FREE:
@@ -450,7 +450,7 @@ class Notifier:
                     at = self.open_base + entry * OPEN_WORDS
                 if entry >= 0:
                     v[at + O_SEQ] = seq
-                    v[at + O_WHO] = n | gid << 24 | opening << 32 | self._pid << 36
+                    v[at + O_WHO] = n | gid << 26 | opening << 34 | self._pid << 36
                     v[at + O_A] = records[0][1]
                     v[at + O_B] = records[0][2]
                     v[at] = OPEN_PENDING
@@ -538,7 +538,7 @@ class Notifier:
             who = int(v[base + O_WHO])
             if v[base + O_STATE] != OPEN_LIVE or pid_alive(who >> 36):
                 continue
-            seq, n, gid, era = int(v[base + O_SEQ]), who & 0xFFFFFF, who >> 24 & 0xFF, who >> 32 & 0xF
+            seq, n, gid, era = int(v[base + O_SEQ]), who & 0x3FFFFFF, who >> 26 & 0xFF, who >> 34 & 0x3
             ends: list[tuple[int, int, int]] = []
             if head - seq <= MAIN_N:
                 for k in range(seq, seq + n):
