@@ -756,8 +756,6 @@ done:
 typedef uint64_t (*xxh3_fn)(const void *, size_t);
 static xxh3_fn xxh3_64 = NULL;
 
-#define FRAME_SHIFT 12
-#define FRAME_BYTES (1 << FRAME_SHIFT)
 #define PREFETCH_AHEAD 2
 
 static PyObject *
@@ -779,7 +777,7 @@ set_xxh3(PyObject *Py_UNUSED(module), PyObject *arg)
 static inline void
 prefetch_frame(const char *frame)
 {
-    for (int line = 0; line < FRAME_BYTES; line += 64)
+    for (size_t line = 0; line < PAGE_BYTES; line += 64)
         __builtin_prefetch(frame + line, 0, 2);
 }
 
@@ -810,7 +808,7 @@ bulk_checksums(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     const char *pool = (const char *)pool_buf.buf;
     const int64_t *pfns = (const int64_t *)pfn_buf.buf;
     uint64_t *out = (uint64_t *)out_buf.buf;
-    Py_ssize_t n = pfn_buf.len / 8, nframes = pool_buf.len >> FRAME_SHIFT;
+    Py_ssize_t n = pfn_buf.len / 8, nframes = pool_buf.len >> PAGE_SHIFT;
     if (pfn_buf.len % 8 || out_buf.len != pfn_buf.len) {
         PyErr_SetString(PyExc_ValueError, "checksums: pfns (int64) and out (uint64) must be of one length");
         goto done;
@@ -822,11 +820,11 @@ bulk_checksums(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
         }
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n && i < PREFETCH_AHEAD; i++)
-        prefetch_frame(pool + ((size_t)pfns[i] << FRAME_SHIFT));
+        prefetch_frame(pool + ((size_t)pfns[i] << PAGE_SHIFT));
     for (Py_ssize_t i = 0; i < n; i++) {
         if (i + PREFETCH_AHEAD < n)
-            prefetch_frame(pool + ((size_t)pfns[i + PREFETCH_AHEAD] << FRAME_SHIFT));
-        out[i] = xxh3_64(pool + ((size_t)pfns[i] << FRAME_SHIFT), FRAME_BYTES);
+            prefetch_frame(pool + ((size_t)pfns[i + PREFETCH_AHEAD] << PAGE_SHIFT));
+        out[i] = xxh3_64(pool + ((size_t)pfns[i] << PAGE_SHIFT), PAGE_BYTES);
     }
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
