@@ -476,26 +476,16 @@ class Frames:
 
         Mitigation "vusion"'s write fault: the same steps whether ``pfn`` is a
         KSM page or a private frame; nothing of the frame is read.  The caller
-        holds a page-table lock and has remapped the page; takes the allocator
-        lock.  A full ring is drained here first (its frame locks after the
-        page-table lock, in order).
+        holds a page-table lock and has remapped the page (:meth:`defer_puts`).
         """
-        cv = self.cv
-        lock = self.alloc_lock
-        lock.acquire()
-        try:
-            tail = cv[_DEFERRED_TAIL]
-            if tail - cv[_DEFERRED_HEAD] < _DEFERRED_SLOTS:
-                cv[_DEFERRED_BASE + (tail & _DEFERRED_MASK)] = pfn
-                cv[_DEFERRED_TAIL] = tail + 1  # last: a death before it leaks the frame, nothing worse
-                return
-        finally:
-            lock.release()
-        self.drain_deferred()
-        self.defer_put(pfn)
+        self.defer_puts([pfn])
 
     def defer_puts(self, pfns: list[int]) -> None:
-        """defer_put for several frames, under one allocator lock while the ring has room."""
+        """defer_put for several frames, under one allocator lock while the ring has room.
+
+        Takes the allocator lock; a full ring is drained here first (its frame
+        locks after the caller's page-table lock, in order).
+        """
         cv = self.cv
         lock = self.alloc_lock
         at = 0
