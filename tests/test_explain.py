@@ -23,6 +23,7 @@ from helpers import FAST, assert_one_line_error, fill, full_scans, run_cli, wait
 import shmksm
 from shmksm import MADV_MERGEABLE, PAGE_SIZE
 from shmksm._ksm import explain
+from shmksm._ksm.checksum import checksum
 from shmksm._ksm.explain import REASONS, classify
 from shmksm._ksm.scanner import Scanner
 
@@ -161,15 +162,18 @@ def test_two_scanners_explain_a_page_that_changed_owner_by_its_owner() -> None:
                 full_scans(s, 1)
         for order in (scanners, scanners[::-1]):
             only(answered(machine, order, g), unique_so_far=8)
-        page = np.array([5])
-        was = next(s for s in scanners if s.owns(g.id, page)[0])
+        five = np.array([5])
+        was = next(s for s in scanners if s.owns(g.id, five)[0])
+        other = next(s for s in scanners if s is not was)
         for key in range(100, 200):  # a content the other scanner owns
+            if other.claims is not None:  # first touch: the scanner that claimed a content owns it
+                other.claims.claim(np.array([checksum(page(key)) & 0xFFFFFFFF], np.uint32), 2, other.index)
             write_pages(g, [key], first=5)
             full_scans(was, 1)
-            if not was.owns(g.id, page)[0]:
+            if not was.owns(g.id, five)[0]:
                 break
         now = next(s for s in scanners if s is not was)
-        assert now.owns(g.id, page)[0]
+        assert now.owns(g.id, five)[0]
         for order in (scanners, scanners[::-1]):  # as one scanner would say: the change seen
             only(answered(machine, order, g), volatile=1, unique_so_far=7)
         full_scans(now, 1)  # the new owner's visit: steady since, on its unstable tree

@@ -24,6 +24,7 @@ from shmksm.workers import guest_random
 
 import shmksm
 from shmksm import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE
+from shmksm._mm.locks import process_state
 from shmksm.tool.images import Mix, write_mix
 from shmksm.tool.images import ideal as ideal_of_images
 from shmksm.tool.runner import run_images
@@ -266,13 +267,30 @@ def test_scanners_go_from_one_full_scan_to_the_next_together() -> None:
         machine.check()
 
 
+def stop_holding_no_lock(machine: shmksm.Machine, pid: int) -> None:
+    """SIGSTOP ``pid`` at an instant it holds no lock: a stopped holder keeps its lock (locks.py),
+    and everyone who needs it waits, the other scanners too."""
+    locks = machine.system.locks.in_order()
+    for _ in range(1000):
+        os.kill(pid, signal.SIGSTOP)
+        wait_until(lambda: "(T" in process_state(pid), 10, "the scanner to stop")
+        if not any(lock.holder() == pid for lock in locks):
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.001)
+    pytest.fail(f"pid {pid} held a lock at each of 1000 stops")
+
+
 @pytest.mark.parametrize("how", ["stopped", "killed"])
 def test_a_scanner_does_not_wait_for_a_stopped_or_killed_one_for_good(how: str) -> None:
     keys = keys_for(2, 400, 9)
     with filled(keys, frames=4096, scanners=2, **FAST) as machine:
         machine.wait_full_scans(2, timeout=60)
         victim = machine.scanner_workers()[1]
-        os.kill(victim.pid, signal.SIGSTOP if how == "stopped" else signal.SIGKILL)
+        if how == "stopped":
+            stop_holding_no_lock(machine, victim.pid)
+        else:
+            os.kill(victim.pid, signal.SIGKILL)
         try:
             time.sleep(0.05)
             before = machine.ksm.per_scanner("full_scans")

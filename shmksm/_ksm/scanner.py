@@ -99,7 +99,7 @@ from .._mm.pagetable import (
 )
 from .._mm.segments import pid_alive
 from .._mm.system import System
-from . import ksm
+from . import claims, ksm
 from .checksum import checksum as _checksum
 from .checksum import checksums
 from .keytable import KeyTable
@@ -157,6 +157,24 @@ def skip_age(age: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
 # A partition of the trees: pages of two different partitions are never merged.
 Partition = tuple[int, ...]
 ALL_NODES: Final = -1  # the node component with merge_across_nodes=1
+
+
+def _water_fill(load: npt.NDArray[np.float64], pages: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Scanners for contents of ``pages`` pages each (in order), filling the least loaded first:
+    they end as level as whole contents allow."""
+    total = float(pages.sum())
+    ranked = np.argsort(load, kind="stable")
+    levels = load[ranked]
+    # The water level: the k least loaded, raised to one level, take in all the pages.
+    k = len(levels)
+    for k in range(1, len(levels) + 1):
+        if k == len(levels) or levels[k] * k - levels[:k].sum() >= total:
+            break
+    level = (levels[:k].sum() + total) / k
+    room = np.cumsum(np.maximum(0.0, level - levels[:k]))
+    middle = np.cumsum(pages) - pages / 2
+    out: npt.NDArray[np.int64] = ranked[np.minimum(np.searchsorted(room, middle), k - 1)].astype(np.int64)
+    return out
 
 
 def partition_of(system: System, gid: int) -> Partition:
@@ -395,17 +413,21 @@ class ScannerWords:
         cols = control.SCANNER_BASE + control.SCANNER_WORDS * np.arange(n) + _FULL_SCANS_COL
         return min(own, int(ctl[cols].min()))
 
-    def others_full_scans(self) -> list[int]:
-        """The full scans of every other scanner that runs (its pid in its entry, alive).  One
-        killed keeps its last count until restarted; one not started yet has no pid."""
+    def others_running(self) -> dict[int, int]:
+        """The full scans of every other scanner that runs (its pid in its entry, alive), by index.
+        One killed keeps its last count until restarted; one not started yet has no pid."""
         ctl = self.system.ctl
         n = max(1, min(int(ctl[_SCANNERS_WORD]), control.MAX_SCANNERS))
-        out = []
+        out = {}
         for i in range(n):
             base = control.SCANNER_BASE + control.SCANNER_WORDS * i
             if i != self.index and (pid := int(ctl[base + _PID_COL])) and pid_alive(pid):
-                out.append(int(ctl[base + _FULL_SCANS_COL]))
+                out[i] = int(ctl[base + _FULL_SCANS_COL])
         return out
+
+    def others_full_scans(self) -> list[int]:
+        """The full scans of every other scanner that runs (others_running)."""
+        return list(self.others_running().values())
 
     def behind(self, own: int) -> bool:
         """Has another scanner that runs done fewer full scans than ``own``?"""
@@ -450,6 +472,16 @@ class Scanner:
         self.by_node = False  # ownership by node rather than by checksum (see _owns)
         self.words = ScannerWords(system, index)
         self.frames = system.frames
+        # Who owns each content: first touch (claims), or without the extension a hash of it.
+        self.claims = claims.Claims(self.frames.claims) if claims.AVAILABLE else None
+        # Pages this scanner hashed in this pass, by the owner of their content
+        # (control.LOAD_BASE, row ``index``): what each scanner has to merge.
+        self.loads = system.ctl[control.LOAD_BASE:control.LOAD_BASE + control.MAX_SCANNERS ** 2].reshape(
+            control.MAX_SCANNERS, control.MAX_SCANNERS)
+        self.loads[index] = 0
+        self.pass_loads = system.ctl[control.PASS_LOAD_BASE:control.PASS_LOAD_BASE + control.MAX_SCANNERS ** 2].reshape(
+            control.MAX_SCANNERS, control.MAX_SCANNERS)
+        self.claimed = False  # contents claimed in this pass (_rebalance)
         self.by_gid: dict[int, MmSlot] = {}
         self.trees: dict[Partition, Trees] = {}  # by partition_of
         self.rng = random.Random()  # where mitigation "vusion" places the pages it considers
@@ -549,6 +581,8 @@ class Scanner:
         self.trees = {p: t for p, t in self.trees.items() if p in used}
         for trees in self.trees.values():
             trees.unstable.clear()
+        self._rebalance()
+        self.loads[self.index] = 0
         if self.count > 1:
             # Parallel scanners start their passes at different guests: two
             # scanners in one guest would wait on each other's mm lock.
@@ -562,6 +596,66 @@ class Scanner:
                 self._adopt_orphans(slot)
         self.scan_started = time.monotonic()
         self.scan_cpu_started = time.process_time()
+
+    def _rebalance(self) -> None:
+        """At the start of a pass: hand contents to a scanner that owned many fewer of the pages
+        hashed in the pass both just finished.
+
+        First touch leaves a content with the scanner that met it first, also when the
+        other scanners meet more of its pages (a small workload: one scanner's first
+        batch can meet every content).  So a scanner that owned more of them than the
+        least busy one, by more than a slack (1/16 of both, 32 pages at least), hands
+        it contents worth half the gap, those with the most of their pages in the other
+        scanners' runs first (what it owns in its own runs it read already).  Only
+        contents that are on none of its trees: the unstable
+        ones are empty as a pass begins, and a content with a KSM page stays, so that
+        no content ever has pages on two scanners' trees.  The taker merges them from
+        its next visit on, as pages whose content changed.  Only after a pass in which
+        this scanner claimed contents: ownership settles with the workload, and a
+        scanner's share of the work, which smart_scan's skips move from pass to pass,
+        does not hand its pages to and fro.
+        """
+        count, claimed = self.count, self.claimed
+        self.claimed = False
+        if self.claims is None or count == 1 or self.by_node or not claimed:
+            return
+        peers = [j for j, full in self.words.others_running().items() if full >= self.full_scans]
+        if not peers:
+            return
+        owned = self.pass_loads[:count, :count].sum(axis=0)  # pages of each one's contents, the pass just done
+        taker = min(peers, key=lambda j: int(owned[j]))
+        done, least = int(owned[self.index]), int(owned[taker])
+        gap = done - least
+        if gap <= max(32, (done + least) // 16):
+            return
+        buckets, local, merged = [], [], []
+        for slot in self.by_gid.values():
+            pages = np.flatnonzero(slot.checksum)
+            if not len(pages):
+                continue
+            sums = slot.checksum[pages]
+            mine = self.claims.owners(sums, count) == self.index
+            pages, sums = pages[mine], sums[mine]
+            b = self.claims.buckets(sums)
+            ksm_page = (slot.table.ptes[pages] & _KSM) != 0
+            merged.append(b[ksm_page])
+            runs = (pages >> _FIRST_VISIT_SHIFT).astype(np.uint64)
+            buckets.append(b[~ksm_page])
+            local.append((((runs * _OWNER_MULT) >> _OWNER_SHIFT) % np.uint64(count) == self.index)[~ksm_page])
+        for trees in self.trees.values():
+            st = trees.stable
+            live = st.kpfn[:st.next_id] >= 0
+            merged.append(self.claims.buckets(st.key[:st.next_id][live].astype(np.uint32)))
+        if not buckets:
+            return
+        b, at_home = np.concatenate(buckets), np.concatenate(local)
+        cand, inverse, pages_of = np.unique(b, return_inverse=True, return_counts=True)
+        home = np.bincount(inverse, weights=at_home, minlength=len(cand))
+        keep = ~np.isin(cand, np.concatenate(merged))
+        cand, pages_of, home = cand[keep], pages_of[keep], home[keep]
+        order = np.lexsort((pages_of, home / pages_of))  # most of their pages away first, then the small
+        take = order[np.cumsum(pages_of[order]) <= gap // 2]
+        self.claims.give(cand[take], count, self.index, taker)
 
     def _drop_slot(self, slot: MmSlot) -> None:
         """A guest is gone: forget its items (their mappings were torn down)."""
@@ -696,6 +790,7 @@ class Scanner:
 
     def _end_full_scan(self) -> None:
         self.last_pass_seconds = time.monotonic() - self.scan_started
+        self.pass_loads[self.index] = self.loads[self.index]
         self.full_scans += 1
         self.seqnr += 1
         for slot in self.slots:
@@ -781,22 +876,82 @@ class Scanner:
         Two pages that can merge always have one owner: with
         merge_across_nodes=0 and at least as many nodes as scanners, the
         owner of their partition's node; else the owner of their checksum at
-        the last visit (the shared oldchecksum), and a page never hashed
-        (checksum 0) goes by its page-table run, so that a scanner's first visits
-        hash whole runs of frames in order.  A page is only merged at a visit
-        that finds its checksum unchanged: then identical pages have one
-        checksum, so one owner.  When a page's content changes, its owner
-        hashes it, records the new checksum, and the page goes to the new
-        checksum's owner from then on.  Ownership reads the checksums, not
-        the frames: what every scanner repeats for the pages of the others
-        is a walk of PTEs and checksums, in numpy.
+        the last visit (the shared oldchecksum): the scanner that claimed it
+        (:mod:`.claims`; without the extension, a hash of the checksum picks
+        it).  A page never hashed (checksum 0) goes by its page-table run, so
+        that a scanner's first visits hash whole runs of frames in order, and
+        claim what they meet.  A page is only merged at a visit that finds
+        its checksum unchanged: then identical pages have one checksum, so
+        one owner.  When a page's content changes, its owner hashes it,
+        records (and claims) the new checksum, and the page goes to the new
+        checksum's owner from then on.  Ownership reads the checksums and the
+        claims, not the frames: what every scanner repeats for the pages of
+        the others is a walk of PTEs and checksums, in numpy.
         """
         if self.by_node:
             return np.full(len(pages), slot.partition[0] % self.count == self.index)
-        sums = slot.checksum[pages].astype(np.uint64)
-        key = np.where(sums != 0, sums, (pages >> _FIRST_VISIT_SHIFT).astype(np.uint64))
-        owner: npt.NDArray[np.bool_] = ((key * _OWNER_MULT) >> _OWNER_SHIFT) % np.uint64(self.count) == self.index
-        return owner
+        sums = slot.checksum[pages]
+        runs = (pages >> _FIRST_VISIT_SHIFT).astype(np.uint64)
+        by_run = ((runs * _OWNER_MULT) >> _OWNER_SHIFT) % np.uint64(self.count)
+        if self.claims is None:
+            key = np.where(sums != 0, sums.astype(np.uint64), runs)
+            mine: npt.NDArray[np.bool_] = ((key * _OWNER_MULT) >> _OWNER_SHIFT) % np.uint64(self.count) == self.index
+            return mine
+        owner = by_run.astype(np.int64)
+        hashed = np.flatnonzero(sums != 0)
+        if len(hashed):
+            owners = self.claims.owners(sums[hashed], self.count)
+            # A checksum nobody claimed (recorded before the number of scanners
+            # changed): the scanner of the page's run claims it now.
+            free = np.flatnonzero((owners < 0) & (by_run[hashed] == self.index))
+            if len(free):
+                owners[free] = self.claims.claim(sums[hashed[free]], self.count, self.index)
+            owner[hashed] = owners
+        out: npt.NDArray[np.bool_] = owner == self.index
+        return out
+
+    def _claim(self, sums: npt.NDArray[np.uint32], unchanged: int = 0) -> None:
+        """Claim the contents of the checksums this scanner just recorded that nobody owns yet,
+        and count them, with ``unchanged`` pages of its own, in its row of the loads.
+
+        First touch: a scanner claims what it meets for itself (which leaves its load as
+        it is: it merges what it hashed).  A scanner's load is what it is to merge of the
+        pages the others met, less what they are to merge of its own.  When its load is
+        more than a slack (1/64 of the pass's pages, 64 at least) above the least
+        loaded's, it claims for the others, least loaded first, contents of few pages
+        first, up to half the gap.  A content of many pages (the empty page) thus weighs
+        on the scanner that owns it, and the others take more of the rest.
+        """
+        count = self.count
+        if self.claims is None or count == 1 or self.by_node:
+            return
+        row = self.loads[self.index]
+        row[self.index] += unchanged
+        if not len(sums):
+            return
+        uniq, pages = np.unique(sums, return_counts=True)
+        owners = self.claims.owners(uniq, count)
+        free = np.flatnonzero(owners < 0)
+        if len(free):
+            # What each scanner is to merge beyond what it hashed: what it owns of the
+            # pages the others met.  First touch alone keeps that near 0 for everyone.
+            rows = self.loads[:count, :count]
+            load = (rows.sum(axis=0) - rows.sum(axis=1)).astype(np.float64)
+            order = free[np.argsort(pages[free], kind="stable")]  # fewest pages first: fine steps
+            want = np.full(len(order), self.index, np.int64)
+            others = load.copy()
+            others[self.index] = np.inf
+            gap = load[self.index] - others.min()
+            if gap > max(64.0, float(rows.sum()) / 64):
+                # Half the gap to the least loaded levels the two.
+                give = np.flatnonzero(np.cumsum(pages[order]) <= gap / 2)
+                if len(give):
+                    want[give] = _water_fill(others, pages[order[give]])
+            for j in np.unique(want).tolist():
+                at = order[want == j]
+                owners[at] = self.claims.claim(uniq[at], count, j)
+            self.claimed = True
+        row[:count] += np.bincount(owners, weights=pages, minlength=count).astype(np.int64)[:count]
 
     def _would_skip(self, slot: MmSlot, idx: npt.NDArray[np.intp],
                     ptes: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
@@ -859,8 +1014,10 @@ class Scanner:
         low = sums.astype(np.uint32)
         old = slot.checksum[pages]
         steady = np.flatnonzero(old == low)
-        slot.state[pages[(old != low) & (old != 0)]] = VOLATILE  # 0: a new item's, as the kernel's oldchecksum
+        changed = old != low
+        slot.state[pages[changed & (old != 0)]] = VOLATILE  # 0: a new item's, as the kernel's oldchecksum
         slot.checksum[pages] = low
+        self._claim(low[changed], len(pages) - int(changed.sum()))
         if not len(steady):
             return
         use_zero = self._use_zero_pages(mitigation)
@@ -920,6 +1077,7 @@ class Scanner:
         state, node, old_sums = slot.state_v, slot.node_v, slot.checksum_v
         flat = self.frames.flat
         use_zero = max_sharing = -1
+        recorded: list[int] = []  # checksums recorded, claimed at the end
         for page in pages:
             pte = pv[page]
             pfn = pte & PFN_MASK
@@ -939,6 +1097,7 @@ class Scanner:
             old = old_sums[page]
             if old != low:
                 old_sums[page] = low
+                recorded.append(low)
                 if old:  # 0: a new item's, as the kernel's oldchecksum
                     state[page] = VOLATILE
                 continue
@@ -946,6 +1105,7 @@ class Scanner:
                 use_zero = self._use_zero_pages(mitigation)
                 max_sharing = self.system.get("max_page_sharing")
             self.cmp_and_merge_page(slot, page, pfn, key, use_zero, max_sharing)
+        self._claim(np.array(recorded, np.uint32), len(pages) - len(recorded))
 
     def _use_zero_pages(self, mitigation: int) -> int:
         """Whether empty pages go to the zero page: use_zero_pages, or mitigation "domains".

@@ -835,6 +835,123 @@ done:
     return result;
 }
 
+/* claim(table, buckets, want, tag, out): the owner of each bucket of content claims,
+ * claiming the unclaimed ones for ``want``.  An entry is tag << 8 | (owner + 1), 0 never
+ * claimed; one whose tag is not ``tag`` is stale and is claimed anew.  Compare and swap:
+ * of two processes claiming one bucket at once, one wins and both see its owner. */
+static PyObject *
+bulk_claim(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "claim(table, buckets, want, tag, out) takes 5 arguments");
+        return NULL;
+    }
+    long want = PyLong_AsLong(args[2]);
+    long tag = PyLong_AsLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (want < 0 || want > 254 || tag < 1 || tag > 255) {
+        PyErr_SetString(PyExc_ValueError, "claim: want must be in [0, 254] and tag in [1, 255]");
+        return NULL;
+    }
+    Py_buffer table_buf, bucket_buf, out_buf;
+    if (PyObject_GetBuffer(args[0], &table_buf, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &bucket_buf, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&table_buf);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[4], &out_buf, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&bucket_buf);
+        PyBuffer_Release(&table_buf);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    uint16_t *table = (uint16_t *)table_buf.buf;
+    const int64_t *buckets = (const int64_t *)bucket_buf.buf;
+    int64_t *out = (int64_t *)out_buf.buf;
+    Py_ssize_t n = bucket_buf.len / 8, size = table_buf.len / 2;
+    if (bucket_buf.len % 8 || out_buf.len != bucket_buf.len) {
+        PyErr_SetString(PyExc_ValueError, "claim: buckets and out (int64) must be of one length");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (buckets[i] < 0 || buckets[i] >= size) {
+            PyErr_Format(PyExc_ValueError, "claim: bucket %lld is not in the table", (long long)buckets[i]);
+            goto done;
+        }
+    uint16_t mine = (uint16_t)(tag << 8 | (want + 1));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint16_t *entry = &table[buckets[i]];
+        uint16_t cur = __atomic_load_n(entry, __ATOMIC_ACQUIRE);
+        for (;;) {
+            if (cur >> 8 == tag && (cur & 0xff)) {
+                out[i] = (cur & 0xff) - 1;
+                break;
+            }
+            if (__atomic_compare_exchange_n(entry, &cur, mine, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+                out[i] = want;
+                break;
+            }
+        }
+    }
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&out_buf);
+    PyBuffer_Release(&bucket_buf);
+    PyBuffer_Release(&table_buf);
+    return result;
+}
+
+/* give(table, buckets, tag, giver, taker): hand each bucket that ``giver`` owns to ``taker``
+ * (compare and swap); returns how many changed hands. */
+static PyObject *
+bulk_give(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "give(table, buckets, tag, giver, taker) takes 5 arguments");
+        return NULL;
+    }
+    long tag = PyLong_AsLong(args[2]), giver = PyLong_AsLong(args[3]), taker = PyLong_AsLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (tag < 1 || tag > 255 || giver < 0 || giver > 254 || taker < 0 || taker > 254) {
+        PyErr_SetString(PyExc_ValueError, "give: tag must be in [1, 255], giver and taker in [0, 254]");
+        return NULL;
+    }
+    Py_buffer table_buf, bucket_buf;
+    if (PyObject_GetBuffer(args[0], &table_buf, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &bucket_buf, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&table_buf);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    uint16_t *table = (uint16_t *)table_buf.buf;
+    const int64_t *buckets = (const int64_t *)bucket_buf.buf;
+    Py_ssize_t n = bucket_buf.len / 8, size = table_buf.len / 2, given = 0;
+    if (bucket_buf.len % 8) {
+        PyErr_SetString(PyExc_ValueError, "give: buckets must be int64");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (buckets[i] < 0 || buckets[i] >= size) {
+            PyErr_Format(PyExc_ValueError, "give: bucket %lld is not in the table", (long long)buckets[i]);
+            goto done;
+        }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint16_t expected = (uint16_t)(tag << 8 | (giver + 1));
+        if (__atomic_compare_exchange_n(&table[buckets[i]], &expected, (uint16_t)(tag << 8 | (taker + 1)), 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            given++;
+    }
+    result = PyLong_FromSsize_t(given);
+done:
+    PyBuffer_Release(&bucket_buf);
+    PyBuffer_Release(&table_buf);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"set_xxh3", (PyCFunction)set_xxh3, METH_O,
      "set_xxh3(address) -> None\n--\n\n"
@@ -873,6 +990,15 @@ static PyMethodDef module_methods[] = {
      "wrong in a way) left to the caller, 0 when a page needs a fault, or is\n"
      "outside the guest.  A run whose PTEs changed since the look taken first is\n"
      "left to the caller with every run after it."},
+    {"claim", (PyCFunction)(void (*)(void))bulk_claim, METH_FASTCALL,
+     "claim(table, buckets, want, tag, out) -> None\n--\n\n"
+     "out[i] = the owner of bucket buckets[i] of ``table`` (uint16 entries tag << 8 |\n"
+     "(owner + 1)), claiming it for ``want`` by compare-and-swap where its entry is 0 or\n"
+     "of another tag.  ``buckets`` and ``out`` int64, of one length."},
+    {"give", (PyCFunction)(void (*)(void))bulk_give, METH_FASTCALL,
+     "give(table, buckets, tag, giver, taker) -> int\n--\n\n"
+     "Hand each bucket of ``buckets`` (int64) that ``giver`` owns under ``tag`` to ``taker``,\n"
+     "by compare-and-swap; the number that changed hands."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -10,6 +10,9 @@ It is organized as follows (word offsets)::
     [SCANNER_BASE, +16*MAX_SCANNERS)  each scanner's own words (SCANNER_FIELDS), summed into the named ones
     [FAULT_BASE, +8*FAULT_SLOTS)      fault-injection points (shmksm._mm.faults)
     [DEFERRED_BASE, +DEFERRED_SLOTS)  deferred puts: a ring of pfns (frames.Frames.defer_put)
+    [LOAD_BASE, +MAX_SCANNERS**2)     parallel scanners' loads: row h, pages scanner h hashed this
+                                      pass, by the scanner that owns their content (_ksm.claims)
+    [PASS_LOAD_BASE, +MAX_SCANNERS**2) the same rows as of each scanner's last full pass
 
 A knob has exactly one writer at a time (the host, under the stat lock) and
 is read without a lock: a word-sized store is atomic on every platform numpy
@@ -164,7 +167,9 @@ FAULT_WORDS: Final = 8
 DEFERRED_BASE: Final = FAULT_BASE + FAULT_SLOTS * FAULT_WORDS
 DEFERRED_SLOTS: Final = 4096  # a power of two: positions wrap with DEFERRED_MASK
 DEFERRED_MASK: Final = DEFERRED_SLOTS - 1
-WORDS: Final = DEFERRED_BASE + DEFERRED_SLOTS
+LOAD_BASE: Final = DEFERRED_BASE + DEFERRED_SLOTS
+PASS_LOAD_BASE: Final = LOAD_BASE + MAX_SCANNERS * MAX_SCANNERS
+WORDS: Final = PASS_LOAD_BASE + MAX_SCANNERS * MAX_SCANNERS
 
 # Guest table states.
 GUEST_FREE: Final = 0

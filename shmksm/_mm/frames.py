@@ -7,8 +7,11 @@ The metadata segment is organized as follows (``n`` = nframes)::
     uint32[n]  gen        bumped every time the frame is freed (or a KSM page becomes private)
     int32[n]   next       link of the free list or of the waiting list, -1 ends a list
     uint8[n]   flags      INUSE, WAITING, KSM
+    uint16[b]  claims     (8-byte aligned) the parallel scanners' content claims, b = claim_buckets(n)
+                          buckets, at least 4 per frame (shmksm._ksm.claims)
 
-13 bytes per frame; with the 8-byte PTE, 21 bytes of metadata per 4 KiB page.
+13 bytes per frame; with the 8-byte PTE, 21 bytes of metadata per 4 KiB page; and
+the claims, 8 to 16 bytes per frame, read only with several scanners.
 
 **Reclamation.**  A frame dropped by a copy-on-write, a merge or an unmap is
 not free at once: a secondary MMU (a shadow worker) may still read it through
@@ -110,8 +113,19 @@ def oldest_first(waiting: npt.NDArray[np.intp], mapcount: npt.NDArray[np.int32],
     return waiting[np.argsort(-age, kind="stable")]
 
 
+def claim_buckets(nframes: int) -> int:
+    """Entries of the scanners' table of content claims: a power of two, at least 4 per frame."""
+    return 1 << max(10, (4 * nframes - 1).bit_length())
+
+
+def _claims_offset(nframes: int) -> int:
+    return -(-META_BYTES_PER_FRAME * nframes // 8) * 8
+
+
 def meta_size(nframes: int) -> int:
-    return META_BYTES_PER_FRAME * nframes
+    """The metadata segment: per frame its mapcount, generation, link and flags; then the
+    parallel scanners' content claims (shmksm._ksm.claims), 2 bytes per bucket."""
+    return _claims_offset(nframes) + 2 * claim_buckets(nframes)
 
 
 def node_of(pfn: Any, nframes: int, nodes: int) -> Any:
@@ -172,6 +186,7 @@ class Frames:
         self.gen: npt.NDArray[np.uint32] = np.ndarray(n, np.uint32, meta_buf, 4 * n)
         self.next: npt.NDArray[np.int32] = np.ndarray(n, np.int32, meta_buf, 8 * n)
         self.flags: npt.NDArray[np.uint8] = np.ndarray(n, np.uint8, meta_buf, 12 * n)
+        self.claims: npt.NDArray[np.uint16] = np.ndarray(claim_buckets(n), np.uint16, meta_buf, _claims_offset(n))
         # Scalar access through memoryviews is several times faster than numpy's.
         self.mc = meta_buf[0:4 * n].cast("i")
         self.nx = meta_buf[8 * n:12 * n].cast("i")
@@ -192,7 +207,7 @@ class Frames:
         """Drop every view so that the segments can be closed."""
         for view in (self.mc, self.nx, self.fl, self.gn, self.cv):
             view.release()
-        del self.pool, self.rows, self.mapcount, self.gen, self.next, self.flags, self.ctl
+        del self.pool, self.rows, self.mapcount, self.gen, self.next, self.flags, self.claims, self.ctl
 
     @staticmethod
     def format(pool: npt.NDArray[np.uint8], meta_buf: memoryview, ctl: npt.NDArray[np.int64]) -> None:
