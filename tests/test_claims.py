@@ -38,7 +38,9 @@ def test_a_claim_goes_to_the_first_claimer_and_stays() -> None:
     sums = np.array([7, 8, 7], np.uint32)
     assert c.owners(sums, 2).tolist() == [-1, -1, -1]
     assert c.claim(sums, 2, 1).tolist() == [1, 1, 1]
+    assert c.claimed == 2  # 7 once, and 8
     assert c.claim(np.array([7, 9], np.uint32), 2, 0).tolist() == [1, 0]
+    assert c.claimed == 1
     assert c.owners(np.array([7, 8, 9, 10], np.uint32), 2).tolist() == [1, 1, 0, -1]
 
 

@@ -53,6 +53,7 @@ class Claims:
         if size & (size - 1):
             raise ValueError(f"the claim table has {size} entries, not a power of two")
         self.table = table
+        self.claimed = 0  # buckets the last claim() claimed
         self._shift = np.uint64(64 - (size.bit_length() - 1))
 
     def buckets(self, sums: npt.NDArray[np.uint32]) -> npt.NDArray[np.int64]:
@@ -68,11 +69,13 @@ class Claims:
         return out
 
     def claim(self, sums: npt.NDArray[np.uint32], count: int, want: int) -> npt.NDArray[np.int64]:
-        """The owner of each checksum, claiming for ``want`` those nobody claimed."""
+        """The owner of each checksum, claiming for ``want`` those nobody claimed (how many:
+        :attr:`claimed`)."""
         out = np.empty(len(sums), np.int64)
+        self.claimed = 0
         if len(sums):
             assert _c_claim is not None
-            _c_claim(self.table, self.buckets(sums), want, count, out)
+            self.claimed = _c_claim(self.table, self.buckets(sums), want, count, out)
         return out
 
     def give(self, buckets: npt.NDArray[np.int64], count: int, giver: int, taker: int) -> int:

@@ -929,24 +929,28 @@ class Scanner:
         row[self.index] += unchanged
         if not len(sums):
             return
+        # What each scanner is to merge beyond what it hashed: what it owns of the
+        # pages the others met.  First touch alone keeps that near 0 for everyone.
+        rows = self.loads[:count, :count]
+        load = (rows.sum(axis=0) - rows.sum(axis=1)).astype(np.float64)
+        others = load.copy()
+        others[self.index] = np.inf
+        gap = load[self.index] - others.min()
+        if gap <= max(64.0, float(rows.sum()) / 64):
+            owners = self.claims.claim(sums, count, self.index)  # all for itself
+            self.claimed |= self.claims.claimed > 0
+            row[:count] += np.bincount(owners, minlength=count)[:count]
+            return
         uniq, pages = np.unique(sums, return_counts=True)
         owners = self.claims.owners(uniq, count)
         free = np.flatnonzero(owners < 0)
         if len(free):
-            # What each scanner is to merge beyond what it hashed: what it owns of the
-            # pages the others met.  First touch alone keeps that near 0 for everyone.
-            rows = self.loads[:count, :count]
-            load = (rows.sum(axis=0) - rows.sum(axis=1)).astype(np.float64)
             order = free[np.argsort(pages[free], kind="stable")]  # fewest pages first: fine steps
             want = np.full(len(order), self.index, np.int64)
-            others = load.copy()
-            others[self.index] = np.inf
-            gap = load[self.index] - others.min()
-            if gap > max(64.0, float(rows.sum()) / 64):
-                # Half the gap to the least loaded levels the two.
-                give = np.flatnonzero(np.cumsum(pages[order]) <= gap / 2)
-                if len(give):
-                    want[give] = _water_fill(others, pages[order[give]])
+            # Half the gap to the least loaded levels the two.
+            give = np.flatnonzero(np.cumsum(pages[order]) <= gap / 2)
+            if len(give):
+                want[give] = _water_fill(others, pages[order[give]])
             for j in np.unique(want).tolist():
                 at = order[want == j]
                 owners[at] = self.claims.claim(uniq[at], count, j)

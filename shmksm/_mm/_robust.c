@@ -836,7 +836,7 @@ done:
 }
 
 /* claim(table, buckets, want, tag, out): the owner of each bucket of content claims,
- * claiming the unclaimed ones for ``want``.  An entry is tag << 8 | (owner + 1), 0 never
+ * claiming the unclaimed ones for ``want``; returns how many it claimed.  An entry is tag << 8 | (owner + 1), 0 never
  * claimed; one whose tag is not ``tag`` is stale and is claimed anew.  Compare and swap:
  * of two processes claiming one bucket at once, one wins and both see its owner. */
 static PyObject *
@@ -881,6 +881,7 @@ bulk_claim(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
             goto done;
         }
     uint16_t mine = (uint16_t)(tag << 8 | (want + 1));
+    Py_ssize_t claimed = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint16_t *entry = &table[buckets[i]];
         uint16_t cur = __atomic_load_n(entry, __ATOMIC_ACQUIRE);
@@ -891,11 +892,12 @@ bulk_claim(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
             }
             if (__atomic_compare_exchange_n(entry, &cur, mine, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
                 out[i] = want;
+                claimed++;
                 break;
             }
         }
     }
-    result = Py_NewRef(Py_None);
+    result = PyLong_FromSsize_t(claimed);
 done:
     PyBuffer_Release(&out_buf);
     PyBuffer_Release(&bucket_buf);
@@ -991,10 +993,11 @@ static PyMethodDef module_methods[] = {
      "outside the guest.  A run whose PTEs changed since the look taken first is\n"
      "left to the caller with every run after it."},
     {"claim", (PyCFunction)(void (*)(void))bulk_claim, METH_FASTCALL,
-     "claim(table, buckets, want, tag, out) -> None\n--\n\n"
+     "claim(table, buckets, want, tag, out) -> int\n--\n\n"
      "out[i] = the owner of bucket buckets[i] of ``table`` (uint16 entries tag << 8 |\n"
      "(owner + 1)), claiming it for ``want`` by compare-and-swap where its entry is 0 or\n"
-     "of another tag.  ``buckets`` and ``out`` int64, of one length."},
+     "of another tag; the number of entries it claimed.  ``buckets`` and ``out`` int64, of\n"
+     "one length."},
     {"give", (PyCFunction)(void (*)(void))bulk_give, METH_FASTCALL,
      "give(table, buckets, tag, giver, taker) -> int\n--\n\n"
      "Hand each bucket of ``buckets`` (int64) that ``giver`` owns under ``tag`` to ``taker``,\n"

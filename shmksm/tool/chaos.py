@@ -259,10 +259,17 @@ class _Campaign:
         if role == "guest":
             index = self.workers.index(worker)
             guest = self.guests[index]
+            if worker.process.exitcode is not None and not worker.died and guest.alive:
+                # It ended by itself (it sent a result or an error): no death, so no
+                # exit_mmap by the reaper; its address space goes here.
+                self.machine.remove_guest(guest)
             deadline = time.monotonic() + self.cfg.hang_seconds
             while guest.alive:  # the reaper tears the address space down
                 if time.monotonic() > deadline:
-                    raise Hang(f"guest {guest.id}'s address space was not torn down in {self.cfg.hang_seconds:g} s")
+                    raise Hang(f"guest {guest.id}'s address space was not torn down in {self.cfg.hang_seconds:g} s "
+                               f"(its process {worker.pid}: exit status {worker.process.exitcode}, "
+                               f"{worker.outcome()}; deaths waiting for recovery: "
+                               f"{[(w.name, sig, gids) for w, sig, gids in self.machine._unrecovered]})")
                 time.sleep(0.005)
             self.start_guest(index)
         elif role == "ksmd":
@@ -299,6 +306,10 @@ class _Campaign:
             worker.kill(signal.SIGKILL)
             worker.process.join(cfg.hang_seconds)
             report.kills[role] += 1
+            if worker.process.exitcode is not None and not worker.died:
+                report.unexpected_exits += 1
+                report.errors.append(f"{role} {worker.name} (pid {worker.pid}) ended by itself as it was killed: "
+                                     f"{worker.outcome()}")
             dog.begin(f"restarting {role} after killing pid {worker.pid}")
             self.restart(role, worker)
             self.check(f"after killing {role} pid {worker.pid}")
