@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ._mm import segments
+from ._mm import control, segments
 from ._mm.mmu_notifier import ERAS
 from .errors import ShmksmError, UsageError
 
@@ -155,6 +155,8 @@ _FORMAT_OPTION = click.option(
               help="Mappings per KSM page (max_page_sharing).")
 @click.option("--use-zero-pages", is_flag=True, help="Map empty pages to the zero page (use_zero_pages=1).")
 @click.option("--smart-scan/--no-smart-scan", default=True, show_default=True, help="smart_scan.")
+@click.option("--scanners", type=click.IntRange(1, control.MAX_SCANNERS), default=1, show_default=True,
+              help="Scanner processes merging in parallel: shmksm's own knob (the kernel has one ksmd).")
 @click.option("--until", type=click.Choice(["converged"]), default="converged", show_default=True,
               help="Run until pages_shared, pages_sharing and ksm_zero_pages stay the same for --stable-scans "
                    "full scans.")
@@ -173,7 +175,7 @@ _FORMAT_OPTION = click.option(
 @_map_options
 @friendly
 def run(images: tuple[str, ...], image_format: str, scenario: str | None, guests: int, pages_to_scan: int,
-        sleep_millisecs: int, max_page_sharing: int, use_zero_pages: bool, smart_scan: bool, until: str,
+        sleep_millisecs: int, max_page_sharing: int, use_zero_pages: bool, smart_scan: bool, scanners: int, until: str,
         stable_scans: int, scans: int | None, seconds: float | None, timeout: float, json_out: str | None,
         csv_out: str | None, plot: str | None, explain_pages: bool, map_path: str | None,
         map_every: float | None) -> None:
@@ -207,7 +209,7 @@ def run(images: tuple[str, ...], image_format: str, scenario: str | None, guests
     _check_map(map_path, map_every)
     knobs = {"pages_to_scan": pages_to_scan, "sleep_millisecs": sleep_millisecs,
              "max_page_sharing": max_page_sharing, "use_zero_pages": int(use_zero_pages),
-             "smart_scan": int(smart_scan)}
+             "smart_scan": int(smart_scan), "scanners": scanners}
     with tempfile.TemporaryDirectory(prefix="shmksm-scenario-") as tmp:
         paths = list(images) if images else write_mix(tmp, guests, MIXES[str(scenario)])
         report = run_images(paths, knobs=knobs, stable_scans=stable_scans, max_scans=scans,
@@ -234,6 +236,9 @@ def run(images: tuple[str, ...], image_format: str, scenario: str | None, guests
         c = report["converged"]
         click.echo(f"converged at full scan {c['full_scans']} after {c['seconds']} s "
                    f"({c['ksmd_cpu_seconds']} ksmd CPU-s)")
+        if scanners > 1:
+            click.echo("scanners: " + ", ".join(f"{'ksmd' + (str(i) if i else '')} {s['cpu_seconds']} CPU-s"
+                                                for i, s in enumerate(report["scanners"])))
         _echo_map(report.get("map"))
         if explain_pages:
             from .tool.explain import explanation_lines

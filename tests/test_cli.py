@@ -162,6 +162,8 @@ BAD_INPUTS = [
     ("max-page-sharing-1", ["run", "--image", "{good}", "--max-page-sharing", "1"], 2, "--max-page-sharing"),
     ("estimate-max-page-sharing-1", ["estimate", "{good}", "--max-page-sharing", "1"], 2, "--max-page-sharing"),
     ("scans-0", ["run", "--image", "{good}", "--scans", "0"], 2, "--scans"),
+    ("scanners-0", ["run", "--image", "{good}", "--scanners", "0"], 2, "--scanners"),
+    ("scanners-17", ["run", "--image", "{good}", "--scanners", "17"], 2, "--scanners"),
     ("guests-0", ["run", "--scenario", "default", "--guests", "0"], 2, "--guests"),
     ("guest-larger-than-a-machine", ["stress", "--guests", "1", "--pages", "33554433"], 2,
      "at most 33554432 pages"),
@@ -244,6 +246,19 @@ def assert_converged_at_the_second_full_scan(report: dict[str, Any]) -> None:
     final = tuple(report["ksm"][k] for k in SETTLE_KEYS)
     first = next(e for e in timeline if tuple(e[k] for k in SETTLE_KEYS) == final)
     assert first["full_scans"] >= 1, timeline
+
+
+def test_run_with_two_scanners_reaches_the_counters_of_one(tmp_path: Path) -> None:
+    reports = []
+    for scanners in (1, 2):
+        proc = run_cli("run", "--scenario", "default", "--guests", 2, "--pages-to-scan", 2000, "--sleep-millisecs", 0,
+                       "--scanners", scanners, "--json", "-", "--timeout", 90, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        reports.append(json.loads(proc.stdout))
+    one, two = reports
+    assert len(one["scanners"]) == 1 and len(two["scanners"]) == 2
+    assert all(s["cpu_seconds"] > 0 and s["pages_scanned"] > 0 for s in two["scanners"])
+    assert {k: two["ksm"][k] for k in SETTLE_KEYS} == {k: one["ksm"][k] for k in SETTLE_KEYS}
 
 
 def test_run_a_scenario_with_json_csv_and_plot(tmp_path: Path) -> None:
