@@ -268,7 +268,7 @@ class _Campaign:
                 if time.monotonic() > deadline:
                     raise Hang(f"guest {guest.id}'s address space was not torn down in {self.cfg.hang_seconds:g} s "
                                f"(its process {worker.pid}: exit status {worker.process.exitcode}, "
-                               f"{worker.outcome()}; deaths waiting for recovery: "
+                               f"{worker.outcome()}, reaped {worker.reaped}; deaths waiting for recovery: "
                                f"{[(w.name, sig, gids) for w, sig, gids in self.machine._unrecovered]})")
                 time.sleep(0.005)
             self.start_guest(index)
