@@ -92,6 +92,16 @@ def refuse_unguarded_main(start_method: str | None) -> None:
     """
     if start_method == "fork" or multiprocessing.parent_process() is not None:
         return
+    main = sys.modules.get("__main__")
+    main_path = getattr(main, "__file__", None)
+    if getattr(getattr(main, "__spec__", None), "name", None) is None and main_path is not None:
+        # What multiprocessing's spawn gives each worker to import again: a path that is no file
+        # ("<stdin>": a program piped to python) makes every worker fail as it starts.
+        full = os.path.join(multiprocessing.process.ORIGINAL_DIR or "", main_path)  # type: ignore[attr-defined]
+        if not os.path.isfile(full):
+            raise UsageError(f"Machine() runs in a program that is not a file ({main_path!r}, as python reads "
+                             f"standard input): each worker process imports the main program again and could "
+                             f"not; save it to a file, with the machine under 'if __name__ == \"__main__\":'")
     frame = _main_frame("__main__")
     path = frame.f_code.co_filename if frame is not None else ""
     if frame is None or not path.endswith(".py"):

@@ -98,6 +98,14 @@ def test_a_worker_that_imports_the_unguarded_script_says_the_same_line(tmp_path:
     assert any("exited at start" in line for line in said), out  # the host
 
 
+def test_a_program_piped_to_python_is_refused_before_any_worker_fails(tmp_path: Path) -> None:
+    """``python - < script``: the workers could not import the main program again (it is no file)."""
+    proc = subprocess.run([sys.executable, "-"], input=GUARDED, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, check=False)
+    out = assert_short_and_clear(proc, "UsageError", "standard input", "save it to a file")
+    assert "done" not in out and "FileNotFoundError" not in out
+
+
 def test_the_guarded_script_runs(tmp_path: Path) -> None:
     proc = run_script(tmp_path, GUARDED)
     assert proc.returncode == 0, proc.stderr
