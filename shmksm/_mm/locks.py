@@ -399,4 +399,45 @@ def stop_the_world(locks: LockTable, timeout: float | None = None) -> Iterator[i
 def default_context() -> BaseContext:
     """The start method shmksm uses for every worker: forkserver where available."""
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    return _ForkServerContext() if "forkserver" in methods else multiprocessing.get_context("spawn")
+
+
+if "forkserver" in multiprocessing.get_all_start_methods():
+    import threading
+    from multiprocessing import context as _mp_context
+    from multiprocessing import forkserver as _forkserver
+    from multiprocessing import popen_forkserver
+    from multiprocessing.connection import wait as _wait
+
+    _STATUS_LOCK = threading.Lock()
+
+    class _Popen(popen_forkserver.Popen):
+        """The forkserver's Popen, its exit status read once.
+
+        The forkserver writes a worker's status once on the worker's sentinel
+        and closes it.  CPython's poll() reads it in every thread that finds
+        the sentinel ready: when two do at once (the reaper thread and a
+        join), the second reads the end of the pipe and may set 255 over
+        the first's true status.  Here the read is done under a lock, by
+        the first thread only.
+        """
+
+        def poll(self, flag: int = os.WNOHANG) -> int | None:
+            if self.returncode is None:
+                if not _wait([self.sentinel], 0 if flag == os.WNOHANG else None):
+                    return None
+                with _STATUS_LOCK:
+                    if self.returncode is None:
+                        try:
+                            self.returncode = _forkserver.read_signed(self.sentinel)
+                        except (OSError, EOFError):
+                            self.returncode = 255  # the forkserver itself is gone
+            return self.returncode
+
+    class _ForkServerProcess(_mp_context.ForkServerProcess):
+        @staticmethod
+        def _Popen(process_obj: Any) -> _Popen:
+            return _Popen(process_obj)
+
+    class _ForkServerContext(_mp_context.ForkServerContext):
+        Process = _ForkServerProcess
