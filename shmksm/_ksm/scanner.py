@@ -177,6 +177,12 @@ def _water_fill(load: npt.NDArray[np.float64], pages: npt.NDArray[np.int64]) -> 
     return out
 
 
+def _spread(keys: npt.NDArray[np.uint64], count: int) -> npt.NDArray[np.uint64]:
+    """The scanner each key (a checksum or a page-table run) goes to by hash, of ``count``."""
+    out: npt.NDArray[np.uint64] = ((keys * _OWNER_MULT) >> _OWNER_SHIFT) % np.uint64(count)
+    return out
+
+
 def partition_of(system: System, gid: int) -> Partition:
     """The partition of guest ``gid``: which stable and unstable tree its pages go on.
 
@@ -641,7 +647,7 @@ class Scanner:
             merged.append(b[ksm_page])
             runs = (pages >> _FIRST_VISIT_SHIFT).astype(np.uint64)
             buckets.append(b[~ksm_page])
-            local.append((((runs * _OWNER_MULT) >> _OWNER_SHIFT) % np.uint64(count) == self.index)[~ksm_page])
+            local.append((_spread(runs, count) == self.index)[~ksm_page])
         for trees in self.trees.values():
             st = trees.stable
             live = st.kpfn[:st.next_id] >= 0
@@ -892,10 +898,10 @@ class Scanner:
             return np.full(len(pages), slot.partition[0] % self.count == self.index)
         sums = slot.checksum[pages]
         runs = (pages >> _FIRST_VISIT_SHIFT).astype(np.uint64)
-        by_run = ((runs * _OWNER_MULT) >> _OWNER_SHIFT) % np.uint64(self.count)
+        by_run = _spread(runs, self.count)
         if self.claims is None:
             key = np.where(sums != 0, sums.astype(np.uint64), runs)
-            mine: npt.NDArray[np.bool_] = ((key * _OWNER_MULT) >> _OWNER_SHIFT) % np.uint64(self.count) == self.index
+            mine: npt.NDArray[np.bool_] = _spread(key, self.count) == self.index
             return mine
         owner = by_run.astype(np.int64)
         hashed = np.flatnonzero(sums != 0)
@@ -1021,7 +1027,8 @@ class Scanner:
         changed = old != low
         slot.state[pages[changed & (old != 0)]] = VOLATILE  # 0: a new item's, as the kernel's oldchecksum
         slot.checksum[pages] = low
-        self._claim(low[changed], len(pages) - int(changed.sum()))
+        if self.count > 1:
+            self._claim(low[changed], len(pages) - int(changed.sum()))
         if not len(steady):
             return
         use_zero = self._use_zero_pages(mitigation)
@@ -1081,7 +1088,7 @@ class Scanner:
         state, node, old_sums = slot.state_v, slot.node_v, slot.checksum_v
         flat = self.frames.flat
         use_zero = max_sharing = -1
-        recorded: list[int] = []  # checksums recorded, claimed at the end
+        recorded: list[int] | None = [] if self.count > 1 else None  # checksums recorded, claimed at the end
         for page in pages:
             pte = pv[page]
             pfn = pte & PFN_MASK
@@ -1101,7 +1108,8 @@ class Scanner:
             old = old_sums[page]
             if old != low:
                 old_sums[page] = low
-                recorded.append(low)
+                if recorded is not None:
+                    recorded.append(low)
                 if old:  # 0: a new item's, as the kernel's oldchecksum
                     state[page] = VOLATILE
                 continue
@@ -1109,7 +1117,8 @@ class Scanner:
                 use_zero = self._use_zero_pages(mitigation)
                 max_sharing = self.system.get("max_page_sharing")
             self.cmp_and_merge_page(slot, page, pfn, key, use_zero, max_sharing)
-        self._claim(np.array(recorded, np.uint32), len(pages) - len(recorded))
+        if recorded is not None:
+            self._claim(np.array(recorded, np.uint32), len(pages) - len(recorded))
 
     def _use_zero_pages(self, mitigation: int) -> int:
         """Whether empty pages go to the zero page: use_zero_pages, or mitigation "domains".
