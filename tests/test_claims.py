@@ -52,6 +52,24 @@ def test_claims_made_for_another_number_of_scanners_are_stale() -> None:
     assert c.owners(np.array([5], np.uint32), 3).tolist() == [2]
 
 
+def test_page_owners_reads_the_claims_and_sends_unhashed_pages_by_their_run() -> None:
+    c = table()
+    rng = np.random.default_rng(7)
+    checksums = rng.integers(1, 1 << 32, 20000, dtype=np.uint64).astype(np.uint32)
+    checksums[::5] = 0  # never hashed
+    c.claim(checksums[1::3][checksums[1::3] != 0], 3, 2)
+    c.claim(checksums[2::3][checksums[2::3] != 0], 3, 0)
+    pages = rng.permutation(len(checksums))[:15000]
+    got = c.page_owners(checksums, pages, 3)
+    runs = (pages >> _FIRST_VISIT_SHIFT).astype(np.uint64)
+    by_run = ((runs * _OWNER_MULT) >> _OWNER_SHIFT) % np.uint64(3)
+    want = np.where(checksums[pages] == 0, by_run.astype(np.int64), c.owners(checksums[pages], 3))
+    assert got.tolist() == want.tolist()
+    assert set(got.tolist()) == {-1, 0, 1, 2}  # every case met: unclaimed, claimed by two, by run
+    with pytest.raises(ValueError, match="not in the guest"):
+        c.page_owners(checksums, np.array([len(checksums)]), 3)
+
+
 def test_only_the_owner_gives_a_content_away() -> None:
     c = table()
     sums = np.array([1, 2, 3], np.uint32)

@@ -38,8 +38,9 @@ try:
 
     _c_claim: Any = _robust.claim
     _c_give: Any = _robust.give
+    _c_owners: Any = _robust.owners
 except (ImportError, AttributeError):  # pragma: no cover - no extension, or one built from older source
-    _c_claim = _c_give = None
+    _c_claim = _c_give = _c_owners = None
 
 AVAILABLE: Final = _c_claim is not None
 _MULT: Final = np.uint64(0x9E3779B97F4A7C15)
@@ -66,6 +67,17 @@ class Claims:
         entries = self.table[self.buckets(sums)].astype(np.int64)
         valid = (entries >> 8 == count) & (entries & 0xFF != 0)
         out: npt.NDArray[np.int64] = np.where(valid, (entries & 0xFF) - 1, -1)
+        return out
+
+    def page_owners(self, checksums: npt.NDArray[np.uint32], pages: npt.NDArray[np.intp],
+                    count: int) -> npt.NDArray[np.int64]:
+        """The owner of each of ``pages`` among ``count`` scanners, by its checksum at the last visit
+        (``checksums``: a guest's, by page): :meth:`owners` of the checksum, -1 where nobody
+        claimed it; a page never hashed (checksum 0) by its run of 512 pages, spread by hash.
+        One pass in the extension over what every scanner walks on every page."""
+        out = np.empty(len(pages), np.int64)
+        assert _c_owners is not None
+        _c_owners(self.table, int(self._shift), checksums, np.ascontiguousarray(pages, np.int64), count, out)
         return out
 
     def claim(self, sums: npt.NDArray[np.uint32], count: int, want: int) -> npt.NDArray[np.int64]:

@@ -26,7 +26,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from .._mm import faults
+from .._mm import control, faults
 from .._mm.frames import KSM as FRAME_KSM
 from .._mm.frames import PAGE_SIZE, ZERO_PFN, Frames, FramesPending, with_frames
 from .._mm.pagetable import (
@@ -46,6 +46,7 @@ from .._mm.pagetable import (
 from ..errors import OutOfFrames
 
 ZERO_BYTES: Final = bytes(PAGE_SIZE)
+ZERO_USED: Final = control.INDEX["ksm_zero_used"]  # set before KSM first maps the zero page
 _NOT_WRITE: Final = ~WRITE
 _KSM_PRESENT: Final = KSM | PRESENT
 _DIRTY_YOUNG: Final = DIRTY | YOUNG
@@ -332,6 +333,7 @@ def replace_pages(table: PageTable, pages: list[int], pfns: list[int],
                 if kpfn == ZERO_PFN:  # use_zero_pages: the zero page, which no one counts
                     if mm[pfn << 12:(pfn + 1) << 12] != ZERO_BYTES:
                         continue
+                    frames.cv[ZERO_USED] = 1
                     new = KSM_ZERO_PTE
                 else:
                     klock = frame_locks[kpfn % nlocks]
@@ -360,6 +362,7 @@ def replace_with_zero_page(table: PageTable, page: int, pfn: int) -> bool:
     pte = write_protect_page(table, page, pfn)
     if not pte or page_bytes(table.frames, pfn) != ZERO_BYTES:
         return False
+    table.frames.cv[ZERO_USED] = 1
     table.set_pte_at_notify(page, KSM_ZERO_PTE)
     table.frames.put(pfn)
     return True

@@ -896,23 +896,20 @@ class Scanner:
         """
         if self.by_node:
             return np.full(len(pages), slot.partition[0] % self.count == self.index)
-        sums = slot.checksum[pages]
-        runs = (pages >> _FIRST_VISIT_SHIFT).astype(np.uint64)
-        by_run = _spread(runs, self.count)
         if self.claims is None:
+            sums = slot.checksum[pages]
+            runs = (pages >> _FIRST_VISIT_SHIFT).astype(np.uint64)
             key = np.where(sums != 0, sums.astype(np.uint64), runs)
             mine: npt.NDArray[np.bool_] = _spread(key, self.count) == self.index
             return mine
-        owner = by_run.astype(np.int64)
-        hashed = np.flatnonzero(sums != 0)
-        if len(hashed):
-            owners = self.claims.owners(sums[hashed], self.count)
+        owner = self.claims.page_owners(slot.checksum, pages, self.count)
+        free = np.flatnonzero(owner < 0)
+        if len(free):
             # A checksum nobody claimed (recorded before the number of scanners
             # changed): the scanner of the page's run claims it now.
-            free = np.flatnonzero((owners < 0) & (by_run[hashed] == self.index))
-            if len(free):
-                owners[free] = self.claims.claim(sums[hashed[free]], self.count, self.index)
-            owner[hashed] = owners
+            runs = (pages[free] >> _FIRST_VISIT_SHIFT).astype(np.uint64)
+            free = free[_spread(runs, self.count) == self.index]
+            owner[free] = self.claims.claim(slot.checksum[pages[free]], self.count, self.index)
         out: npt.NDArray[np.bool_] = owner == self.index
         return out
 

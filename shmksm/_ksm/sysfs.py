@@ -33,7 +33,10 @@ _VMSTAT_NUMA: Final = {"numa_hit": "numa_hit", "numa_miss": "numa_miss", "numa_f
 
 
 def ksm_zero_pages_of(system: System, gid: int) -> int:
-    """PTEs of guest ``gid`` that KSM pointed at the zero page."""
+    """PTEs of guest ``gid`` that KSM pointed at the zero page (none before KSM first did so
+    anywhere: then no PTE is read)."""
+    if not system.get("ksm_zero_used"):
+        return 0
     ptes = system.table(gid).ptes
     want = np.uint64(PRESENT | ZERO | KSM)
     return int(np.count_nonzero((ptes & want) == want))
@@ -351,6 +354,8 @@ class AttachedKsm(KsmFiles):
 
     def _zero_pages(self) -> int:
         total = 0
+        if not self.get("ksm_zero_used"):
+            return total
         want = np.uint64(PRESENT | ZERO | KSM)
         for gid in range(control.MAX_GUESTS):
             if self.ctl[control.GUEST_BASE + control.GUEST_WORDS * gid + control.G_STATE] != control.GUEST_LIVE:

@@ -954,6 +954,84 @@ done:
     return result;
 }
 
+/* owners(table, shift, checksums, pages, count, out): out[i] = the scanner of ``count`` that owns
+ * page pages[i], by the checksum it had at its last visit (checksums[pages[i]], uint32): the claimant
+ * of the checksum's bucket (its top bits after a multiplicative hash: ``shift`` is 64 less the
+ * table's bits), -1 where nobody claimed it for ``count``; a page never hashed (checksum 0) goes by
+ * its run of 512 pages, spread over the scanners by the same hash.  Reads the table without
+ * writing it: what the scanners walk on every page of every guest, in one pass. */
+#define OWNER_MULT 0x9E3779B97F4A7C15ULL
+#define RUN_SHIFT 9
+
+static PyObject *
+bulk_owners(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "owners(table, shift, checksums, pages, count, out) takes 6 arguments");
+        return NULL;
+    }
+    long shift = PyLong_AsLong(args[1]), count = PyLong_AsLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (shift < 1 || shift > 63 || count < 1 || count > 254) {
+        PyErr_SetString(PyExc_ValueError, "owners: shift must be in [1, 63] and count in [1, 254]");
+        return NULL;
+    }
+    Py_buffer table_buf, sums_buf, page_buf, out_buf;
+    if (PyObject_GetBuffer(args[0], &table_buf, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[2], &sums_buf, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&table_buf);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[3], &page_buf, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&sums_buf);
+        PyBuffer_Release(&table_buf);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[5], &out_buf, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&page_buf);
+        PyBuffer_Release(&sums_buf);
+        PyBuffer_Release(&table_buf);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    const uint16_t *table = (const uint16_t *)table_buf.buf;
+    const uint32_t *sums = (const uint32_t *)sums_buf.buf;
+    const int64_t *pages = (const int64_t *)page_buf.buf;
+    int64_t *out = (int64_t *)out_buf.buf;
+    Py_ssize_t n = page_buf.len / 8, size = table_buf.len / 2, npages = sums_buf.len / 4;
+    if (page_buf.len % 8 || out_buf.len != page_buf.len || sums_buf.len % 4) {
+        PyErr_SetString(PyExc_ValueError, "owners: checksums uint32, pages and out int64 of one length");
+        goto done;
+    }
+    if ((size >> (64 - shift)) != 1 || (size & (size - 1))) {
+        PyErr_SetString(PyExc_ValueError, "owners: the table's size is not 2 ** (64 - shift)");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (pages[i] < 0 || pages[i] >= npages) {
+            PyErr_Format(PyExc_ValueError, "owners: page %lld is not in the guest", (long long)pages[i]);
+            goto done;
+        }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t sum = sums[pages[i]];
+        if (sum == 0) {
+            out[i] = (int64_t)((((uint64_t)pages[i] >> RUN_SHIFT) * OWNER_MULT >> 32) % (uint64_t)count);
+            continue;
+        }
+        uint16_t entry = __atomic_load_n(&table[(sum * OWNER_MULT) >> shift], __ATOMIC_ACQUIRE);
+        out[i] = (entry >> 8 == count && (entry & 0xff)) ? (entry & 0xff) - 1 : -1;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&out_buf);
+    PyBuffer_Release(&page_buf);
+    PyBuffer_Release(&sums_buf);
+    PyBuffer_Release(&table_buf);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"set_xxh3", (PyCFunction)set_xxh3, METH_O,
      "set_xxh3(address) -> None\n--\n\n"
@@ -998,6 +1076,13 @@ static PyMethodDef module_methods[] = {
      "(owner + 1)), claiming it for ``want`` by compare-and-swap where its entry is 0 or\n"
      "of another tag; the number of entries it claimed.  ``buckets`` and ``out`` int64, of\n"
      "one length."},
+    {"owners", (PyCFunction)(void (*)(void))bulk_owners, METH_FASTCALL,
+     "owners(table, shift, checksums, pages, count, out) -> None\n--\n\n"
+     "out[i] = the owner among ``count`` scanners of page pages[i], by its checksum\n"
+     "checksums[pages[i]] (uint32): the claimant of its bucket of ``table`` (the top\n"
+     "64 - ``shift`` bits of checksum * 0x9E3779B97F4A7C15), -1 if none; checksum 0: by\n"
+     "the page's run of 512 pages, (run * 0x9E3779B97F4A7C15 >> 32) % count.  ``pages``\n"
+     "and ``out`` int64, of one length."},
     {"give", (PyCFunction)(void (*)(void))bulk_give, METH_FASTCALL,
      "give(table, buckets, tag, giver, taker) -> int\n--\n\n"
      "Hand each bucket of ``buckets`` (int64) that ``giver`` owns under ``tag`` to ``taker``,\n"

@@ -104,6 +104,9 @@ _INTERNAL: Final = (
     # entries between them are pending), under the allocator lock.
     "deferred_head",
     "deferred_tail",
+    # 1 once KSM has mapped the zero page anywhere (use_zero_pages), set before
+    # the first such PTE: until then ksm_zero_pages is 0 without reading a PTE.
+    "ksm_zero_used",
 )
 
 FIELDS: Final[tuple[str, ...]] = tuple(KNOB_DEFAULTS) + COUNTERS + _INTERNAL
