@@ -216,6 +216,16 @@ def parallel(total_pages: int, guests: int = 8, scanner_counts: tuple[int, ...] 
     out["projected_speedup"] = {n: round(n * own / (own + (n - 1) * serial), 2) for n in (2, 4, 8, 12, 16)}
     # ... and no faster than the busiest scanner's share of the work allows
     out["balance_limit"] = round(1 / two["busiest_cpu_share"], 2)
+    # On a shared machine a run's speed moves by several per cent from one run to the
+    # next: each round's runs of k scanners against its own run of one, and the best
+    # run of each (the least disturbed), beside the medians.
+    out["rounds"] = [{"rate_ratio": round(b["pages_per_wall_second"] / a["pages_per_wall_second"], 3),
+                      "cpu_per_page_ratio": round(b["cpu_us_per_page"] / a["cpu_us_per_page"], 3)}
+                     for a, b in zip(one["runs"], two["runs"], strict=True)]
+    out["best_rate_ratio"] = round(max(r["pages_per_wall_second"] for r in two["runs"])
+                                   / max(r["pages_per_wall_second"] for r in one["runs"]), 3)
+    out["best_cpu_per_page_ratio"] = round(min(r["cpu_us_per_page"] for r in two["runs"])
+                                           / min(r["cpu_us_per_page"] for r in one["runs"]), 3)
     return out
 
 
@@ -313,6 +323,9 @@ def main() -> int:
         print(f"  2 vs 1: {r['rate_ratio']}x pages/wall-s (target >= 1.7), {r['cpu_per_page_ratio']}x CPU/page "
               f"(target <= 1.15); converged {r['converge_wall_ratio']}x as fast; the busiest scanner's share of "
               f"the work alone limits 2 scanners to {r['balance_limit']}x")
+        print("  each round, 2 vs 1 of the same round: "
+              + "; ".join(f"{x['rate_ratio']}x, {x['cpu_per_page_ratio']}x" for x in r["rounds"])
+              + f"; best run of each: {r['best_rate_ratio']}x pages/wall-s, {r['best_cpu_per_page_ratio']}x CPU/page")
         print(f"  serial part {r['serial_us_per_page']} CPU-us/page (repeated by every scanner); per-scanner "
               f"{r['per_scanner_pages_per_cpu_second']:,} pages/CPU-s at 2; projected speedup on N free cores: "
               + ", ".join(f"{n}: {x}x" for n, x in r["projected_speedup"].items()) + " (PageONE: 13.7x on 12)")
