@@ -917,11 +917,13 @@ def cleanup() -> None:
 @click.option("--pages", type=click.IntRange(16, 4096), default=64, show_default=True, help="Pages per guest.")
 @click.option("--hang-seconds", type=float, default=30, show_default=True, callback=_positive,
               help="The watchdog's bound: a step or a guest that makes no progress this long is a hang.")
+@click.option("--scanners", type=click.IntRange(1, control.MAX_SCANNERS), default=1, show_default=True,
+              help="Parallel scanners (shmksm's own knob scanners); the ksmd role kills one of them.")
 @click.option("--json", "json_out", default=None, is_flag=False, flag_value="-", metavar="[FILE]",
               help="Write the report as JSON (to stdout without FILE, or with '-').")
 @friendly
 def chaos(kills: int, seconds: float, seed: int, roles: str, guests: int, pages: int, hang_seconds: float,
-          json_out: str | None) -> None:
+          scanners: int, json_out: str | None) -> None:
     """Fault-injection campaign: SIGKILL random processes of every role, restart them, check, verify.
 
     Guests write and verify shared content, ksmd merges (sleep_millisecs 0), a
@@ -933,7 +935,7 @@ def chaos(kills: int, seconds: float, seed: int, roles: str, guests: int, pages:
     from .tool.chaos import ChaosConfig, roles_option, run_chaos
 
     cfg = ChaosConfig(kills=kills, seconds=seconds, seed=seed, roles=roles_option(roles), guests=guests, pages=pages,
-                      hang_seconds=hang_seconds)
+                      hang_seconds=hang_seconds, scanners=scanners)
     out = _open_output(json_out) if json_out else None
     report = run_chaos(cfg)
     if out is not None:

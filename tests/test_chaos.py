@@ -39,6 +39,15 @@ def test_a_short_campaign_of_every_role_loses_nothing() -> None:
     _assert_clean(report.as_dict())
 
 
+def test_killing_one_of_two_parallel_scanners_at_a_time_loses_nothing() -> None:
+    result = CliRunner().invoke(main, ["chaos", "--scanners", "2", "--kills", "10", "--seconds", "20", "--seed", "5",
+                                       "--roles", "guest,ksmd", "--json"], prog_name="shmksm")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["kills"]["ksmd"] >= 2, report["kills"]
+    _assert_clean(report)  # the two scanners converged to the ideal counters at the end
+
+
 def test_the_command_reports_json_and_a_table() -> None:
     result = CliRunner().invoke(main, ["chaos", "--kills", "6", "--seconds", "15", "--seed", "3", "--roles",
                                        "guest,ksmd", "--json"], prog_name="shmksm")
@@ -53,7 +62,8 @@ def test_the_command_reports_json_and_a_table() -> None:
         assert word in table.output
 
 
-@pytest.mark.parametrize("args", [["--roles", "nobody"], ["--kills", "-1"], ["--guests", "1"], ["--seconds", "0"]])
+@pytest.mark.parametrize("args", [["--roles", "nobody"], ["--kills", "-1"], ["--guests", "1"], ["--seconds", "0"],
+                                  ["--scanners", "0"]])
 def test_bad_options_are_one_line_usage_errors(args: list[str]) -> None:
     result = CliRunner().invoke(main, ["chaos", *args], prog_name="shmksm")
     assert result.exit_code == 2

@@ -38,7 +38,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from .._mm import segments
+from .._mm import control, segments
 from ..errors import CheckError, LockTimeout, ProcessDied, ShmksmError, UsageError
 from ..machine import Guest, Machine, Worker
 from ..workers import guest_chaos
@@ -59,6 +59,7 @@ class ChaosConfig:
     guests: int = 4
     pages: int = 64
     hang_seconds: float = 30.0
+    scanners: int = 1
     min_interval: float = 0.05
     max_interval: float = 0.4
 
@@ -72,6 +73,8 @@ class ChaosConfig:
             raise UsageError(f"the campaign runs 2 to 16 guests, not {self.guests}")
         if not 16 <= self.pages <= 4096:
             raise UsageError(f"the campaign's guests have 16 to 4096 pages, not {self.pages}")
+        if not 1 <= self.scanners <= control.MAX_SCANNERS:
+            raise UsageError(f"the campaign runs 1 to {control.MAX_SCANNERS} scanners, not {self.scanners}")
 
 
 @dataclass
@@ -249,7 +252,10 @@ class _Campaign:
         if role == "guest":
             return self.rng.choice(self.workers)
         if role == "ksmd":
-            return m.ksmd
+            if self.cfg.scanners == 1:
+                return m.ksmd
+            alive = [w for w in m.scanner_workers() if w.is_alive()]
+            return self.rng.choice(alive) if alive else m.ksmd
         if role == "broker":
             return m.broker
         return self.shadow.worker if self.shadow is not None else None
@@ -327,6 +333,8 @@ class _Campaign:
         for role in ROLES:
             if role == "guest":
                 fallen = [w for w in self.workers if w.process.exitcode is not None]
+            elif role == "ksmd":
+                fallen = [w for w in self.machine.scanner_workers() if w.process.exitcode is not None]
             else:
                 w = self.victim(role)
                 fallen = [w] if w is not None and w.process.exitcode is not None else []
@@ -377,7 +385,7 @@ class _Campaign:
         # pages did) for up to 8 scans at a time: counters that stay the same
         # for a few scans would not mean that every page was looked at.
         m.ksm.smart_scan = 0
-        if m.ksmd is None or not m.ksmd.is_alive():
+        if not m.scanner_workers() or not all(w.is_alive() for w in m.scanner_workers()):
             m.start_ksmd()
         c = m.wait_converged(timeout=cfg.hang_seconds * 2)
         report.counters = {k: c[k] for k in ("pages_shared", "pages_sharing", "pages_unshared", "full_scans")}
@@ -395,7 +403,7 @@ def run_chaos(cfg: ChaosConfig) -> ChaosReport:
     frames = cfg.guests * cfg.pages * 4 + 256
     try:
         with Machine(frames=frames, sleep_millisecs=0, pages_to_scan=cfg.guests * cfg.pages // 4 + 16,
-                     lock_timeout=cfg.hang_seconds, stack_dir=stack_dir) as machine:
+                     scanners=cfg.scanners, lock_timeout=cfg.hang_seconds, stack_dir=stack_dir) as machine:
             prefix = machine.system.spec.prefix
             campaign = _Campaign(cfg, machine, stack_dir, report)
             try:
