@@ -299,6 +299,8 @@ class Ksm(KsmFiles):
         return self._system.locks.stat
 
     def _zero_pages(self) -> int:
+        if not self._system.get("ksm_zero_used"):
+            return 0
         return sum(ksm_zero_pages_of(self._system, g) for g in self._system.live_guests())
 
     def _unmerge_here(self) -> Callable[[], None] | None:
