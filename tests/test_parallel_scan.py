@@ -24,6 +24,7 @@ from shmksm.workers import guest_random
 
 import shmksm
 from shmksm import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE
+from shmksm._ksm.scanner import Scanner, ScannerWords
 from shmksm._mm.locks import process_state
 from shmksm.tool.images import Mix, write_mix
 from shmksm.tool.images import ideal as ideal_of_images
@@ -306,3 +307,17 @@ def test_a_scanner_does_not_wait_for_a_stopped_or_killed_one_for_good(how: str) 
         c = machine.wait_converged(timeout=120)
         assert (c["pages_shared"], c["pages_sharing"]) == ideal([k for ks in keys for k in ks], 256)
         machine.check()
+
+
+def test_a_scanner_that_starts_shows_its_pid_with_the_pass_the_others_are_in() -> None:
+    # Until its pid shows the others do not wait for it, and may run pass after pass
+    # ahead of it; each pass it then made to catch up counted as a full scan of the
+    # machine in which they looked at nothing (the counters settled early).
+    with shmksm.Machine(frames=256, ksmd=False, scanners=2) as m:
+        first = ScannerWords(m.system, 0)
+        first.set("scanner_pid", os.getpid())
+        first.set("full_scans", 41)
+        second = Scanner(m.system, 1, pid=os.getpid())
+        words = ScannerWords(m.system, 1)
+        assert (words.get("scanner_pid"), words.get("full_scans"), second.full_scans) == (os.getpid(), 41, 41)
+        assert Scanner(m.system, 1).words.get("scanner_pid") == 0  # a test's scanner runs in no process of its own

@@ -72,9 +72,8 @@ def ksmd(system: System, started_ns: int = 0, index: int = 0) -> dict[str, int]:
     ``started_ns`` is the host's time.monotonic_ns() at spawn, to report start-up time.
     """
     get = system.get
-    scanner = Scanner(system, index)
+    scanner = Scanner(system, index, pid=os.getpid())
     own = scanner.words
-    own.set("scanner_pid", os.getpid())
     if started_ns:
         own.set("scanner_startup_ns", time.monotonic_ns() - started_ns)
     own.fold()

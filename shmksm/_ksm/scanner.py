@@ -468,10 +468,12 @@ class Scanner:
     """ksmd's state and algorithm, in the scanner process (or a test's).
 
     ``index`` is this scanner's among the ``scanners`` that run in parallel:
-    it merges the pages it owns (:meth:`_owns`).
+    it merges the pages it owns (:meth:`_owns`).  ``pid``: the process it runs
+    in, published in its entry as it starts (ksmd's; a test driving scanners
+    itself leaves it 0, and no scanner waits for another).
     """
 
-    def __init__(self, system: System, index: int = 0) -> None:
+    def __init__(self, system: System, index: int = 0, pid: int = 0) -> None:
         self.system = system
         self.index = index
         self.count = 1  # scanners running, as of the last batch
@@ -506,6 +508,16 @@ class Scanner:
             if name not in ("scanner_unmerges", "scanner_startup_ns"):
                 words.set(name, 0)
         words.set("full_scans", self.full_scans)
+        if pid:
+            # Running from now on: the others wait for it between passes.  Until its pid
+            # shows, they do not, and with passes of a few hundred pages they could be
+            # many passes ahead by the time it does; it would then catch up pass after
+            # pass while they wait, and each of those would count as a full scan of the
+            # machine (the folded full_scans is the slowest scanner's) in which they
+            # looked at nothing.  So it takes their pass again once it shows.
+            words.set("scanner_pid", pid)
+            self.full_scans = max(self.full_scans, min(words.others_full_scans(), default=self.full_scans))
+            words.set("full_scans", self.full_scans)
         words.set("scanner_unmerges", max(words.get("scanner_unmerges"), system.get("scanner_unmerges")))
         self.rmap_items = 0
         self.scan_started = time.monotonic()
