@@ -1079,7 +1079,7 @@ class Scanner:
             slot.state[fast_pages] = UNSTABLE
             self.pages_unshared += len(fast)
         self._merge_slow(slot, pages[steady[slow]].tolist(), pfns[steady[slow]].tolist(),
-                         keys[slow].tolist(), use_zero, max_sharing)
+                         keys[slow], use_zero, max_sharing)
 
     def _scan_page_by_page(self, slot: MmSlot, pages: list[int], mitigation: int) -> None:
         """_scan_pages for a small batch, one page after the other, in scalar operations.
@@ -1138,48 +1138,53 @@ class Scanner:
         """
         return self.system.get("use_zero_pages") or int(mitigation == MITIGATION_DOMAINS)
 
-    def _merge_slow(self, slot: MmSlot, pages: list[int], pfns: list[int], keys: list[int],
+    def _merge_slow(self, slot: MmSlot, pages: list[int], pfns: list[int], keys: npt.NDArray[np.uint64],
                     use_zero: int, max_sharing: int) -> None:
-        """cmp_and_merge_page for each page, in order; pages that hit a stable dup with room
-        are merged into it together (ksm.replace_pages): at the end of the batch when the
+        """cmp_and_merge_page for each page, content by content; pages that hit a stable dup with
+        room are merged into it together (ksm.replace_pages): at the end of the batch when the
         dup has room for every page of their content left in it (nothing else in the
-        batch can change that dup), else as soon as the first is met."""
+        batch can change that dup), else as soon as the first is met.
+
+        The pages of one content go in their order.  Contents go one after the other, in
+        the order of their first pages: what is done for one content (its dups, its
+        unstable tree entry, its pages) is nothing another content reads, so that is the
+        order of the pages as far as any outcome can tell, without a step per page for a
+        content of many (the empty page's: thousands a batch)."""
         trees = slot.trees
         st = trees.stable
-        # Indices of each content, in order; a page is done once its content's
-        # cursor has passed it.
-        same_key: dict[int, list[int]] = {}
-        for i, key in enumerate(keys):
-            same_key.setdefault(key, []).append(i)
-        cursor = dict.fromkeys(same_key, 0)
+        _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+        by_content = np.argsort(inverse, kind="stable")
+        ends = np.cumsum(counts)
+        key_list = keys.tolist()
         end_index: list[int] = []  # pages merged at the end of the batch, and their nodes
         end_nid: list[int] = []
         pairs: list[tuple[int, int, int, MmSlot, int, int]] = []
-        for i, key in enumerate(keys):
-            at = cursor[key]
-            indices = same_key[key]
-            if at >= len(indices) or indices[at] != i:
-                continue  # merged already, with an earlier page of its content
+        for u in np.argsort(first, kind="stable").tolist():
+            indices = by_content[ends[u] - counts[u]:ends[u]].tolist()
+            key = key_list[indices[0]]
             zero = use_zero and key == ZERO_CHECKSUM
-            nid = -1 if zero else self._stable_dup(st, key, max_sharing)
-            if nid < 0:
-                cursor[key] = at + 1
-                # Alone in the batch with a partner on the unstable tree: paired with
-                # the batch's other pairs at its end (no other page here has the content).
-                partner = self._unstable_partner(trees, key, pfns[i]) if len(indices) == 1 and not zero else None
-                if partner is not None:
-                    pairs.append((pages[i], pfns[i], key, *partner))
+            at, n = 0, len(indices)
+            while at < n:
+                nid = -1 if zero else self._stable_dup(st, key, max_sharing)
+                if nid < 0:
+                    i = indices[at]
+                    at += 1
+                    # Alone in the batch with a partner on the unstable tree: paired with
+                    # the batch's other pairs at its end (no other page here has the content).
+                    partner = self._unstable_partner(trees, key, pfns[i]) if n == 1 and not zero else None
+                    if partner is not None:
+                        pairs.append((pages[i], pfns[i], key, *partner))
+                    else:
+                        self.cmp_and_merge_page(slot, pages[i], pfns[i], key, use_zero, max_sharing)
+                    continue
+                group = indices[at:at + max_sharing - max(st.count_v[nid], self.frames.mc[st.kpfn_v[nid]])]
+                at += len(group)
+                if at == n:
+                    end_index += group
+                    end_nid += [nid] * len(group)
                 else:
-                    self.cmp_and_merge_page(slot, pages[i], pfns[i], key, use_zero, max_sharing)
-                continue
-            group = indices[at:at + max_sharing - max(st.count_v[nid], self.frames.mc[st.kpfn_v[nid]])]
-            cursor[key] = at + len(group)
-            if cursor[key] == len(indices):
-                end_index += group
-                end_nid += [nid] * len(group)
-            else:
-                self._merge_into_stable(slot, [pages[j] for j in group], [pfns[j] for j in group],
-                                        [nid] * len(group))
+                    self._merge_into_stable(slot, [pages[j] for j in group], [pfns[j] for j in group],
+                                            [nid] * len(group))
         if end_index:
             index = np.array(end_index, np.intp)
             order = np.argsort(index)
