@@ -748,6 +748,26 @@ done:
     return failed ? NULL : PyLong_FromSsize_t(resume);
 }
 
+/* Take args[which[k]] as a buffer (flags[k]) into *bufs[k] for each k < n; when one cannot be
+ * taken, give back those taken and return -1 (its exception set).  release_buffers gives back n. */
+static void
+release_buffers(Py_buffer *const *bufs, int n)
+{
+    while (n-- > 0)
+        PyBuffer_Release(bufs[n]);
+}
+
+static int
+take_buffers(PyObject *const *args, const int *which, const int *flags, Py_buffer *const *bufs, int n)
+{
+    for (int k = 0; k < n; k++)
+        if (PyObject_GetBuffer(args[which[k]], bufs[k], flags[k]) < 0) {
+            release_buffers(bufs, k);
+            return -1;
+        }
+    return 0;
+}
+
 /* -- page checksums ------------------------------------------------------------------------------ */
 
 /* The scanner's page checksum, xxh3-64 with seed 0: set_xxh3() is given the address of
@@ -793,17 +813,10 @@ bulk_checksums(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
         return NULL;
     }
     Py_buffer pool_buf, pfn_buf, out_buf;
-    if (PyObject_GetBuffer(args[0], &pool_buf, PyBUF_SIMPLE) < 0)
+    Py_buffer *const bufs[] = {&pool_buf, &pfn_buf, &out_buf};
+    if (take_buffers(args, (const int[]){0, 1, 2},
+                     (const int[]){PyBUF_SIMPLE, PyBUF_SIMPLE, PyBUF_WRITABLE}, bufs, 3) < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[1], &pfn_buf, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&pool_buf);
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[2], &out_buf, PyBUF_WRITABLE) < 0) {
-        PyBuffer_Release(&pfn_buf);
-        PyBuffer_Release(&pool_buf);
-        return NULL;
-    }
     PyObject *result = NULL;
     const char *pool = (const char *)pool_buf.buf;
     const int64_t *pfns = (const int64_t *)pfn_buf.buf;
@@ -829,9 +842,7 @@ bulk_checksums(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
-    PyBuffer_Release(&out_buf);
-    PyBuffer_Release(&pfn_buf);
-    PyBuffer_Release(&pool_buf);
+    release_buffers(bufs, 3);
     return result;
 }
 
@@ -855,17 +866,10 @@ bulk_claim(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_buffer table_buf, bucket_buf, out_buf;
-    if (PyObject_GetBuffer(args[0], &table_buf, PyBUF_WRITABLE) < 0)
+    Py_buffer *const bufs[] = {&table_buf, &bucket_buf, &out_buf};
+    if (take_buffers(args, (const int[]){0, 1, 4},
+                     (const int[]){PyBUF_WRITABLE, PyBUF_SIMPLE, PyBUF_WRITABLE}, bufs, 3) < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[1], &bucket_buf, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&table_buf);
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[4], &out_buf, PyBUF_WRITABLE) < 0) {
-        PyBuffer_Release(&bucket_buf);
-        PyBuffer_Release(&table_buf);
-        return NULL;
-    }
     PyObject *result = NULL;
     uint16_t *table = (uint16_t *)table_buf.buf;
     const int64_t *buckets = (const int64_t *)bucket_buf.buf;
@@ -899,9 +903,7 @@ bulk_claim(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     }
     result = PyLong_FromSsize_t(claimed);
 done:
-    PyBuffer_Release(&out_buf);
-    PyBuffer_Release(&bucket_buf);
-    PyBuffer_Release(&table_buf);
+    release_buffers(bufs, 3);
     return result;
 }
 
@@ -922,12 +924,10 @@ bulk_give(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_buffer table_buf, bucket_buf;
-    if (PyObject_GetBuffer(args[0], &table_buf, PyBUF_WRITABLE) < 0)
+    Py_buffer *const bufs[] = {&table_buf, &bucket_buf};
+    if (take_buffers(args, (const int[]){0, 1},
+                     (const int[]){PyBUF_WRITABLE, PyBUF_SIMPLE}, bufs, 2) < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[1], &bucket_buf, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&table_buf);
-        return NULL;
-    }
     PyObject *result = NULL;
     uint16_t *table = (uint16_t *)table_buf.buf;
     const int64_t *buckets = (const int64_t *)bucket_buf.buf;
@@ -949,8 +949,7 @@ bulk_give(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     }
     result = PyLong_FromSsize_t(given);
 done:
-    PyBuffer_Release(&bucket_buf);
-    PyBuffer_Release(&table_buf);
+    release_buffers(bufs, 2);
     return result;
 }
 
@@ -978,23 +977,10 @@ bulk_owners(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
         return NULL;
     }
     Py_buffer table_buf, sums_buf, page_buf, out_buf;
-    if (PyObject_GetBuffer(args[0], &table_buf, PyBUF_SIMPLE) < 0)
+    Py_buffer *const bufs[] = {&table_buf, &sums_buf, &page_buf, &out_buf};
+    if (take_buffers(args, (const int[]){0, 2, 3, 5},
+                     (const int[]){PyBUF_SIMPLE, PyBUF_SIMPLE, PyBUF_SIMPLE, PyBUF_WRITABLE}, bufs, 4) < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[2], &sums_buf, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&table_buf);
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[3], &page_buf, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&sums_buf);
-        PyBuffer_Release(&table_buf);
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[5], &out_buf, PyBUF_WRITABLE) < 0) {
-        PyBuffer_Release(&page_buf);
-        PyBuffer_Release(&sums_buf);
-        PyBuffer_Release(&table_buf);
-        return NULL;
-    }
     PyObject *result = NULL;
     const uint16_t *table = (const uint16_t *)table_buf.buf;
     const uint32_t *sums = (const uint32_t *)sums_buf.buf;
@@ -1025,10 +1011,7 @@ bulk_owners(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
     }
     result = Py_NewRef(Py_None);
 done:
-    PyBuffer_Release(&out_buf);
-    PyBuffer_Release(&page_buf);
-    PyBuffer_Release(&sums_buf);
-    PyBuffer_Release(&table_buf);
+    release_buffers(bufs, 4);
     return result;
 }
 
