@@ -30,7 +30,12 @@ ratios are printed.  Sections:
               1 and 2 scanners run alternately --repeat times; medians are
               printed, with the 1-minute load average before each run (on a
               busy machine wall-clock scaling is depressed: --quiet LOAD
-              waits for the load to fall below LOAD first).
+              waits for the load to fall below LOAD first).  Each round also
+              runs two machines of one scanner each, started at one instant
+              (--no-pair leaves them out): they share nothing but the
+              hardware, so what each loses against one machine alone is
+              the ceiling any two scanners meet on this machine (memory
+              bandwidth, shared caches, a virtual machine's stolen time).
 * batch     — ksmd's CPU per batch at the default knobs (100 pages, 20 ms
               sleep), in-process: back to back, after each sleep, ten per
               wake-up one by one, and ten per wake-up scanned as one (as
@@ -38,13 +43,14 @@ ratios are printed.  Sections:
               a batch pays after a sleep.
 
     python bench/bench_scanner.py [--sections converge,unique,merged,memory,parallel,batch] [--repeat 3]
-                                  [--parallel-pages 1048576] [--quiet LOAD] [--json FILE]
+                                  [--parallel-pages 1048576] [--quiet LOAD] [--no-pair] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -149,14 +155,15 @@ def _wait_quiet(max_load: float, timeout: float) -> None:
         time.sleep(5)
 
 
-def _parallel_run(paths: list[str], best: Any, n: int) -> dict[str, Any]:
+def _parallel_run(paths: list[str], best: Any, n: int, before_start: Any = None) -> dict[str, Any]:
     """One run of ``n`` scanners to convergence.  The rates are of the work to converge: the
     pages of every full scan up to the one the counters settled in (the same work for 1 and 2
     scanners when they settle in the same full scan), over the wall and CPU seconds until then.
     Over the whole run, a scanner that finished its passes first goes on scanning settled pages
     (cheap) while the other finishes: its pages_scanned would flatter the rates."""
     load = _load()
-    r = run_images(paths, knobs={**KNOBS, "pages_to_scan": 20000, "scanners": n}, timeout=3600)
+    r = run_images(paths, knobs={**KNOBS, "pages_to_scan": 20000, "scanners": n}, timeout=3600,
+                   before_start=before_start)
     work = r["pages"] * r["converged"]["full_scans"]
     seconds, cpu = r["converged"]["seconds"], r["converged"]["ksmd_cpu_seconds"]
     return {
@@ -171,12 +178,34 @@ def _parallel_run(paths: list[str], best: Any, n: int) -> dict[str, Any]:
         "busiest_cpu_share": round(max(s["cpu_seconds"] for s in r["scanners"]) / max(1e-9, r["ksmd_cpu_seconds"]), 3),
         "whole_run": {"wall_seconds": r["wall_seconds"], "pages_scanned": r["ksm"]["pages_scanned"],
                       "cpu_seconds": r["ksmd_cpu_seconds"], "full_scans": r["ksm"]["full_scans"]},
-        "counters_equal_ideal": (r["ksm"]["pages_shared"], r["ksm"]["pages_sharing"])
+        "counters_equal_ideal": best is None or (r["ksm"]["pages_shared"], r["ksm"]["pages_sharing"])
         == (best.pages_shared, best.pages_sharing)}
 
 
+def _pair_child(paths: list[str], barrier: Any, results: Any) -> None:
+    """One of two machines of one scanner each, started together (see _pair_run)."""
+    results.put(_parallel_run(paths, None, 1, before_start=barrier.wait))
+
+
+def _pair_run(paths: list[str]) -> dict[str, Any]:
+    """Two machines of one scanner each, on the same images, started at one instant: nothing is
+    shared but the cores, the caches and the memory, so what each loses against a machine run
+    alone is what this machine's hardware takes from any two scanners (the ceiling of 2 scanners)."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_pair_child, args=(paths, barrier, results)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    runs = [results.get(timeout=3600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return {"pages_per_wall_second": sum(r["pages_per_wall_second"] for r in runs),
+            "cpu_us_per_page": round(statistics.mean(r["cpu_us_per_page"] for r in runs), 4),
+            "runs": runs}
+
+
 def parallel(total_pages: int, guests: int = 8, scanner_counts: tuple[int, ...] = (1, 2), repeat: int = 3,
-             quiet: float = 0.0, quiet_timeout: float = 600) -> dict[str, Any]:
+             quiet: float = 0.0, quiet_timeout: float = 600, pair: bool = True) -> dict[str, Any]:
     """1 and 2 scanners on one workload of ``total_pages``, alternately ``repeat`` times: medians of
     wall, rate and CPU per page to converge, the serial part, and the load beside each run.  With
     ``quiet``, each run waits (up to ``quiet_timeout`` s) for the load average to fall below it."""
@@ -186,6 +215,7 @@ def parallel(total_pages: int, guests: int = 8, scanner_counts: tuple[int, ...] 
     out: dict[str, Any] = {"pages": per_guest * guests, "guests": guests, "repeat": repeat,
                            "load_before": _load()}
     runs: dict[int, list[dict[str, Any]]] = {n: [] for n in scanner_counts}
+    pairs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="shmksm-bench-") as tmp:
         paths = write_mix(tmp, guests, mix)
         best = ideal(paths)
@@ -197,6 +227,13 @@ def parallel(total_pages: int, guests: int = 8, scanner_counts: tuple[int, ...] 
                 runs[n].append(r)
                 print(f"  ({n} scanner(s): converged in {r['wall_seconds_to_converge']} s, "
                       f"{r['cpu_seconds_to_converge']} CPU-s; {r['load_before']})", file=sys.stderr, flush=True)
+            if pair:
+                if quiet:
+                    _wait_quiet(quiet, quiet_timeout)
+                pairs.append(_pair_run(paths))
+                print("  (two machines of 1 scanner at once: converged in "
+                      + ", ".join(f"{x['wall_seconds_to_converge']} s" for x in pairs[-1]["runs"]) + ")",
+                      file=sys.stderr, flush=True)
     for n, rs in runs.items():
         med = {key: statistics.median(r[key] for r in rs) for key, v in rs[0].items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -226,6 +263,15 @@ def parallel(total_pages: int, guests: int = 8, scanner_counts: tuple[int, ...] 
                                    / max(r["pages_per_wall_second"] for r in one["runs"]), 3)
     out["best_cpu_per_page_ratio"] = round(min(r["cpu_us_per_page"] for r in two["runs"])
                                            / min(r["cpu_us_per_page"] for r in one["runs"]), 3)
+    if pairs:
+        # The ceiling: two machines of one scanner each, at once, against one alone in the same
+        # round — what the hardware (memory bandwidth, shared caches) allows any two scanners.
+        ceiling = [{"rate_ratio": round(p["pages_per_wall_second"] / a["pages_per_wall_second"], 3),
+                    "cpu_per_page_ratio": round(p["cpu_us_per_page"] / a["cpu_us_per_page"], 3)}
+                   for a, p in zip(one["runs"], pairs, strict=True)]
+        out["two_machines"] = {"rounds": ceiling, "runs": pairs,
+                               "rate_ratio": statistics.median(c["rate_ratio"] for c in ceiling),
+                               "cpu_per_page_ratio": statistics.median(c["cpu_per_page_ratio"] for c in ceiling)}
     return out
 
 
@@ -284,6 +330,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quiet", type=float, default=0.0, metavar="LOAD",
                     help="parallel: before each run, wait up to 10 min for the 1-min load average to fall below LOAD")
+    ap.add_argument("--no-pair", action="store_true",
+                    help="parallel: leave out the two machines of one scanner each run at once (the ceiling)")
     ap.add_argument("--no-kernel", action="store_true")
     ap.add_argument("--json", metavar="FILE")
     a = ap.parse_args()
@@ -309,7 +357,7 @@ def main() -> int:
               f"(an idle scanner's: {r['idle_rss_anon_kb']:,} kB); converged at full scan {r['converged_full_scans']}, "
               f"counters equal the ideal: {r['counters_equal_ideal']}")
     if "parallel" in sections:
-        r = results["parallel"] = parallel(a.parallel_pages, repeat=a.repeat, quiet=a.quiet)
+        r = results["parallel"] = parallel(a.parallel_pages, repeat=a.repeat, quiet=a.quiet, pair=not a.no_pair)
         print(f"parallel: {r['pages']:,} pages, medians of {r['repeat']} runs each; {r['load_before']}")
         for key in ("scanners_1", "scanners_2"):
             s = r[key]
@@ -326,6 +374,12 @@ def main() -> int:
         print("  each round, 2 vs 1 of the same round: "
               + "; ".join(f"{x['rate_ratio']}x, {x['cpu_per_page_ratio']}x" for x in r["rounds"])
               + f"; best run of each: {r['best_rate_ratio']}x pages/wall-s, {r['best_cpu_per_page_ratio']}x CPU/page")
+        if "two_machines" in r:
+            t = r["two_machines"]
+            print(f"  the machine's ceiling, two machines of 1 scanner each at once (nothing shared but the "
+                  f"hardware) vs 1 alone: {t['rate_ratio']}x pages/wall-s, {t['cpu_per_page_ratio']}x CPU/page "
+                  f"(medians; rounds: " + "; ".join(f"{x['rate_ratio']}x, {x['cpu_per_page_ratio']}x"
+                                                    for x in t["rounds"]) + ")")
         print(f"  serial part {r['serial_us_per_page']} CPU-us/page (repeated by every scanner); per-scanner "
               f"{r['per_scanner_pages_per_cpu_second']:,} pages/CPU-s at 2; projected speedup on N free cores: "
               + ", ".join(f"{n}: {x}x" for n, x in r["projected_speedup"].items()) + " (PageONE: 13.7x on 12)")

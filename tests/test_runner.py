@@ -162,6 +162,28 @@ def test_the_report_has_the_kernel_runners_keys(images: list[str]) -> None:
     assert json.loads(json.dumps(report)) == report, "the report is plain JSON"
 
 
+def test_before_start_is_called_once_the_images_are_loaded_and_before_ksmd_runs(
+        images: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    machines: list[shmksm.Machine] = []
+
+    class Kept(shmksm.Machine):
+        def add_guest(self, pages: int) -> shmksm.Guest:
+            machines.append(self)
+            return super().add_guest(pages)
+
+    monkeypatch.setattr(shmksm.tool.runner, "Machine", Kept)
+    seen: list[tuple[int, int, int]] = []
+
+    def before_start() -> None:
+        machine = machines[0]
+        seen.append((machine.ksm.run, machine.ksm.pages_scanned, len(machine.guests())))
+
+    report = run_images(images, knobs={"pages_to_scan": 1000, "sleep_millisecs": 0}, timeout=60,
+                        before_start=before_start)
+    assert seen == [(0, 0, len(images))]
+    assert report["ksm"]["pages_sharing"] > 0
+
+
 def test_bad_images_are_usage_errors(tmp_path: Path) -> None:
     ragged = tmp_path / "ragged.img"
     ragged.write_bytes(bytes(PAGE_SIZE + 1))

@@ -29,13 +29,16 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
                max_scans: int | None = None, max_seconds: float | None = None, timeout: float = 600.0,
                frames: int | None = None, progress: Callable[[dict[str, int]], None] | None = None,
                format: str = "auto", explain: bool = False, timeline_extra: Sequence[str] = (),
-               map_path: str | None = None, map_every: float | None = None) -> dict[str, Any]:
+               map_path: str | None = None, map_every: float | None = None,
+               before_start: Callable[[], None] | None = None) -> dict[str, Any]:
     """Load each image into a guest, run ksmd, follow the counters; return the report.
 
     ``format`` says how to read the images: auto, raw or core (images.image_layout).
     ``explain`` adds why each page merged or not (Machine.explain) under "explain";
     ``map_path`` draws the frame pool at the end (and every ``map_every``
     seconds as an animation: tool.memmap), named under "map".
+    ``before_start`` is called once the images are loaded, just before ksmd
+    runs (a barrier, to start several runs at one instant).
 
     Stops when pages_shared, pages_sharing and ksm_zero_pages have not changed
     for ``stable_scans`` full scans (or after ``max_scans`` full scans, or
@@ -58,6 +61,8 @@ def run_images(images: Sequence[str], *, knobs: dict[str, Any] | None = None, st
         for loader in loaders:
             loader.join()
         system = machine.system
+        if before_start is not None:
+            before_start()
         base_scanned = system.get("pages_scanned")
         t0 = time.perf_counter()
         machine.ksm.run = 1
