@@ -846,6 +846,8 @@ done:
     return result;
 }
 
+#define OWNERS_AHEAD 16  /* entries ahead that claim() and owners() prefetch */
+
 /* claim(table, buckets, want, tag, out): the owner of each bucket of content claims,
  * claiming the unclaimed ones for ``want``; returns how many it claimed.  An entry is tag << 8 | (owner + 1), 0 never
  * claimed; one whose tag is not ``tag`` is stale and is claimed anew.  Compare and swap:
@@ -887,6 +889,8 @@ bulk_claim(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     uint16_t mine = (uint16_t)(tag << 8 | (want + 1));
     Py_ssize_t claimed = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
+        if (i + OWNERS_AHEAD < n)  /* as owners(): the entries lie at random in a large table */
+            __builtin_prefetch(&table[buckets[i + OWNERS_AHEAD]], 1, 0);
         uint16_t *entry = &table[buckets[i]];
         uint16_t cur = __atomic_load_n(entry, __ATOMIC_ACQUIRE);
         for (;;) {
@@ -953,6 +957,7 @@ done:
     return result;
 }
 
+
 /* owners(table, shift, checksums, pages, count, out): out[i] = the scanner of ``count`` that owns
  * page pages[i], by the checksum it had at its last visit (checksums[pages[i]], uint32): the claimant
  * of the checksum's bucket (its top bits after a multiplicative hash: ``shift`` is 64 less the
@@ -1001,6 +1006,12 @@ bulk_owners(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
             goto done;
         }
     for (Py_ssize_t i = 0; i < n; i++) {
+        /* The entries lie at random in a table larger than the caches: ask for the
+         * one of a page further on while this one is read. */
+        if (i + OWNERS_AHEAD < n) {
+            uint64_t ahead = sums[pages[i + OWNERS_AHEAD]];
+            __builtin_prefetch(&table[(ahead * OWNER_MULT) >> shift], 0, 0);
+        }
         uint64_t sum = sums[pages[i]];
         if (sum == 0) {
             out[i] = (int64_t)((((uint64_t)pages[i] >> RUN_SHIFT) * OWNER_MULT >> 32) % (uint64_t)count);
