@@ -133,6 +133,10 @@ _OWNER_MULT: Final = np.uint64(0x9E3779B97F4A7C15)  # spreads checksums (and pag
 _OWNER_SHIFT: Final = np.uint64(32)
 _FIRST_VISIT_SHIFT: Final = 9  # a page never hashed goes by its page-table run: its scanner hashes whole runs
 WAIT_LIMIT: Final = 1.0  # seconds a scanner waits for the others between passes, at least (_wait_for_others)
+# What a page costs its owner in the merging pass, as the parallel scanners' loads count
+# it: a content's first page 1 (it may be unique: a checksum and an insertion into the
+# unstable tree, 0.5 CPU-us), each page after it _REPEAT_COST (compared and merged, 2.2-2.5).
+_REPEAT_COST: Final = 4
 
 
 def _skip_age_scalar(age: int) -> int:
@@ -622,10 +626,11 @@ class Scanner:
         First touch leaves a content with the scanner that met it first, also when the
         other scanners meet more of its pages (a small workload: one scanner's first
         batch can meet every content).  So a scanner that owned more of them than the
-        least busy one, by more than a slack (1/16 of both, 32 pages at least), hands
-        it contents worth half the gap, those with the most of their pages in the other
-        scanners' runs first (what it owns in its own runs it read already).  Only
-        contents that are on none of its trees: the unstable
+        least busy one, by more than a slack (1/16 of both, 32 pages to merge at least;
+        counted as :meth:`_claim` counts them), hands it contents worth half the gap,
+        those with the most of their pages in the other scanners' runs first (what it
+        owns in its own runs it read already).  Only contents that are on none of its
+        trees: the unstable
         ones are empty as a pass begins, and a content with a KSM page stays, so that
         no content ever has pages on two scanners' trees.  The taker merges them from
         its next visit on, as pages whose content changed.  Only after a pass in which
@@ -640,11 +645,11 @@ class Scanner:
         peers = [j for j, full in self.words.others_running().items() if full >= self.full_scans]
         if not peers:
             return
-        owned = self.pass_loads[:count, :count].sum(axis=0)  # pages of each one's contents, the pass just done
+        owned = self.pass_loads[:count, :count].sum(axis=0)  # each one's contents, the pass just done (_claim)
         taker = min(peers, key=lambda j: int(owned[j]))
         done, least = int(owned[self.index]), int(owned[taker])
         gap = done - least
-        if gap <= max(32, (done + least) // 16):
+        if gap <= max(32 * _REPEAT_COST, (done + least) // 16):
             return
         buckets, local, merged = [], [], []
         for slot in self.by_gid.values():
@@ -672,7 +677,8 @@ class Scanner:
         keep = ~np.isin(cand, np.concatenate(merged))
         cand, pages_of, home = cand[keep], pages_of[keep], home[keep]
         order = np.lexsort((pages_of, home / pages_of))  # most of their pages away first, then the small
-        take = order[np.cumsum(pages_of[order]) <= gap // 2]
+        cost = 1 + (pages_of - 1) * _REPEAT_COST  # as _claim counts them
+        take = order[np.cumsum(cost[order]) <= gap // 2]
         self.claims.give(cand[take], count, self.index, taker)
 
     def _drop_slot(self, slot: MmSlot) -> None:
@@ -931,10 +937,12 @@ class Scanner:
 
         First touch: a scanner claims what it meets for itself (which leaves its load as
         it is: it merges what it hashed).  A scanner's load is what it is to merge of the
-        pages the others met, less what they are to merge of its own.  When its load is
-        more than a slack (1/64 of the pass's pages, 64 at least) above the least
-        loaded's, it claims for the others, least loaded first, contents of few pages
-        first, up to half the gap.  A content of many pages (the empty page) thus weighs
+        pages the others met, less what they are to merge of its own, counted as the
+        merging pass costs them: a content's first page 1, each further page
+        _REPEAT_COST.  When its load is more than a slack (1/64 of the pass's, 64 pages
+        to merge at least) above the least loaded's, it claims for the others, least
+        loaded first, up to half the gap, contents met more than once in this batch,
+        those of most pages first.  A content of many pages (the empty page) thus weighs
         on the scanner that owns it, and the others take more of the rest.
         """
         count = self.count
@@ -951,26 +959,34 @@ class Scanner:
         others = load.copy()
         others[self.index] = np.inf
         gap = load[self.index] - others.min()
-        if gap <= max(64.0, float(rows.sum()) / 64):
+        if gap <= max(64.0 * _REPEAT_COST, float(rows.sum()) / 64):
             owners = self.claims.claim(sums, count, self.index)  # all for itself
             self.claimed |= self.claims.claimed > 0
-            row[:count] += np.bincount(owners, minlength=count)[:count]
+            row[:count] += np.bincount(owners, minlength=count)[:count] * _REPEAT_COST
+            row[self.index] -= self.claims.claimed * (_REPEAT_COST - 1)  # the first page of each
             return
         uniq, pages = np.unique(sums, return_counts=True)
         owners = self.claims.owners(uniq, count)
         free = np.flatnonzero(owners < 0)
+        cost = pages * _REPEAT_COST
         if len(free):
-            order = free[np.argsort(pages[free], kind="stable")]  # fewest pages first: fine steps
+            cost[free] -= _REPEAT_COST - 1
+            # Only contents met more than once here, most pages first: work to merge for
+            # certain, whose pages lie apart.  A content met once may be unique (its page,
+            # read by the taker, would cost more than it levels), or the first of copies
+            # in this scanner's own runs (every one of them the taker's to read).
+            order = free[np.argsort(-pages[free], kind="stable")]
             want = np.full(len(order), self.index, np.int64)
             # Half the gap to the least loaded levels the two.
-            give = np.flatnonzero(np.cumsum(pages[order]) <= gap / 2)
+            give = np.flatnonzero(np.cumsum(cost[order]) <= gap / 2)
+            give = give[pages[order[give]] >= 2]
             if len(give):
-                want[give] = _water_fill(others, pages[order[give]])
+                want[give] = _water_fill(others, cost[order[give]])
             for j in np.unique(want).tolist():
                 at = order[want == j]
                 owners[at] = self.claims.claim(uniq[at], count, j)
             self.claimed = True
-        row[:count] += np.bincount(owners, weights=pages, minlength=count).astype(np.int64)[:count]
+        row[:count] += np.bincount(owners, weights=cost, minlength=count).astype(np.int64)[:count]
 
     def _would_skip(self, slot: MmSlot, idx: npt.NDArray[np.intp],
                     ptes: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
