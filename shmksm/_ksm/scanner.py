@@ -164,8 +164,8 @@ ALL_NODES: Final = -1  # the node component with merge_across_nodes=1
 
 
 def _water_fill(load: npt.NDArray[np.float64], pages: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """Scanners for contents of ``pages`` pages each (in order), filling the least loaded first:
-    they end as level as whole contents allow."""
+    """Scanners for contents of ``pages`` each (in order; in the loads' unit), filling the least
+    loaded first: they end as level as whole contents allow."""
     total = float(pages.sum())
     ranked = np.argsort(load, kind="stable")
     levels = load[ranked]
