@@ -197,6 +197,25 @@ def test_a_scanner_that_met_every_content_first_hands_half_over() -> None:
         assert min(shares) > sum(shares) // 4, shares
 
 
+def test_a_loaded_scanner_gives_contents_met_several_times_most_pages_first_and_keeps_the_rest() -> None:
+    with two_scanners([[1] * 16]) as (_machine, scanners):
+        s = scanners[0]
+        s.count = 2
+        # Scanner 1 met L pages' worth of scanner 0's contents: 0's load is L, 1's -L.
+        budget = 375
+        s.loads[:] = 0
+        s.loads[1, 0] = budget
+        singles = np.arange(1000, 1050, dtype=np.uint32)
+        threes = np.arange(2000, 2010, dtype=np.uint32)
+        nines = np.arange(3000, 3010, dtype=np.uint32)
+        s._claim(np.concatenate([singles, np.repeat(threes, 3), np.repeat(nines, 9)]))
+        owners = [s.claims.owners(sums, 2).tolist() for sums in (singles, threes, nines)]
+        # Half the gap (375) at 1 + 4 a further page: the ten of 9 pages (33 each), then
+        # five of 3 (9 each); a content met once stays, whatever room is left.
+        assert owners == [[0] * 50, [1] * 5 + [0] * 5, [1] * 10]
+        assert s.loads[0, :2].tolist() == [50 + 5 * 9, 10 * 33 + 5 * 9]
+
+
 def test_without_claims_the_scanners_route_by_a_hash_and_reach_the_same_counters() -> None:
     rng = np.random.default_rng(3)
     keys = [[int(k) for k in rng.integers(1, 300, 1500)] for _ in range(3)]

@@ -957,7 +957,6 @@ done:
     return result;
 }
 
-
 /* owners(table, shift, checksums, pages, count, out): out[i] = the scanner of ``count`` that owns
  * page pages[i], by the checksum it had at its last visit (checksums[pages[i]], uint32): the claimant
  * of the checksum's bucket (its top bits after a multiplicative hash: ``shift`` is 64 less the
