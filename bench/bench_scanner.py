@@ -52,6 +52,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import queue
 import statistics
 import sys
 import tempfile
@@ -196,7 +197,17 @@ def _pair_run(paths: list[str]) -> dict[str, Any]:
     procs = [ctx.Process(target=_pair_child, args=(paths, barrier, results)) for _ in range(2)]
     for proc in procs:
         proc.start()
-    runs = [results.get(timeout=3600) for _ in procs]
+    runs: list[dict[str, Any]] = []
+    while len(runs) < len(procs):
+        try:
+            runs.append(results.get(timeout=1.0))
+        except queue.Empty:
+            if any(proc.exitcode not in (None, 0) for proc in procs):
+                for proc in procs:  # the other waits at the barrier, or runs on alone
+                    proc.terminate()
+                    proc.join()
+                raise RuntimeError("a machine of the ceiling's pair failed: "
+                                   + ", ".join(f"exit {proc.exitcode}" for proc in procs)) from None
     for proc in procs:
         proc.join()
     return {"pages_per_wall_second": sum(r["pages_per_wall_second"] for r in runs),
