@@ -381,7 +381,12 @@ class Machine:
         """Wait until pages_shared, pages_sharing and ksm_zero_pages stay the same for ``stable_scans``
         full scans (at least two scans after now: merging needs them); return the counters."""
         deadline = time.monotonic() + timeout
-        self.wait_full_scans(2, timeout)
+        # A scanner (re)started just now may still be starting up: until its pid shows in
+        # its entry the others neither wait for it nor count it, and full scans would pass
+        # without its pages.  Wait for every live scanner to show first.
+        poll_until(self._scanners_started, timeout,
+                   lambda: ProcessDied(f"a scanner did not start in {timeout} s"), first=0.001, most=0.01)
+        self.wait_full_scans(2, max(0.001, deadline - time.monotonic()))
         last, same = None, 0
         while same < stable_scans:
             c = self.ksm.counters()
@@ -390,6 +395,13 @@ class Machine:
             last = key
             self.wait_full_scans(1, max(0.001, deadline - time.monotonic()))
         return self.ksm.counters()
+
+    def _scanners_started(self) -> bool:
+        """Does every live scanner process show its pid in its entry (it runs its loop)?"""
+        with self._lock:
+            workers = dict(self._scanners) if self._ksmd_on else {}
+        pids = self.ksm.per_scanner("scanner_pid")
+        return all(i >= len(pids) or pids[i] == w.pid or not w.is_alive() for i, w in workers.items())
 
     def wait_full_scans(self, n: int, timeout: float = 60.0) -> int:
         """Wait until ``full_scans`` has grown by ``n``; return the new value."""

@@ -25,6 +25,7 @@ from shmksm.workers import guest_random
 import shmksm
 from shmksm import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE
 from shmksm._ksm.scanner import Scanner, ScannerWords
+from shmksm._mm import control
 from shmksm._mm.locks import process_state
 from shmksm.tool.images import Mix, write_mix
 from shmksm.tool.images import ideal as ideal_of_images
@@ -178,6 +179,28 @@ def test_a_killed_scanner_restarted_converges_to_the_ideal() -> None:
         machine.check()
         for g, k in zip(guests, keys, strict=True):
             assert_data(g, k)
+
+
+def test_wait_converged_waits_for_a_restarted_scanner_to_show() -> None:
+    """Until a scanner's pid shows in its entry the others neither wait for it nor count it:
+    full scans pass without its pages, and counters still there would look settled."""
+    with shmksm.Machine(frames=4096, ksmd=False, scanners=2, pages_to_scan=64, sleep_millisecs=0) as machine:
+        g = machine.add_guest(pages=256)
+        machine.spawn(fill, g, [1 + i % 8 for i in range(256)]).join(60)
+        start_ksmd(machine)
+        machine.ksm.run = 1
+        machine.wait_converged(timeout=60)
+        word = control.scanner_word(0, "scanner_pid")
+        pid = int(machine.system.ctl[word])
+        assert pid == machine.scanner_workers()[0].pid
+        # As an older scanner's dead pid stays in the entry while its successor starts up.
+        machine.system.ctl[word] = 2 ** 22 + 1
+        try:
+            with pytest.raises(shmksm.ProcessDied, match="did not start"):
+                machine.wait_converged(timeout=0.3)
+        finally:
+            machine.system.ctl[word] = pid
+        assert machine.wait_converged(timeout=60)["pages_sharing"] > 0
 
 
 def test_a_scanner_killed_while_guests_write_restarts_and_converges_to_the_ideal() -> None:
