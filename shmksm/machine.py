@@ -381,12 +381,7 @@ class Machine:
         """Wait until pages_shared, pages_sharing and ksm_zero_pages stay the same for ``stable_scans``
         full scans (at least two scans after now: merging needs them); return the counters."""
         deadline = time.monotonic() + timeout
-        # A scanner (re)started just now may still be starting up: until its pid shows in
-        # its entry the others neither wait for it nor count it, and full scans would pass
-        # without its pages.  Wait for every live scanner to show first.
-        poll_until(self._scanners_started, timeout,
-                   lambda: ProcessDied(f"a scanner did not start in {timeout} s"), first=0.001, most=0.01)
-        self.wait_full_scans(2, max(0.001, deadline - time.monotonic()))
+        self.wait_full_scans(2, timeout)
         last, same = None, 0
         while same < stable_scans:
             c = self.ksm.counters()
@@ -404,7 +399,17 @@ class Machine:
         return all(i >= len(pids) or pids[i] == w.pid or not w.is_alive() for i, w in workers.items())
 
     def wait_full_scans(self, n: int, timeout: float = 60.0) -> int:
-        """Wait until ``full_scans`` has grown by ``n``; return the new value."""
+        """Wait until ``full_scans`` has grown by ``n``; return the new value.
+
+        Counted from the moment every live scanner process shows its pid in its entry.
+        One (re)started just now may still be starting up (importing its modules takes
+        seconds on a loaded machine): until it shows, the others neither wait for it nor
+        count it, and the full scans that pass meanwhile are scans without its pages.
+        """
+        deadline = time.monotonic() + timeout
+        poll_until(self._scanners_started, timeout,
+                   lambda: ProcessDied(f"a scanner did not start in {timeout} s"), first=0.001, most=0.01)
+        timeout = max(0.001, deadline - time.monotonic())
         start = self.system.get("full_scans")
 
         def ksmd_runs() -> None:

@@ -139,6 +139,12 @@ WAIT_LIMIT: Final = 1.0  # seconds a scanner waits for the others between passes
 _REPEAT_COST: Final = 4
 
 
+def _merge_cost(pages: npt.NDArray[np.int64], first: bool | npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+    """The loads' measure of contents of ``pages`` pages each, ``first`` where their first page is among them."""
+    out: npt.NDArray[np.int64] = pages * _REPEAT_COST - (_REPEAT_COST - 1) * np.asarray(first, np.int64)
+    return out
+
+
 def _skip_age_scalar(age: int) -> int:
     """The kernel's skip_age: scans to skip a page that failed to merge ``age`` times."""
     if age <= 3:
@@ -677,8 +683,7 @@ class Scanner:
         keep = ~np.isin(cand, np.concatenate(merged))
         cand, pages_of, home = cand[keep], pages_of[keep], home[keep]
         order = np.lexsort((pages_of, home / pages_of))  # most of their pages away first, then the small
-        cost = 1 + (pages_of - 1) * _REPEAT_COST  # as _claim counts them
-        take = order[np.cumsum(cost[order]) <= gap // 2]
+        take = order[np.cumsum(_merge_cost(pages_of, True)[order]) <= gap // 2]
         self.claims.give(cand[take], count, self.index, taker)
 
     def _drop_slot(self, slot: MmSlot) -> None:
@@ -968,9 +973,8 @@ class Scanner:
         uniq, pages = np.unique(sums, return_counts=True)
         owners = self.claims.owners(uniq, count)
         free = np.flatnonzero(owners < 0)
-        cost = pages * _REPEAT_COST
+        cost = _merge_cost(pages, owners < 0)
         if len(free):
-            cost[free] -= _REPEAT_COST - 1
             # Only contents met more than once here, most pages first: work to merge for
             # certain, whose pages lie apart.  A content met once may be unique (its page,
             # read by the taker, would cost more than it levels), or the first of copies
